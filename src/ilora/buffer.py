@@ -1,0 +1,104 @@
+"""Reservoir replay buffer over every training example seen, across tasks.
+
+Examples are stored unpadded (token ids + labels + task id). Saving writes safetensors + JSON
+(no pickle), including the RNG state and `num_seen`, so a chained task continues the same reservoir.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import ILoRAError
+
+TENSORS_FILE = "buffer.safetensors"
+STATE_FILE = "buffer.json"
+
+
+class ReplayBuffer:
+    def __init__(self, capacity: int, seed: int = 0):
+        if capacity < 0:
+            raise ILoRAError(f"buffer capacity {capacity} must be >= 0")
+        self.capacity = capacity
+        self.num_seen = 0
+        self.input_ids: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+        self.task_ids: list[str] = []
+        self._rng = random.Random(seed)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def add(self, input_ids: torch.Tensor, labels: torch.Tensor, task_id: str = "") -> None:
+        """Reservoir sampling (Vitter's algorithm R): after n examples each is kept with probability capacity/n."""
+        self.num_seen += 1
+        if self.capacity == 0:
+            return
+        if len(self) < self.capacity:
+            self.input_ids.append(input_ids)
+            self.labels.append(labels)
+            self.task_ids.append(task_id)
+            return
+        slot = self._rng.randrange(self.num_seen)
+        if slot < self.capacity:
+            self.input_ids[slot] = input_ids
+            self.labels[slot] = labels
+            self.task_ids[slot] = task_id
+
+    def sample(self, size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Up to `size` distinct stored examples (without replacement)."""
+        picks = self._rng.sample(range(len(self)), min(size, len(self)))
+        return [self.input_ids[i] for i in picks], [self.labels[i] for i in picks]
+
+    def to(self, device: torch.device | str) -> "ReplayBuffer":
+        self.input_ids = [t.to(device) for t in self.input_ids]
+        self.labels = [t.to(device) for t in self.labels]
+        return self
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        lengths = torch.tensor([len(t) for t in self.input_ids], dtype=torch.int64)
+        empty = torch.zeros(0, dtype=torch.int64)
+        tensors = {
+            "input_ids": torch.cat([t.cpu() for t in self.input_ids]) if self.input_ids else empty,
+            "labels": torch.cat([t.cpu() for t in self.labels]) if self.labels else empty,
+            "lengths": lengths,
+        }
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / TENSORS_FILE))
+        version, internal, gauss = self._rng.getstate()
+        state = {
+            "capacity": self.capacity,
+            "num_seen": self.num_seen,
+            "task_ids": self.task_ids,
+            "rng_state": [version, list(internal), gauss],
+        }
+        (directory / STATE_FILE).write_text(json.dumps(state))
+
+    @classmethod
+    def load(cls, directory: str | Path, capacity: int | None = None) -> "ReplayBuffer":
+        """Load a saved buffer. A different `capacity` is refused: it would change the reservoir's meaning."""
+        directory = Path(directory)
+        for name in (TENSORS_FILE, STATE_FILE):
+            if not (directory / name).is_file():
+                raise ILoRAError(f"replay buffer file {directory / name} is missing")
+        state = json.loads((directory / STATE_FILE).read_text())
+        if capacity is not None and capacity != state["capacity"]:
+            raise ILoRAError(
+                f"ilora_buffer_size={capacity} differs from the previous task's buffer capacity {state['capacity']} "
+                f"({directory})"
+            )
+        tensors = load_file(str(directory / TENSORS_FILE))
+        buffer = cls(state["capacity"])
+        sizes = tensors["lengths"].tolist()
+        buffer.input_ids = list(torch.split(tensors["input_ids"], sizes))
+        buffer.labels = list(torch.split(tensors["labels"], sizes))
+        buffer.task_ids = list(state["task_ids"])
+        buffer.num_seen = state["num_seen"]
+        version, internal, gauss = state["rng_state"]
+        buffer._rng.setstate((version, tuple(internal), gauss))
+        return buffer

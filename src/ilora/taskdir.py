@@ -1,0 +1,164 @@
+"""What a task's output directory holds, and how the next task starts from it.
+
+    <output_dir>/plastic/          PEFT adapter (safetensors), loadable with PeftModel.from_pretrained
+    <output_dir>/stable/           the same for the stable adapter (or at ema_adapter_path)
+    <output_dir>/buffer/           replay buffer: buffer.safetensors + buffer.json (RNG state, num_seen)
+    <output_dir>/ilora_task.json   manifest; written last, atomically: it marks the task as finished
+
+Everything is first written under a staging directory and renamed into place, so a crash leaves
+either the previous state or a finished task, never a half-written one that looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel
+
+from .adapters import PLASTIC, STABLE, save_adapter
+from .buffer import ReplayBuffer
+from .config import ILoRAArguments
+from .errors import ILoRAError
+
+MANIFEST = "ilora_task.json"
+FORMAT_VERSION = 1
+
+
+def is_finished(directory: str | Path) -> bool:
+    return (Path(directory) / MANIFEST).is_file()
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ILoRAError(f"previous_task_model {directory}: no such directory")
+    if not is_finished(directory):
+        raise ILoRAError(f"previous_task_model {directory}: not a finished ilora task (no {MANIFEST})")
+    try:
+        return json.loads((directory / MANIFEST).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ILoRAError(f"{directory / MANIFEST}: unreadable manifest ({err})") from None
+
+
+def lora_identity(config: LoraConfig) -> dict[str, Any]:
+    """The LoRA settings a chained task must share with its predecessor."""
+    targets = config.target_modules
+    if not isinstance(targets, str):
+        targets = sorted(targets)
+    return {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": targets, "use_dora": config.use_dora}
+
+
+def base_model_identity(model: torch.nn.Module) -> dict[str, Any]:
+    """Name and a fingerprint of the base weights (config + a slice of the input embeddings)."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    config = base.config.to_dict()
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
+    digest = hashlib.sha256(json.dumps({k: config.get(k) for k in keys}, sort_keys=True).encode())
+    embedding = base.get_input_embeddings().weight.detach()
+    digest.update(embedding[:8].float().cpu().numpy().tobytes())
+    return {"name_or_path": config.get("_name_or_path", ""), "fingerprint": digest.hexdigest()[:16]}
+
+
+def check_compatible(manifest: dict, directory: Path, lora: dict, base: dict, prev_task_id: str | None) -> None:
+    if prev_task_id is not None and manifest.get("task_id") != prev_task_id:
+        raise ILoRAError(
+            f"prev_task_id={prev_task_id!r} but {directory} holds task {manifest.get('task_id')!r}"
+        )
+    if manifest["lora"] != lora:
+        raise ILoRAError(f"LoRA config {lora} does not match the previous task's {manifest['lora']} ({directory})")
+    if manifest["base_model"]["fingerprint"] != base["fingerprint"]:
+        raise ILoRAError(
+            f"base model {base['name_or_path']!r} differs from the previous task's "
+            f"{manifest['base_model']['name_or_path']!r} ({directory})"
+        )
+
+
+def previous_paths(directory: Path, manifest: dict, ema_adapter_path: str | None) -> tuple[Path, Path | None]:
+    plastic = directory / PLASTIC
+    stable = Path(ema_adapter_path) if ema_adapter_path else _resolve(directory, manifest.get("stable_path"))
+    for path in (plastic, stable):
+        if path is not None and not (path / "adapter_config.json").is_file():
+            raise ILoRAError(f"{path}: not a PEFT adapter directory (no adapter_config.json)")
+    return plastic, stable
+
+
+def _resolve(directory: Path, stored: str | None) -> Path | None:
+    if stored is None:
+        return None
+    path = Path(stored)
+    return path if path.is_absolute() else directory / path
+
+
+def stable_save_path(output_dir: Path, args: ILoRAArguments) -> Path:
+    """ema_adapter_path names where the stable adapter is saved, except for a chained task, where it
+    names the previous stable adapter: that one is never overwritten."""
+    if args.ema_adapter_path and not args.previous_task_model:
+        return Path(args.ema_adapter_path)
+    return output_dir / STABLE
+
+
+def write_task(
+    output_dir: str | Path,
+    model: PeftModel,
+    buffer: ReplayBuffer | None,
+    args: ILoRAArguments,
+    manifest: dict[str, Any],
+) -> Path:
+    """Write a finished task: adapters and buffer via a staging directory, the manifest last."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staging = output_dir / f".staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    save_adapter(model, PLASTIC, staging / PLASTIC)
+    stable_path = None
+    if args.uses_stable and args.save_ema_adapter:
+        save_adapter(model, STABLE, staging / STABLE)
+        stable_path = stable_save_path(output_dir, args)
+    if buffer is not None:
+        buffer.save(staging / "buffer")
+
+    for name in (PLASTIC, "buffer"):
+        _replace(staging / name, output_dir / name)
+    if stable_path is not None:
+        _replace(staging / STABLE, stable_path)
+    shutil.rmtree(staging)
+
+    manifest = {
+        **manifest,
+        "format_version": FORMAT_VERSION,
+        "ilora_args": asdict(args),
+        "stable_path": _relative(stable_path, output_dir),
+        "buffer": None if buffer is None else {"size": len(buffer), "num_seen": buffer.num_seen},
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    tmp = output_dir / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, default=str))
+    os.replace(tmp, output_dir / MANIFEST)
+    return output_dir
+
+
+def _replace(source: Path, target: Path) -> None:
+    if not source.exists():
+        return
+    if target.exists():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(source), str(target))
+
+
+def _relative(path: Path | None, root: Path) -> str | None:
+    if path is None:
+        return None
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path.resolve())

@@ -1,0 +1,174 @@
+"""`ILoRATrainer`: a drop-in `transformers.Trainer` that trains with I-LoRA.
+
+The Trainer keeps what it is good at (data loading, optimizer, scheduler, mixed precision,
+gradient accumulation, logging to TensorBoard / W&B, checkpoints, Accelerate). ilora adds:
+the two adapters (set up here), the step's loss (`ILoRA.loss`), the EMA after each optimizer step
+(a callback on `on_optimizer_step`), and the task output directory (`save_task`).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+
+from . import taskdir
+from .adapters import PLASTIC, STABLE, add_stable_copy, attach_adapters, load_adapters
+from .buffer import ReplayBuffer
+from .config import ILoRAArguments
+from .data import PadCollator, prepare_dataset
+from .errors import ILoRAError
+from .method import ILoRA
+
+
+class _EMAAfterOptimizerStep(TrainerCallback):
+    def __init__(self, method: ILoRA):
+        self.method = method
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.method.after_optimizer_step()
+
+
+class ILoRATrainer(Trainer):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        args: TrainingArguments,
+        ilora_args: ILoRAArguments | None = None,
+        peft_config: LoraConfig | None = None,
+        train_dataset=None,
+        processing_class=None,
+        data_collator=None,
+        cutoff_len: int = 1024,
+        use_chat_template: bool = True,
+        **kwargs: Any,
+    ):
+        self.ilora_args = ilora_args = ilora_args or ILoRAArguments()
+        set_seed(args.seed)  # LoRA initialisation below draws random numbers
+        self.base_identity = taskdir.base_model_identity(model)
+        self.previous_manifest: dict | None = None
+        model, self.lora_identity, ema_step, buffer = self._setup_model(model, peft_config, args.seed)
+        pad_token_id = _pad_token_id(processing_class, model)
+        if train_dataset is not None:
+            train_dataset = prepare_dataset(train_dataset, processing_class, cutoff_len, use_chat_template)
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            processing_class=processing_class,
+            data_collator=data_collator or PadCollator(pad_token_id),
+            **kwargs,
+        )
+        # compute_loss returns a per-micro-batch mean: let the Trainer divide by the accumulation steps
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
+        self.ilora = ILoRA(
+            self.model,
+            ilora_args,
+            pad_token_id=pad_token_id,
+            replay_batch_size=ilora_args.replay_batch_size or args.per_device_train_batch_size,
+            buffer=buffer,
+            step=ema_step,
+            task_id=ilora_args.current_task_id or "",
+        )
+        self.add_callback(_EMAAfterOptimizerStep(self.ilora))
+
+    # ------------------------------------------------------------------ set-up
+    def _setup_model(self, model, peft_config, seed):
+        """Plastic (+ stable) adapters: fresh, from the previous task, or as given on a PeftModel."""
+        args = self.ilora_args
+        if args.previous_task_model:
+            return self._continue_previous_task(model, peft_config)
+        buffer = ReplayBuffer(args.ilora_buffer_size, seed=seed) if args.uses_replay else None
+        if isinstance(model, PeftModel):
+            if PLASTIC not in model.peft_config:
+                raise ILoRAError(f"the PeftModel has adapters {list(model.peft_config)}; ilora needs one named 'plastic'")
+            if args.uses_stable and STABLE not in model.peft_config:
+                add_stable_copy(model)
+            return model, taskdir.lora_identity(model.peft_config[PLASTIC]), 0, buffer
+        if peft_config is None:
+            raise ILoRAError("pass peft_config=LoraConfig(...) (or a PeftModel with a 'plastic' adapter)")
+        identity = taskdir.lora_identity(peft_config)
+        return attach_adapters(model, copy.deepcopy(peft_config), with_stable=args.uses_stable), identity, 0, buffer
+
+    def _continue_previous_task(self, model, peft_config):
+        args = self.ilora_args
+        if isinstance(model, PeftModel):
+            raise ILoRAError("with previous_task_model, pass the base model: adapters are loaded from the previous task")
+        directory = Path(args.previous_task_model)
+        manifest = taskdir.read_manifest(directory)
+        lora = taskdir.lora_identity(peft_config) if peft_config is not None else manifest["lora"]
+        taskdir.check_compatible(manifest, directory, lora, self.base_identity, args.prev_task_id)
+        plastic_dir, stable_dir = taskdir.previous_paths(directory, manifest, args.ema_adapter_path)
+        if args.uses_stable and stable_dir is None:
+            raise ILoRAError(f"{directory}: the previous task saved no stable adapter (save_ema_adapter was off)")
+        peft_model = load_adapters(model, plastic_dir, stable_dir if args.uses_stable else None)
+        buffer = None
+        if args.uses_replay:
+            if manifest.get("buffer") is None:
+                raise ILoRAError(f"{directory}: the previous task saved no replay buffer")
+            buffer = ReplayBuffer.load(directory / "buffer", capacity=args.ilora_buffer_size)
+        self.previous_manifest = manifest
+        return peft_model, lora, int(manifest.get("ema_step", 0)), buffer
+
+    def create_optimizer(self, *args, **kwargs):
+        optimizer = super().create_optimizer(*args, **kwargs)
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if any(id(t) in in_optimizer for t in self.ilora.adapters.stable):
+            raise RuntimeError("a stable adapter tensor reached the optimizer")
+        missing = [t for t in self.ilora.adapters.plastic if id(t) not in in_optimizer]
+        if missing:
+            raise RuntimeError(f"{len(missing)} plastic adapter tensors are not in the optimizer")
+        return optimizer
+
+    # -------------------------------------------------------------- the step
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:  # evaluation: plain loss, no buffer, no replay
+            inputs = {k: v for k, v in inputs.items() if k != "lengths"}
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = self.ilora.loss(inputs)
+        return (loss, None) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: add the method's means since the last one
+            logs.update(self.ilora.pop_logs())
+        super().log(logs, start_time)
+
+    # ---------------------------------------------------------------- output
+    def save_task(self, output_dir: str | Path | None = None) -> Path:
+        """Write plastic, stable, buffer and manifest so the next task can start from them."""
+        output_dir = Path(output_dir or self.args.output_dir)
+        if not self.is_world_process_zero():
+            return output_dir
+        args = self.ilora_args
+        train_logs = [entry for entry in self.state.log_history if "loss" in entry]
+        summary = next((entry for entry in reversed(self.state.log_history) if "train_loss" in entry), {})
+        manifest = {
+            "task_id": args.current_task_id,
+            "prev_task_id": self.previous_manifest.get("task_id") if self.previous_manifest else None,
+            "base_model": self.base_identity,
+            "lora": self.lora_identity,
+            "ema_step": self.ilora.step,
+            "global_steps": self.state.global_step,
+            "final_losses": {
+                key: value
+                for key, value in {**(train_logs[-1] if train_logs else {}), **summary}.items()
+                if key in ("loss", "ce_loss", "consistency_loss", "ema_skipped", "train_loss")
+            },
+        }
+        return taskdir.write_task(output_dir, self.model, self.ilora.buffer, args, manifest)
+
+
+def _pad_token_id(tokenizer, model) -> int:
+    for source in (tokenizer, getattr(model, "config", None)):
+        for name in ("pad_token_id", "eos_token_id"):
+            value = getattr(source, name, None) if source is not None else None
+            if isinstance(value, list):
+                value = value[0] if value else None
+            if value is not None:
+                return int(value)
+    return 0
