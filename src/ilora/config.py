@@ -159,6 +159,9 @@ class DataArguments:
     use_chat_template: bool = field(
         default=True, metadata={"help": "Wrap prompts in the tokenizer's chat template when it has one."}
     )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing over an output_dir that already holds a finished task."}
+    )
 
     def __post_init__(self) -> None:
         if self.cutoff_len < 2:

@@ -145,8 +145,13 @@ class ILoRATrainer(Trainer):
         if not self.is_world_process_zero():
             return output_dir
         args = self.ilora_args
-        train_logs = [entry for entry in self.state.log_history if "loss" in entry]
-        summary = next((entry for entry in reversed(self.state.log_history) if "train_loss" in entry), {})
+        last_log = next((e for e in reversed(self.state.log_history) if "loss" in e), {})
+        summary = next((e for e in reversed(self.state.log_history) if "train_loss" in e), {})
+        # means over the steps since the last log, or that log if nothing came after it
+        final_losses = {k: v for k, v in last_log.items() if k in ("loss", "ce_loss", "consistency_loss", "ema_skipped")}
+        final_losses.update(self.ilora.pop_logs())
+        if "train_loss" in summary:
+            final_losses["train_loss"] = summary["train_loss"]
         manifest = {
             "task_id": args.current_task_id,
             "prev_task_id": self.previous_manifest.get("task_id") if self.previous_manifest else None,
@@ -154,11 +159,7 @@ class ILoRATrainer(Trainer):
             "lora": self.lora_identity,
             "ema_step": self.ilora.step,
             "global_steps": self.state.global_step,
-            "final_losses": {
-                key: value
-                for key, value in {**(train_logs[-1] if train_logs else {}), **summary}.items()
-                if key in ("loss", "ce_loss", "consistency_loss", "ema_skipped", "train_loss")
-            },
+            "final_losses": final_losses,
         }
         return taskdir.write_task(output_dir, self.model, self.ilora.buffer, args, manifest)
 

