@@ -2,95 +2,27 @@
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import json
 import logging
 import sys
 from collections.abc import Callable
-from dataclasses import fields
 from pathlib import Path
 
-import yaml
-from transformers import HfArgumentParser, TrainingArguments
-
-from .config import DataArguments, ILoRAArguments, ModelArguments
+from .config import parse_run_config, parse_train_args
 from .errors import ILoRAError
 
 USAGE = """usage: ilora COMMAND [ARGS]
 
 commands:
-  train   train one task (flags or a YAML file; `ilora train --help` lists every flag)
+  train     train one task (flags or a YAML file; `ilora train --help` lists every flag)
+  run       train and evaluate a task sequence: ilora run CONFIG.yaml [--method ilora|er|seq_lora|joint]
+  eval      score adapters on a config's tasks: ilora eval --model M --adapter DIR --tasks CONFIG.yaml
+  compare   one table and plot for several runs: ilora compare RUN_DIR... [--out DIR]
+  demo      the offline benchmark on SmolLM2-135M and real text: ilora demo [--full]
 
 add --debug to any command for full tracebacks."""
-
-
-class _Parser(HfArgumentParser):
-    """argparse errors become ILoRAError: one line, exit code 2, like every other bad input."""
-
-    def error(self, message: str):
-        raise ILoRAError(message)
-
-
-TRAIN_ARGUMENTS = (ModelArguments, DataArguments, ILoRAArguments, TrainingArguments)
-
-
-def parse_train_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, ILoRAArguments, TrainingArguments]:
-    parser = _Parser(TRAIN_ARGUMENTS, prog="ilora train")
-    if argv and argv[0].endswith((".yaml", ".yml")):
-        argv = yaml_to_argv(Path(argv[0]), TRAIN_ARGUMENTS) + argv[1:]
-    try:
-        *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    except ILoRAError:
-        raise
-    except ValueError as err:  # TrainingArguments validates in __post_init__ with ValueError
-        raise ILoRAError(str(err).strip().splitlines()[0]) from None
-    if unknown:
-        flags = sorted(o for action in parser._actions for o in action.option_strings)
-        close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ILoRAError(f"unknown argument '{unknown[0]}'{hint}")
-    return tuple(parsed)
-
-
-def yaml_to_argv(path: Path, dataclasses: tuple[type, ...]) -> list[str]:
-    """LLaMA-Factory style: a YAML mapping of flag names to values. Unknown keys are an error."""
-    mapping = load_yaml_mapping(path)
-    known = {f.name for cls in dataclasses for f in fields(cls)} | {"model"}
-    for key in mapping:
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ILoRAError(f"{path}: unknown key '{key}'{hint}")
-    return to_argv(mapping)
-
-
-def load_yaml_mapping(path: Path) -> dict:
-    if not path.is_file():
-        raise ILoRAError(f"{path}: no such file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ILoRAError(f"{path}: invalid YAML ({' '.join(str(err).split())})") from None
-    if not isinstance(data, dict):
-        raise ILoRAError(f"{path}: expected a mapping of keys to values at the top level")
-    return data
-
-
-def to_argv(mapping: dict) -> list[str]:
-    argv: list[str] = []
-    for key, value in mapping.items():
-        if value is None:
-            continue
-        argv.append(f"--{key}")
-        if isinstance(value, bool):
-            argv.append(str(value).lower())
-        elif isinstance(value, list):
-            argv.extend(str(v) for v in value)
-        elif isinstance(value, dict):
-            argv.append(json.dumps(value))
-        else:
-            argv.append(str(value))
-    return argv
 
 
 def command_train(argv: list[str]) -> None:
@@ -100,7 +32,67 @@ def command_train(argv: list[str]) -> None:
     print(f"ilora: task written to {output_dir}")
 
 
-COMMANDS: dict[str, Callable[[list[str]], None]] = {"train": command_train}
+def command_run(argv: list[str]) -> None:
+    from .workflow import run_sequence
+
+    parser = _simple_parser("ilora run", "train and evaluate a task sequence")
+    parser.add_argument("config", type=Path, help="run config (YAML)")
+    parser.add_argument("--method", help="override the config's method: ilora, er, seq_lora or joint")
+    parser.add_argument("--output_dir", help="override the config's output_dir")
+    opts = parser.parse_args(argv)
+    overrides = {k: v for k, v in (("method", opts.method), ("output_dir", opts.output_dir)) if v}
+    run_dir = run_sequence(*parse_run_config(opts.config, overrides))
+    print(f"ilora: run written to {run_dir} (report.md, metrics.json)")
+
+
+def command_eval(argv: list[str]) -> None:
+    from .workflow import evaluate_adapters
+
+    parser = _simple_parser("ilora eval", "score a trained adapter (or a task directory) on a config's tasks")
+    parser.add_argument("--model", required=True, help="base model directory or 'smollm2'")
+    parser.add_argument("--adapter", required=True, type=Path, help="PEFT adapter directory or ilora task directory")
+    parser.add_argument("--tasks", required=True, type=Path, help="run config whose tasks are scored")
+    opts = parser.parse_args(argv)
+    scores = evaluate_adapters(opts.model, opts.adapter, opts.tasks)
+    print(json.dumps(scores, indent=2))
+
+
+def command_compare(argv: list[str]) -> None:
+    from .report import compare
+
+    parser = _simple_parser("ilora compare", "put several runs in one table and one plot")
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories (<output_dir>/<method>)")
+    parser.add_argument("--out", type=Path, help="where compare.md and compare.png go (default: parent of the first)")
+    opts = parser.parse_args(argv)
+    print(compare(opts.runs, opts.out or opts.runs[0].parent))
+
+
+def command_demo(argv: list[str]) -> None:
+    from .workflow import run_demo
+
+    parser = _simple_parser("ilora demo", "offline continual-learning benchmark on SmolLM2-135M-Instruct")
+    parser.add_argument("--full", action="store_true", help="the full benchmark: 4 tasks, 4 methods, 3 seeds")
+    parser.add_argument("--output_dir", type=Path, help="default runs/demo (runs/full with --full)")
+    opts = parser.parse_args(argv)
+    print(run_demo(opts.full, opts.output_dir))
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise ILoRAError(message)  # one line, exit code 2, like every other bad input
+
+
+def _simple_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    return _Parser(prog=prog, description=description)
+
+
+COMMANDS: dict[str, Callable[[list[str]], None]] = {
+    "train": command_train,
+    "run": command_run,
+    "eval": command_eval,
+    "compare": command_compare,
+    "demo": command_demo,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

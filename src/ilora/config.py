@@ -6,8 +6,15 @@ existing YAML configs carry over. Training itself is configured by transformers'
 
 from __future__ import annotations
 
+import difflib
+import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
 
 from .errors import ILoRAError
 
@@ -166,3 +173,150 @@ class DataArguments:
     def __post_init__(self) -> None:
         if self.cutoff_len < 2:
             raise ILoRAError(f"cutoff_len={self.cutoff_len} must be >= 2")
+
+
+METHODS = ("ilora", "er", "seq_lora", "joint")
+
+
+@dataclass
+class TaskSpec:
+    """One task of a sequence: where its data is and how its test set is scored."""
+
+    name: str
+    train: str
+    test: str
+    scoring: str = "choice"
+    choices: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        check_task_id("task name", self.name)
+        if self.scoring not in ("choice", "exact_match"):
+            raise ILoRAError(f"task {self.name!r}: scoring must be 'choice' or 'exact_match', got {self.scoring!r}")
+
+
+@dataclass
+class RunArguments:
+    """A task sequence (`ilora run`): the method and the ordered tasks."""
+
+    method: str = field(default="ilora", metadata={"help": f"One of {METHODS}."})
+    tasks: list[TaskSpec] = field(default_factory=list, metadata={"help": "Ordered tasks (YAML list)."})
+    eval_batch_size: int = field(default=16, metadata={"help": "Rows per evaluation batch."})
+    max_new_tokens: int = field(default=16, metadata={"help": "Generation limit for exact_match scoring."})
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            close = difflib.get_close_matches(self.method, METHODS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ILoRAError(f"method {self.method!r} is not one of {METHODS}{hint}")
+        if not self.tasks:
+            raise ILoRAError("the config lists no tasks")
+        names = [t.name for t in self.tasks]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ILoRAError(f"duplicate task names in the config: {duplicates}")
+
+
+# ------------------------------------------------------------- parsing
+class ArgumentParser(HfArgumentParser):
+    """argparse errors become ILoRAError: one line, exit code 2, like every other bad input."""
+
+    def error(self, message: str):
+        raise ILoRAError(message)
+
+
+TRAIN_ARGUMENTS = (ModelArguments, DataArguments, ILoRAArguments, TrainingArguments)
+
+
+def parse_train_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, ILoRAArguments, TrainingArguments]:
+    """Flags, or a YAML file of the same keys (LLaMA-Factory style) followed by overriding flags."""
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        path = Path(argv[0])
+        argv = to_argv(checked_keys(load_yaml_mapping(path), TRAIN_ARGUMENTS, path)) + argv[1:]
+    return parse_argv(argv, TRAIN_ARGUMENTS, "ilora train")
+
+
+def parse_argv(argv: list[str], classes: tuple[type, ...], prog: str) -> tuple:
+    parser = ArgumentParser(classes, prog=prog)
+    try:
+        *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ILoRAError:
+        raise
+    except ValueError as err:  # TrainingArguments validates in __post_init__ with ValueError
+        raise ILoRAError(str(err).strip().splitlines()[0]) from None
+    if unknown:
+        flags = sorted(o for action in parser._actions for o in action.option_strings)
+        close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ILoRAError(f"unknown argument '{unknown[0]}'{hint}")
+    return tuple(parsed)
+
+
+def parse_run_config(path: Path, overrides: dict[str, Any] | None = None):
+    """A run config: the train keys, plus `method`, `tasks` and evaluation settings."""
+    mapping = {**load_yaml_mapping(path), **(overrides or {})}
+    checked_keys(mapping, TRAIN_ARGUMENTS + (RunArguments,), path)
+    run_keys = {f.name for f in fields(RunArguments)}
+    tasks = mapping.pop("tasks", None)
+    if not isinstance(tasks, list):
+        raise ILoRAError(f"{path}: 'tasks' must be a list of tasks (name, train, test, scoring, choices)")
+    specs = [task_spec(entry, path, i) for i, entry in enumerate(tasks, start=1)]
+    run = RunArguments(tasks=specs, **{k: mapping.pop(k) for k in list(mapping) if k in run_keys})
+    mapping.setdefault("output_dir", "runs/ilora")
+    return (*parse_argv(to_argv(mapping), TRAIN_ARGUMENTS, "ilora run"), run)
+
+
+def task_spec(entry: Any, path: Path, index: int) -> TaskSpec:
+    if not isinstance(entry, dict):
+        raise ILoRAError(f"{path}: task {index} must be a mapping with name, train, test")
+    known = [f.name for f in fields(TaskSpec)]
+    for key in entry:
+        if key not in known:
+            raise ILoRAError(f"{path}: task {index}: unknown key '{key}'{_did_you_mean(key, known)}")
+    missing = [k for k in ("name", "train", "test") if k not in entry]
+    if missing:
+        raise ILoRAError(f"{path}: task {index}: missing {missing}")
+    base = path.parent
+    resolved = {k: str(base / entry[k]) if k in ("train", "test") else entry[k] for k in entry}
+    return TaskSpec(**resolved)
+
+
+def checked_keys(mapping: dict, classes: tuple[type, ...], path: Path) -> dict:
+    known = {f.name for cls in classes for f in fields(cls)} | {"model"}
+    for key in mapping:
+        if key not in known:
+            raise ILoRAError(f"{path}: unknown key '{key}'{_did_you_mean(key, known)}")
+    return mapping
+
+
+def _did_you_mean(key: str, known) -> str:
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def load_yaml_mapping(path: Path) -> dict:
+    if not path.is_file():
+        raise ILoRAError(f"{path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ILoRAError(f"{path}: invalid YAML ({' '.join(str(err).split())})") from None
+    if not isinstance(data, dict):
+        raise ILoRAError(f"{path}: expected a mapping of keys to values at the top level")
+    return data
+
+
+def to_argv(mapping: dict) -> list[str]:
+    argv: list[str] = []
+    for key, value in mapping.items():
+        if value is None:
+            continue
+        argv.append(f"--{key}")
+        if isinstance(value, bool):
+            argv.append(str(value).lower())
+        elif isinstance(value, list):
+            argv.extend(str(v) for v in value)
+        elif isinstance(value, dict):
+            argv.append(json.dumps(value))
+        else:
+            argv.append(str(value))
+    return argv

@@ -1,21 +1,48 @@
-"""Running tasks: one chained task (`train_task`, behind `ilora train`)."""
+"""Running tasks: one chained task (`train_task`, behind `ilora train`) and a whole sequence with
+evaluation after every task (`run_sequence`, behind `ilora run`).
+
+A sequence writes, under `<output_dir>/<method>/`:
+    tasks/<k>-<name>/    the task directory (see taskdir) + eval.json (every task's test set scored)
+    metrics.json, report.md, heatmap.png, curves.png
+and `<output_dir>/base_eval.json`, the untrained model's scores, shared by the methods of one config.
+Re-running the same command skips every task whose directory is finished and evaluated.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import os
+import time
+from collections import Counter
 from pathlib import Path
 
+import torch
+import yaml
 from peft import LoraConfig
+from tqdm.auto import tqdm
 from transformers import TrainingArguments
 
-from . import taskdir
-from .config import DataArguments, ILoRAArguments, ModelArguments
+from . import metrics, report, taskdir
+from .adapters import PLASTIC, STABLE, AdapterPair, load_adapters
+from .config import (
+    DataArguments,
+    ILoRAArguments,
+    ModelArguments,
+    RunArguments,
+    TaskSpec,
+    load_yaml_mapping,
+    parse_run_config,
+)
 from .data import encode_rows, read_jsonl
 from .errors import ILoRAError
+from .evaluate import TestSet, build_test_set, evaluate
 from .loader import load_model_and_tokenizer
 from .trainer import ILoRATrainer
 
 log = logging.getLogger(__name__)
+EVAL_FILE = "eval.json"
 
 
 def lora_config(model_args: ModelArguments) -> LoraConfig:
@@ -37,6 +64,7 @@ def check_output_dir(output_dir: str | None, overwrite: bool) -> Path:
     return path
 
 
+# ------------------------------------------------------------- one task
 def train_task(
     model_args: ModelArguments,
     data_args: DataArguments,
@@ -52,6 +80,12 @@ def train_task(
     rows = read_jsonl(data_args.dataset)  # bad data fails before the model is loaded
     model, tokenizer = load_model_and_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code)
     examples = encode_rows(rows, tokenizer, data_args.cutoff_len, data_args.use_chat_template, data_args.dataset)
+    trainer = _train(model, tokenizer, examples, model_args, ilora_args, training_args)
+    trainer.save_task(output_dir)
+    return output_dir
+
+
+def _train(model, tokenizer, examples, model_args, ilora_args, training_args) -> ILoRATrainer:
     trainer = ILoRATrainer(
         model=model,
         args=training_args,
@@ -61,6 +95,268 @@ def train_task(
         processing_class=tokenizer,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_task(output_dir)
-    log.info("task %s finished: %s", ilora_args.current_task_id, output_dir)
-    return output_dir
+    return trainer
+
+
+# --------------------------------------------------------- the sequence
+def method_arguments(method: str, ilora_args: ILoRAArguments) -> ILoRAArguments:
+    """The baselines are I-LoRA with parts switched off, so every method runs the same code path."""
+    if method == "ilora":
+        return dataclasses.replace(ilora_args, use_ilora=True, use_stable_adapter=True)
+    if method == "er":
+        return dataclasses.replace(ilora_args, use_ilora=True, use_stable_adapter=False)
+    return dataclasses.replace(ilora_args, use_ilora=False)  # seq_lora, joint
+
+
+def run_sequence(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    ilora_args: ILoRAArguments,
+    training_args: TrainingArguments,
+    run: RunArguments,
+) -> Path:
+    """Train the tasks in order (or all at once for `joint`), evaluating every task after each."""
+    started = time.time()
+    root = Path(training_args.output_dir)
+    run_dir = root / run.method
+    method_args = method_arguments(run.method, ilora_args)
+    adapters = [PLASTIC, STABLE] if method_args.uses_stable else [PLASTIC]
+
+    train_rows = {t.name: read_jsonl(t.train) for t in run.tasks}  # all data errors before any training
+    test_rows = {t.name: read_jsonl(t.test) for t in run.tasks}
+    base, tokenizer = load_model_and_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code)
+    tests = [_test_set(t, test_rows[t.name], tokenizer, data_args) for t in run.tasks]
+    autocast = torch.bfloat16 if training_args.bf16 else None
+    scorer = _Scorer(tokenizer, tests, run.eval_batch_size, run.max_new_tokens, autocast)
+    base_row = _base_evaluation(root, base, scorer, run.tasks, data_args)
+
+    stages = [run.tasks] if run.method == "joint" else [[t] for t in run.tasks]
+    results, timings, previous = [], [], None
+    for k, stage in enumerate(stages, start=1):
+        name = "joint" if run.method == "joint" else stage[0].name
+        task_dir = run_dir / "tasks" / f"{k}-{name}"
+        if taskdir.is_finished(task_dir) and (task_dir / EVAL_FILE).is_file():
+            log.info("task %d/%d %s: finished earlier, skipped", k, len(stages), name)
+            saved = json.loads((task_dir / EVAL_FILE).read_text())
+        else:
+            saved = _train_and_evaluate(
+                k, stage, name, task_dir, previous, train_rows, tokenizer, scorer, adapters,
+                model_args, data_args, method_args, training_args,
+            )  # fmt: skip
+        results.append(saved)
+        timings.append(saved["timings"])
+        log.info(_summary_line(k, len(stages), name, saved, adapters, [t.name for t in run.tasks]))
+        previous = (task_dir, name)
+
+    summary = _summarise(run, adapters, base_row, results, timings, time.time() - started, tests)
+    summary["config"] = _config_record(model_args, data_args, method_args, training_args, run)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(run_dir / "metrics.json", summary)
+    report.write_report(run_dir, summary)
+    return run_dir
+
+
+def _train_and_evaluate(k, stage, name, task_dir, previous, train_rows, tokenizer, scorer, adapters,
+                        model_args, data_args, method_args, training_args) -> dict:  # fmt: skip
+    began = time.time()
+    if taskdir.is_finished(task_dir):  # trained, but the evaluation was interrupted
+        base, _ = load_model_and_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code)
+        manifest = taskdir.read_manifest(task_dir)
+        stable = task_dir / STABLE if STABLE in adapters else None
+        model = load_adapters(base, task_dir / PLASTIC, stable)
+        train_seconds = manifest.get("train_seconds", 0.0)
+    else:
+        rows = [row for task in stage for row in train_rows[task.name]]
+        examples = encode_rows(rows, tokenizer, data_args.cutoff_len, data_args.use_chat_template, f"task {name}")
+        task_args = dataclasses.replace(
+            method_args,
+            previous_task_model=str(previous[0]) if previous else None,
+            prev_task_id=previous[1] if previous else None,
+            current_task_id=name,
+            ema_adapter_path=None,
+        )
+        base, _ = load_model_and_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code)
+        trainer = _train(
+            base, tokenizer, examples, model_args, task_args, dataclasses.replace(training_args, output_dir=str(task_dir))
+        )
+        train_seconds = time.time() - began
+        trainer.save_task(task_dir)
+        model = trainer.model
+    eval_began = time.time()
+    scores = {adapter: scorer.score(model, adapter) for adapter in adapters}
+    saved = {"scores": scores, "timings": {"train_seconds": train_seconds, "eval_seconds": time.time() - eval_began}}
+    _write_json(task_dir / EVAL_FILE, saved)
+    return saved
+
+
+class _Scorer:
+    """Every test set, scored for one adapter of a model (the base model when `adapter` is None)."""
+
+    def __init__(self, tokenizer, tests: list[TestSet], batch_size: int, max_new_tokens: int, autocast):
+        self.tokenizer, self.tests = tokenizer, tests
+        self.batch_size, self.max_new_tokens, self.autocast = batch_size, max_new_tokens, autocast
+
+    def score(self, model, adapter: str | None) -> dict[str, dict]:
+        results = {}
+        for test in tqdm(self.tests, desc=f"eval {adapter or 'base'}", leave=False):
+            if adapter is None:
+                results[test.name] = self._evaluate(model, test)
+            else:
+                with AdapterPair(model).active(adapter):
+                    results[test.name] = self._evaluate(model, test)
+        return results
+
+    def _evaluate(self, model, test):
+        return evaluate(model, self.tokenizer, test, self.batch_size, self.max_new_tokens, self.autocast)
+
+
+def _test_set(task: TaskSpec, rows, tokenizer, data_args: DataArguments) -> TestSet:
+    return build_test_set(
+        task.name, rows, tokenizer, task.scoring, task.choices, data_args.cutoff_len, data_args.use_chat_template, task.test
+    )
+
+
+def _base_evaluation(root: Path, base, scorer: _Scorer, tasks: list[TaskSpec], data_args: DataArguments) -> dict:
+    """Row 0 of the accuracy matrix. Shared by every method run from one config, so computed once."""
+    key = {
+        "model": taskdir.base_model_identity(base),
+        "tasks": [dataclasses.asdict(t) for t in tasks],
+        "cutoff_len": data_args.cutoff_len,
+        "use_chat_template": data_args.use_chat_template,
+    }
+    path = root / "base_eval.json"
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return cached["scores"]
+    scores = scorer.score(base, None)
+    root.mkdir(parents=True, exist_ok=True)
+    _write_json(path, {"key": key, "scores": scores})
+    return scores
+
+
+def _summarise(run, adapters, base_row, results, timings, seconds, tests) -> dict:
+    names = [t.name for t in run.tasks]
+    matrices, metric_table, distributions = {}, {}, {}
+    for adapter in adapters:
+        rows = [base_row] + [r["scores"][adapter] for r in results]
+        R = [[row[name]["accuracy"] for name in names] for row in rows]
+        matrices[adapter] = R
+        if run.method == "joint":
+            metric_table[adapter] = {"AP": sum(R[-1]) / len(names)}  # one training stage: no transfer metrics
+        else:
+            metric_table[adapter] = metrics.all_metrics(R)
+        distributions[adapter] = [
+            {name: dict(Counter(row[name]["predictions"]).most_common()) for name in names} for row in rows
+        ]
+    return {
+        "method": run.method,
+        "tasks": names,
+        "test_rows": {t.name: len(t) for t in tests},
+        "gold_distribution": {t.name: dict(Counter(t.answers).most_common()) for t in tests},
+        "matrices": matrices,
+        "metrics": metric_table,
+        "prediction_distribution": distributions,
+        "timings": {"per_task": timings, "total_seconds": seconds},
+        "versions": _versions(),
+    }
+
+
+def _summary_line(k, count, name, saved, adapters, names) -> str:
+    parts = []
+    for adapter in adapters:
+        accs = " ".join(f"{n}={saved['scores'][adapter][n]['accuracy']:.3f}" for n in names)
+        parts.append(f"{adapter}: {accs}")
+    seconds = saved["timings"]
+    return (
+        f"task {k}/{count} {name}: train {seconds['train_seconds']:.0f}s, eval {seconds['eval_seconds']:.0f}s | "
+        + " | ".join(parts)
+    )
+
+
+def _config_record(model_args, data_args, method_args, training_args, run) -> dict:
+    return {
+        "model": dataclasses.asdict(model_args),
+        "data": dataclasses.asdict(data_args),
+        "ilora": dataclasses.asdict(method_args),
+        "training": {k: v for k, v in training_args.to_dict().items() if not k.startswith("_")},
+        "run": dataclasses.asdict(run),
+    }
+
+
+def _versions() -> dict:
+    import peft
+    import transformers
+
+    from . import __version__
+
+    return {"ilora": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "cpu_threads": torch.get_num_threads()}  # fmt: skip
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------ ilora eval
+def evaluate_adapters(model_name: str, adapter_dir: Path, config: Path) -> dict:
+    """Accuracy per task of a PEFT adapter directory, or of both adapters of an ilora task directory."""
+    _, data_args, _, training_args, run = parse_run_config(config)
+    if (adapter_dir / "adapter_config.json").is_file():
+        plastic, stable = adapter_dir, None
+    elif (adapter_dir / PLASTIC / "adapter_config.json").is_file():
+        plastic = adapter_dir / PLASTIC
+        stable = adapter_dir / STABLE if (adapter_dir / STABLE / "adapter_config.json").is_file() else None
+    else:
+        raise ILoRAError(f"{adapter_dir}: neither a PEFT adapter directory nor an ilora task directory")
+    test_rows = {t.name: read_jsonl(t.test) for t in run.tasks}
+    base, tokenizer = load_model_and_tokenizer(model_name)
+    tests = [_test_set(t, test_rows[t.name], tokenizer, data_args) for t in run.tasks]
+    scorer = _Scorer(tokenizer, tests, run.eval_batch_size, run.max_new_tokens,
+                     torch.bfloat16 if training_args.bf16 else None)  # fmt: skip
+    model = load_adapters(base, plastic, stable)
+    adapters = [PLASTIC, STABLE] if stable else [PLASTIC]
+    return {a: {name: r["accuracy"] for name, r in scorer.score(model, a).items()} for a in adapters}
+
+
+# ----------------------------------------------------------------- demo
+DEMO = {"tasks": ["tweets", "debate", "reviews"], "n_train": 200, "n_test": 100,
+        "methods": ["seq_lora", "er", "ilora"], "seeds": [0]}  # fmt: skip
+FULL = {"tasks": ["tweets", "debate", "reviews", "kind"], "n_train": 300, "n_test": 300,
+        "methods": ["seq_lora", "er", "ilora", "joint"], "seeds": [0, 1, 2]}  # fmt: skip
+
+
+def run_demo(full: bool = False, output_dir: Path | None = None, overrides: dict | None = None) -> str:
+    """Build the offline benchmark, run every method on it, and return the comparison table."""
+    from .corpora import build_benchmark
+
+    plan = FULL if full else DEMO
+    root = Path(output_dir or ("runs/full" if full else "runs/demo"))
+    entries = build_benchmark(root / "data", plan["tasks"], plan["n_train"], plan["n_test"], seed=0)
+    base_config = load_yaml_mapping(Path(__file__).parent / "configs" / "demo.yaml")
+    if full:
+        base_config.update(FULL_SETTINGS)
+    base_config.update(overrides or {})
+    tables = []
+    for seed in plan["seeds"]:
+        seed_root = root if len(plan["seeds"]) == 1 else root / f"seed-{seed}"
+        config = {**base_config, "seed": seed, "output_dir": str(seed_root.resolve()),
+                  "tasks": [{**e, "train": str((root / "data" / e["train"]).resolve()),
+                             "test": str((root / "data" / e["test"]).resolve())} for e in entries]}  # fmt: skip
+        seed_root.mkdir(parents=True, exist_ok=True)
+        config_path = seed_root / "config.yaml"
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        for method in plan["methods"]:
+            log.info("== %s, seed %d ==", method, seed)
+            run_sequence(*parse_run_config(config_path, {"method": method}))
+        tables.append(report.compare([seed_root / m for m in plan["methods"]], seed_root))
+    if len(plan["seeds"]) > 1:
+        return report.aggregate([root / f"seed-{s}" for s in plan["seeds"]], plan["methods"], root)
+    return tables[0]
+
+
+# The full benchmark: a buffer of 5% of the 1,200-row training stream and a short EMA horizon.
+FULL_SETTINGS = {"ilora_buffer_size": 60, "ema_alpha": 0.9, "eval_batch_size": 32}

@@ -1,0 +1,209 @@
+"""Scoring a model on a task's test set.
+
+`choice`: rank the task's candidate answers by their log-likelihood given the prompt (sum over the
+answer's tokens, end-of-sequence included, exactly as the answer was trained). The prompt is run
+once; its KV cache is then shared by all candidates (`score_choices`). `score_choices_naive` runs one
+full forward per candidate, as most harnesses do; it is kept as the reference the fast path is
+tested and benchmarked against.
+`exact_match`: greedy generation, normalised string match.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
+
+from .data import encode_prompt
+from .errors import ILoRAError
+
+SCORINGS = ("choice", "exact_match")
+
+
+@dataclass
+class TestSet:
+    """A task's test rows, tokenized once and reused after every task of the sequence."""
+
+    name: str
+    scoring: str
+    prompts: list[list[int]]
+    answers: list[str]
+    choices: list[list[str]] = field(default_factory=list)  # per row, for `choice`
+    choice_ids: list[list[list[int]]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def gold(self) -> list[int]:
+        return [row.index(answer) for row, answer in zip(self.choices, self.answers)]
+
+
+def build_test_set(
+    name: str,
+    rows: Sequence[dict],
+    tokenizer,
+    scoring: str,
+    task_choices: Sequence[str] | None,
+    cutoff_len: int,
+    use_chat_template: bool,
+    source: str = "",
+) -> TestSet:
+    if scoring not in SCORINGS:
+        raise ILoRAError(f"task {name!r}: scoring must be one of {SCORINGS}, got {scoring!r}")
+    test = TestSet(name, scoring, [], [])
+    for line, row in enumerate(rows, start=1):
+        answer = row["response"]
+        choices = list(row.get("choices") or task_choices or [])
+        answer_ids: list[list[int]] = []
+        if scoring == "choice":
+            if len(choices) < 2:
+                raise ILoRAError(f"{source}:{line}: choice scoring needs at least two choices (per row or per task)")
+            if answer not in choices:
+                raise ILoRAError(f"{source}:{line}: answer {answer!r} is not among the choices {choices}")
+            answer_ids = [answer_tokens(tokenizer, c) for c in choices]
+        budget = cutoff_len - max((len(a) for a in answer_ids), default=0)
+        prompt = encode_prompt(tokenizer, row["prompt"], use_chat_template)
+        test.prompts.append(prompt[max(0, len(prompt) - budget) :])
+        test.answers.append(answer)
+        if scoring == "choice":
+            test.choices.append(choices)
+            test.choice_ids.append(answer_ids)
+    if not test.prompts:
+        raise ILoRAError(f"task {name!r}: the test set is empty ({source})")
+    return test
+
+
+def answer_tokens(tokenizer, text: str) -> list[int]:
+    """An answer's tokens as training saw them: the text, then end-of-sequence."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+
+
+# ------------------------------------------------------------------- choice
+@torch.inference_mode()
+def score_choices(model, test: TestSet, pad_token_id: int, batch_size: int = 16) -> list[list[float]]:
+    """Log-likelihood of every candidate: one prompt pass per row, then all candidates on its cache."""
+    device = model.device
+    scores: list[list[float]] = [[] for _ in range(len(test))]
+    for rows in length_grouped_batches([len(p) for p in test.prompts], batch_size):
+        prompts = [torch.tensor(test.prompts[r]) for r in rows]
+        input_ids, mask = (t.to(device) for t in left_pad(prompts, pad_token_id))
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        first = F.log_softmax(out.logits[:, -1].float(), dim=-1)
+
+        owner = [i for i, r in enumerate(rows) for _ in test.choice_ids[r]]
+        candidates = [torch.tensor(c, device=device) for r in rows for c in test.choice_ids[r]]
+        index = torch.tensor(owner, device=device)
+        total = first[index, torch.stack([c[0] for c in candidates])]
+        if max(len(c) for c in candidates) > 1:
+            cache = out.past_key_values
+            cache.reorder_cache(index)
+            cand_ids = pad_sequence(candidates, batch_first=True, padding_value=pad_token_id)
+            cand_mask = pad_sequence([torch.ones_like(c) for c in candidates], batch_first=True)
+            feed, target, target_mask = cand_ids[:, :-1], cand_ids[:, 1:], cand_mask[:, 1:]
+            start = mask.sum(-1)[index]
+            rest = model(
+                input_ids=feed,
+                attention_mask=torch.cat([mask[index], cand_mask[:, :-1]], dim=1),
+                position_ids=start[:, None] + torch.arange(feed.shape[1], device=device)[None, :],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            logp = F.log_softmax(rest.logits.float(), dim=-1).gather(-1, target[..., None])[..., 0]
+            total = total + (logp * target_mask).sum(-1)
+        for i, value in zip(owner, total.tolist()):
+            scores[rows[i]].append(value)
+    return scores
+
+
+@torch.inference_mode()
+def score_choices_naive(model, test: TestSet, pad_token_id: int, batch_size: int = 16) -> list[list[float]]:
+    """Reference: one full forward of prompt + candidate for every candidate."""
+    pairs = [(r, c) for r in range(len(test)) for c in range(len(test.choice_ids[r]))]
+    scores: list[list[float]] = [[] for _ in range(len(test))]
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        seqs = [torch.tensor(test.prompts[r] + test.choice_ids[r][c], device=model.device) for r, c in chunk]
+        input_ids = pad_sequence(seqs, batch_first=True, padding_value=pad_token_id)
+        mask = pad_sequence([torch.ones_like(s) for s in seqs], batch_first=True)
+        logp = F.log_softmax(model(input_ids=input_ids, attention_mask=mask).logits.float(), dim=-1)
+        for row, (r, c) in enumerate(chunk):
+            p, a = len(test.prompts[r]), len(test.choice_ids[r][c])
+            target = torch.tensor(test.choice_ids[r][c], device=model.device)
+            scores[r].append(logp[row, p - 1 : p + a - 1].gather(-1, target[:, None]).sum().item())
+    return scores
+
+
+def predict_choices(scores: list[list[float]]) -> list[int]:
+    return [max(range(len(row)), key=row.__getitem__) for row in scores]
+
+
+# -------------------------------------------------------------- exact match
+@torch.inference_mode()
+def generate_answers(model, tokenizer, test: TestSet, max_new_tokens: int = 16, batch_size: int = 16) -> list[str]:
+    answers: list[str] = [""] * len(test)
+    for rows in length_grouped_batches([len(p) for p in test.prompts], batch_size):
+        input_ids, mask = left_pad([torch.tensor(test.prompts[r]) for r in rows], tokenizer.pad_token_id)
+        input_ids, mask = input_ids.to(model.device), mask.to(model.device)
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        for r, new in zip(rows, out[:, input_ids.shape[1] :]):
+            answers[r] = tokenizer.decode(new, skip_special_tokens=True)
+    return answers
+
+
+_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def normalise(text: str) -> str:
+    return " ".join(_PUNCT.sub(" ", text.lower()).split())
+
+
+# -------------------------------------------------------------- the entry
+def evaluate(model, tokenizer, test: TestSet, batch_size: int = 16, max_new_tokens: int = 16,
+             autocast: torch.dtype | None = None) -> dict:  # fmt: skip
+    """Accuracy and each prediction of `model` (with whatever adapter is active) on one test set."""
+    amp = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
+    was_training = model.training
+    model.eval()
+    try:
+        with amp:
+            if test.scoring == "choice":
+                picks = predict_choices(score_choices(model, test, tokenizer.pad_token_id, batch_size))
+                predictions = [test.choices[r][p] for r, p in enumerate(picks)]
+                correct = [p == g for p, g in zip(picks, test.gold())]
+            else:
+                predictions = generate_answers(model, tokenizer, test, max_new_tokens, batch_size)
+                correct = [normalise(p) == normalise(a) for p, a in zip(predictions, test.answers)]
+    finally:
+        model.train(was_training)
+    return {"accuracy": sum(correct) / len(correct), "predictions": predictions}
+
+
+# ----------------------------------------------------------------- helpers
+def left_pad(rows: Sequence[torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = row
+        mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices sorted by length, cut into batches: rows of similar length share a batch, less padding."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]

@@ -1,0 +1,131 @@
+"""Human-readable results: `report.md` with tables, a heatmap of the accuracy matrix and each task's
+accuracy over the sequence (PNG, headless matplotlib); `compare` puts several runs side by side."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .errors import ILoRAError  # noqa: E402
+
+METRIC_ORDER = ("AP", "AvgAcc", "BWT", "FWT", "forgetting")
+
+
+def fmt(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def matrix_table(R: list[list[float]], tasks: list[str], joint: bool = False) -> list[str]:
+    lines = ["| after \\ on | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for k, row in enumerate(R):
+        label = "before training" if k == 0 else ("all tasks (joint)" if joint else f"{k}. {tasks[k - 1]}")
+        lines.append(f"| {label} | " + " | ".join(fmt(v) for v in row) + " |")
+    return lines
+
+
+def write_report(run_dir: Path, summary: dict) -> None:
+    tasks, joint = summary["tasks"], summary["method"] == "joint"
+    lines = [f"# ilora run: {summary['method']}", "", f"Tasks in order: {', '.join(tasks)}.",
+             "Accuracies and metrics in percent (BWT, FWT, forgetting in points).", ""]  # fmt: skip
+    for adapter, R in summary["matrices"].items():
+        lines += [f"## {adapter} adapter", "", *matrix_table(R, tasks, joint), ""]
+        values = summary["metrics"][adapter]
+        names = [m for m in METRIC_ORDER if m in values]
+        lines += ["| " + " | ".join(names) + " |", "|---" * len(names) + "|"]
+        lines += ["| " + " | ".join(fmt(values[m]) for m in names) + " |", ""]
+        lines += ["Final predictions per task (label: count), gold in brackets:", ""]
+        final = summary["prediction_distribution"][adapter][-1]
+        for task in tasks:
+            lines.append(f"- {task}: {final[task]} [{summary['gold_distribution'][task]}]")
+        lines.append("")
+    timings = summary["timings"]
+    lines += [f"Total time: {timings['total_seconds']:.0f} s.", "", "![accuracy matrix](heatmap.png)", "",
+              "![accuracy over the sequence](curves.png)", ""]  # fmt: skip
+    (run_dir / "report.md").write_text("\n".join(lines))
+    _heatmaps(run_dir / "heatmap.png", summary)
+    _curves(run_dir / "curves.png", summary)
+
+
+def _heatmaps(path: Path, summary: dict) -> None:
+    tasks, matrices = summary["tasks"], summary["matrices"]
+    fig, axes = plt.subplots(1, len(matrices), figsize=(4.5 * len(matrices), 3.8), squeeze=False)
+    for ax, (adapter, R) in zip(axes[0], matrices.items()):
+        image = ax.imshow([[100 * v for v in row] for row in R], vmin=0, vmax=100, cmap="viridis")
+        ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+        ax.set_yticks(range(len(R)), ["base"] + [f"after {k}" for k in range(1, len(R))])
+        for k, row in enumerate(R):
+            for i, value in enumerate(row):
+                ax.text(i, k, f"{100 * value:.0f}", ha="center", va="center", color="white", fontsize=8)
+        ax.set_title(f"{summary['method']} / {adapter}")
+    fig.colorbar(image, ax=axes[0].tolist(), label="accuracy (%)")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _curves(path: Path, summary: dict) -> None:
+    tasks = summary["tasks"]
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for adapter, R in summary["matrices"].items():
+        style = "-" if adapter == "plastic" else "--"
+        for i, task in enumerate(tasks):
+            ax.plot(range(len(R)), [100 * row[i] for row in R], style, marker="o", label=f"{task} ({adapter})")
+    ax.set_xticks(range(len(summary["matrices"]["plastic"])))
+    ax.set_xlabel("tasks trained")
+    ax.set_ylabel("accuracy (%)")
+    ax.legend(fontsize=7)
+    ax.set_title(f"{summary['method']}: accuracy on each task over the sequence")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------ compare
+def load_summary(run_dir: Path) -> dict:
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        raise ILoRAError(f"{run_dir}: no metrics.json (is it a finished `ilora run` directory?)")
+    return json.loads(path.read_text())
+
+
+def comparison_rows(summaries: list[dict]) -> list[tuple[str, dict]]:
+    rows = []
+    for summary in summaries:
+        for adapter, values in summary["metrics"].items():
+            rows.append((f"{summary['method']} ({adapter})", values))
+    return rows
+
+
+def comparison_table(summaries: list[dict]) -> str:
+    lines = ["| method | " + " | ".join(METRIC_ORDER) + " |", "|---" * (len(METRIC_ORDER) + 1) + "|"]
+    for label, values in comparison_rows(summaries):
+        lines.append(f"| {label} | " + " | ".join(fmt(values.get(m)) for m in METRIC_ORDER) + " |")
+    return "\n".join(lines)
+
+
+def compare(run_dirs: list[Path], out_dir: Path) -> str:
+    summaries = [load_summary(d) for d in run_dirs]
+    table = comparison_table(summaries)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "compare.md").write_text(f"# ilora compare\n\n{table}\n\n![final accuracy per task](compare.png)\n")
+    _compare_plot(out_dir / "compare.png", summaries)
+    return table
+
+
+def _compare_plot(path: Path, summaries: list[dict]) -> None:
+    tasks = summaries[0]["tasks"]
+    labels = [(s, a) for s in summaries for a in s["matrices"]]
+    width = 0.8 / max(1, len(labels))
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(tasks), 3.8))
+    for j, (summary, adapter) in enumerate(labels):
+        final = summary["matrices"][adapter][-1]
+        ax.bar([i + j * width for i in range(len(tasks))], [100 * v for v in final], width,
+               label=f"{summary['method']} ({adapter})")  # fmt: skip
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], tasks)
+    ax.set_ylabel("final accuracy (%)")
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)

@@ -1,0 +1,114 @@
+import json
+
+import pytest
+import yaml
+
+from ilora import workflow
+from ilora.cli import main
+from tiny import write_jsonl
+
+LABELS = ["positive", "negative", "neutral"]
+
+
+def task_rows(task: int, n: int) -> list[dict]:
+    words = {0: ["great", "dull", "fine"], 1: ["superb", "boring", "okay"], 2: ["delight", "weak", "plain"]}[task]
+    return [
+        {"prompt": f"Task {task} review {i}: {words[i % 3]}. Sentiment:", "response": LABELS[i % 3]} for i in range(n)
+    ]
+
+
+@pytest.fixture
+def config(tiny_model_dir, tmp_path):
+    tasks = []
+    for k, name in enumerate(["alpha", "beta", "gamma"]):
+        write_jsonl(tmp_path / f"{name}.train.jsonl", task_rows(k, 12))
+        write_jsonl(tmp_path / f"{name}.test.jsonl", task_rows(k, 6))
+        tasks.append({"name": name, "train": f"{name}.train.jsonl", "test": f"{name}.test.jsonl", "choices": LABELS})
+    tasks[2]["scoring"] = "exact_match"
+    tasks[2].pop("choices")
+    settings = {
+        "model_name_or_path": str(tiny_model_dir), "lora_target": "q_proj,v_proj", "lora_rank": 4,
+        "output_dir": str(tmp_path / "runs"), "per_device_train_batch_size": 4, "num_train_epochs": 1,
+        "learning_rate": 0.01, "ilora_buffer_size": 6, "ema_alpha": 0.9, "report_to": "none",
+        "use_cpu": True, "save_strategy": "no", "disable_tqdm": True, "max_new_tokens": 3, "tasks": tasks,
+    }  # fmt: skip
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def test_three_task_run_writes_matrices_reports_and_resumes(config, tmp_path, monkeypatch):
+    assert main(["run", str(config)]) == 0
+    run_dir = tmp_path / "runs" / "ilora"
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    for adapter in ("plastic", "stable"):
+        R = summary["matrices"][adapter]
+        assert len(R) == 4 and all(len(row) == 3 for row in R)
+        assert all(0.0 <= v <= 1.0 for row in R for v in row)
+        assert set(summary["metrics"][adapter]) == {"AP", "AvgAcc", "BWT", "FWT", "forgetting"}
+    assert summary["matrices"]["plastic"][0] == summary["matrices"]["stable"][0]  # row 0: the same base model
+    for name in ("report.md", "heatmap.png", "curves.png"):
+        assert (run_dir / name).stat().st_size > 0
+    assert [p.name for p in sorted((run_dir / "tasks").iterdir())] == ["1-alpha", "2-beta", "3-gamma"]
+    manifest = json.loads((run_dir / "tasks" / "3-gamma" / "ilora_task.json").read_text())
+    assert manifest["prev_task_id"] == "beta" and manifest["ema_step"] == 9
+
+    # a second run trains nothing: every task is finished and evaluated
+    monkeypatch.setattr(workflow, "_train", lambda *a, **k: pytest.fail("a finished task was retrained"))
+    assert main(["run", str(config)]) == 0
+    assert json.loads((run_dir / "metrics.json").read_text())["matrices"] == summary["matrices"]
+
+
+def test_a_trained_task_whose_evaluation_was_lost_is_evaluated_not_retrained(config, tmp_path, monkeypatch):
+    assert main(["run", str(config), "--method", "er"]) == 0
+    run_dir = tmp_path / "runs" / "er"
+    before = json.loads((run_dir / "metrics.json").read_text())
+    (run_dir / "tasks" / "2-beta" / "eval.json").unlink()
+    monkeypatch.setattr(workflow, "_train", lambda *a, **k: pytest.fail("a finished task was retrained"))
+    assert main(["run", str(config), "--method", "er"]) == 0
+    after = json.loads((run_dir / "metrics.json").read_text())
+    assert after["matrices"] == before["matrices"] and list(after["matrices"]) == ["plastic"]
+
+
+def test_baselines_share_the_harness_and_compare_puts_them_in_one_table(config, tmp_path, capsys):
+    for method in ("seq_lora", "joint"):
+        assert main(["run", str(config), "--method", method]) == 0
+    joint = json.loads((tmp_path / "runs" / "joint" / "metrics.json").read_text())
+    assert len(joint["matrices"]["plastic"]) == 2 and set(joint["metrics"]["plastic"]) == {"AP"}
+    seq = json.loads((tmp_path / "runs" / "seq_lora" / "tasks" / "1-alpha" / "ilora_task.json").read_text())
+    assert seq["buffer"] is None and seq["stable_path"] is None
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "runs" / "seq_lora"), str(tmp_path / "runs" / "joint")]) == 0
+    table = capsys.readouterr().out
+    assert "| seq_lora (plastic) |" in table and "| joint (plastic) |" in table
+    assert (tmp_path / "runs" / "compare.png").stat().st_size > 0
+
+
+def test_eval_command_scores_a_task_directory(config, tmp_path, tiny_model_dir, capsys):
+    assert main(["run", str(config)]) == 0
+    capsys.readouterr()
+    task = tmp_path / "runs" / "ilora" / "tasks" / "1-alpha"
+    assert main(["eval", "--model", str(tiny_model_dir), "--adapter", str(task), "--tasks", str(config)]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    saved = json.loads((task / "eval.json").read_text())["scores"]
+    assert scores["stable"]["alpha"] == saved["stable"]["alpha"]["accuracy"]
+    assert set(scores["plastic"]) == {"alpha", "beta", "gamma"}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c.update(method="ewc"), "method 'ewc' is not one of"),
+        (lambda c: c.update(ema_alpah=0.5), "unknown key 'ema_alpah' (did you mean 'ema_alpha'?)"),
+        (lambda c: c["tasks"].append(dict(c["tasks"][0])), "duplicate task names in the config: ['alpha']"),
+        (lambda c: c["tasks"][0].update(choices=["yes", "no"]), "alpha.test.jsonl:1: answer 'positive' is not among"),
+        (lambda c: c["tasks"][0].update(name="a/b"), "not a valid task id"),
+    ],
+)
+def test_bad_run_configs_are_one_line_errors(config, tmp_path, capsys, change, message):
+    settings = yaml.safe_load(config.read_text())
+    change(settings)
+    config.write_text(yaml.safe_dump(settings))
+    assert main(["run", str(config)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "ilora" / "tasks").exists()
