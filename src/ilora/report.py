@@ -129,3 +129,33 @@ def _compare_plot(path: Path, summaries: list[dict]) -> None:
     ax.legend(fontsize=7)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+# ---------------------------------------------------------------- seeds
+def aggregate(seed_dirs: list[Path], methods: list[str], out_dir: Path) -> str:
+    """Mean and standard deviation of every metric over seeds: `summary.md` and `summary.json`."""
+    import statistics
+
+    per_label: dict[str, dict[str, list[float]]] = {}
+    for seed_dir in seed_dirs:
+        summaries = [load_summary(seed_dir / m) for m in methods]
+        for label, values in comparison_rows(summaries):
+            bucket = per_label.setdefault(label, {})
+            for metric in METRIC_ORDER:
+                if values.get(metric) is not None:
+                    bucket.setdefault(metric, []).append(values[metric])
+    result = {
+        label: {m: {"mean": statistics.fmean(v), "std": statistics.pstdev(v) if len(v) > 1 else 0.0, "n": len(v)}
+                for m, v in metrics.items()}
+        for label, metrics in per_label.items()
+    }  # fmt: skip
+    lines = [f"| method (mean ± sd over {len(seed_dirs)} seeds) | " + " | ".join(METRIC_ORDER) + " |",
+             "|---" * (len(METRIC_ORDER) + 1) + "|"]  # fmt: skip
+    for label, metrics in result.items():
+        cells = [f"{fmt(metrics[m]['mean'])} ± {fmt(metrics[m]['std'])}" if m in metrics else "-" for m in METRIC_ORDER]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.json").write_text(json.dumps(result, indent=2))
+    (out_dir / "summary.md").write_text(f"# ilora benchmark summary\n\n{table}\n")
+    return table

@@ -1,0 +1,231 @@
+"""What an I-LoRA optimizer step costs over experience replay (ER) and sequential LoRA.
+
+Variants, timed interleaved in one process (A B C D E A B C D E ...), median seconds per optimizer step
+after warm-up:
+  seq_lora    current batch only
+  er          current + replay rows, no stable adapter
+  ilora       er + stable no-grad pass over the replay rows + consistency + EMA   (ilora.method.ILoRA)
+  selective   ilora with selective_update (stable pass over the whole batch, with the LM head)
+  three_pass  the public implementations' step, written out below: plastic pass with grad over
+              current + replay, a second plastic pass with grad over the replay rows for the hidden
+              states, a stable pass with the LM head and every hidden state, an EMA found by
+              parameter-name matching with a clone per tensor, and `.item()` logging every step.
+Also: the EMA update alone (fraction of the I-LoRA step), tokens/s, and the peak resident memory of
+each variant in its own process (`--memory`).
+
+    python benchmarks/step_overhead.py                      # tiny random Llama, seconds
+    python benchmarks/step_overhead.py --model smollm2      # SmolLM2-135M (the targets), minutes
+
+The last line printed is one JSON object with the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from peft import LoraConfig
+
+from ilora.adapters import PLASTIC, STABLE, AdapterPair, attach_adapters
+from ilora.buffer import ReplayBuffer
+from ilora.config import ILoRAArguments
+from ilora.method import ILoRA, causal_lm_loss, consistency_loss, ema_coefficient
+
+VARIANTS = ("seq_lora", "er", "ilora", "selective", "three_pass")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", help="'tiny' (random 4-layer Llama) or 'smollm2'")
+    p.add_argument("--batch", type=int, default=8, help="current rows per step (replay rows: the same)")
+    p.add_argument("--length", type=int, default=128, help="tokens per row")
+    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj", help="LoRA target modules")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--rounds", type=int, default=7, help="measured steps per variant")
+    p.add_argument("--warmup", type=int, default=2, help="unmeasured steps per variant")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (LoRA weights stay fp32)")
+    p.add_argument("--memory", action="store_true", help="also measure peak RSS per variant (one process each)")
+    p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def build_model(name: str):
+    if name == "smollm2":
+        from ilora.loader import load_model_and_tokenizer
+
+        return load_model_and_tokenizer("smollm2")[0]
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512)  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def random_rows(n: int, length: int, vocab: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (length,), generator=g) for _ in range(n)]
+
+
+def batch_of(rows: list[torch.Tensor]) -> dict:
+    ids = torch.stack(rows)
+    return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids),
+            "lengths": [len(r) for r in rows]}  # fmt: skip
+
+
+class Variant:
+    """One kind of step on the shared model; `step()` is one full optimizer step."""
+
+    def __init__(self, name: str, model, args: argparse.Namespace, vocab: int):
+        self.name, self.model = name, model
+        settings = {
+            "seq_lora": dict(use_ilora=False),
+            "er": dict(use_stable_adapter=False),
+            "ilora": dict(),
+            "selective": dict(selective_update=True, min_update_threshold=0.0),
+            "three_pass": dict(),
+        }[name]
+        ilora_args = ILoRAArguments(ilora_buffer_size=4 * args.batch, ema_alpha=0.99, **settings)
+        buffer = ReplayBuffer(ilora_args.ilora_buffer_size, seed=1)
+        for row in random_rows(ilora_args.ilora_buffer_size, args.length, vocab, seed=2):
+            buffer.add(row, row.clone())
+        self.method = ILoRA(model, ilora_args, pad_token_id=0, replay_batch_size=args.batch, buffer=buffer)
+        self.method.buffer.capacity = 0  # keep replay rows fixed-length: the stream is not stored
+        self.optimizer = torch.optim.AdamW(self.method.adapters.plastic, lr=1e-4)
+        self.batches = [batch_of(random_rows(args.batch, args.length, vocab, seed=s)) for s in range(4)]
+        self.rows_per_step = args.batch if name == "seq_lora" else 2 * args.batch
+        self.autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16)
+        self.calls = 0
+
+    def step(self) -> None:
+        batch = self.batches[self.calls % len(self.batches)]
+        self.calls += 1
+        with self.autocast:
+            loss = three_pass_loss(self.method, batch) if self.name == "three_pass" else self.method.loss(batch)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.name == "three_pass":
+            three_pass_ema(self.model, self.method.step + 1, self.method.args.ema_alpha)
+            self.method.step += 1
+        else:
+            self.method.after_optimizer_step()
+
+
+# ------------------------------------------------ the public implementations' step
+def three_pass_loss(method: ILoRA, batch: dict) -> torch.Tensor:
+    model, pad = method.model, method.pad_token_id
+    replay_ids, _ = method.buffer.sample(method.replay_batch_size)
+    replay = torch.stack(replay_ids)
+    ids = torch.cat([batch["input_ids"], replay])
+    mask = torch.ones_like(ids)
+    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)  # pass 1, with grad
+    ce = causal_lm_loss(out.logits, ids)
+    plastic = model(input_ids=replay, attention_mask=torch.ones_like(replay), output_hidden_states=True)  # pass 2
+    with torch.no_grad(), method.adapters.active(STABLE):
+        stable = model(input_ids=replay, attention_mask=torch.ones_like(replay), output_hidden_states=True)  # pass 3
+    consistency = consistency_loss([plastic.hidden_states[-1]], [stable.hidden_states[-1]], torch.ones_like(replay))
+    loss = ce + consistency
+    _ = (ce.item(), consistency.item(), pad)  # per-step logging with host syncs
+    return loss
+
+
+@torch.no_grad()
+def three_pass_ema(model, step: int, ema_alpha: float) -> None:
+    """EMA by parameter-name matching, one tensor at a time, with a clone of each (as published)."""
+    a = ema_coefficient(step, ema_alpha)
+    params = dict(model.named_parameters())
+    for name, param in params.items():
+        if f".{STABLE}." in name:
+            source = params[name.replace(f".{STABLE}.", f".{PLASTIC}.")].detach().clone()
+            param.copy_(a * param + (1 - a) * source)
+
+
+# --------------------------------------------------------------------- runs
+def peft_model(args):
+    model = build_model(args.model)
+    config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=args.targets.split(","))
+    return attach_adapters(model, config, with_stable=True), model.config.vocab_size
+
+
+def time_variants(args) -> dict:
+    model, vocab = peft_model(args)
+    variants = [Variant(name, model, args, vocab) for name in VARIANTS]
+    for _ in range(args.warmup):
+        for v in variants:
+            v.step()
+    times = {v.name: [] for v in variants}
+    for _ in range(args.rounds):
+        for v in variants:
+            start = time.perf_counter()
+            v.step()
+            times[v.name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    ema = ema_seconds(variants[2].method.adapters)
+    tokens = {v.name: v.rows_per_step * args.length / medians[v.name] for v in variants}
+    return {"median_step_s": medians, "ema_s": ema, "tokens_per_s": tokens,
+            "adapter_params": variants[2].method.adapters.num_parameters()}  # fmt: skip
+
+
+def ema_seconds(adapters: AdapterPair, repeats: int = 50) -> float:
+    adapters.ema_(0.01)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        adapters.ema_(0.01)
+    return (time.perf_counter() - start) / repeats
+
+
+def child_peak_rss(args) -> None:
+    """One variant alone in this process: report its peak resident memory (MiB)."""
+    model, vocab = peft_model(args)
+    variant = Variant(args.child, model, args, vocab)
+    for _ in range(3):
+        variant.step()
+    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def peak_rss(args, variant: str) -> float:
+    argv = [sys.executable, __file__, "--child", variant, "--model", args.model, "--batch", str(args.batch),
+            "--length", str(args.length), "--targets", args.targets, "--rank", str(args.rank),
+            "--threads", str(args.threads)] + (["--bf16"] if args.bf16 else [])  # fmt: skip
+    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.child:
+        return child_peak_rss(args)
+    result = time_variants(args)
+    step = result["median_step_s"]
+    print(f"model={args.model} batch={args.batch}+{args.batch} length={args.length} targets={args.targets} "
+          f"threads={args.threads} bf16={args.bf16} rounds={args.rounds}")  # fmt: skip
+    print(f"{'variant':<12}{'s/step':>10}{'tokens/s':>12}{'vs er':>8}")
+    for name in VARIANTS:
+        print(f"{name:<12}{step[name]:>10.4f}{result['tokens_per_s'][name]:>12.0f}{step[name] / step['er']:>8.3f}")
+    print(f"EMA update alone: {1000 * result['ema_s']:.3f} ms for {result['adapter_params']:,} adapter parameters")
+    summary = {
+        "ilora_over_er": step["ilora"] / step["er"],
+        "ilora_over_seq": step["ilora"] / step["seq_lora"],
+        "selective_over_ilora": step["selective"] / step["ilora"],
+        "three_pass_over_ilora": step["three_pass"] / step["ilora"],
+        "ema_fraction": result["ema_s"] / step["ilora"],
+    }
+    if args.memory:
+        rss = {name: peak_rss(args, name) for name in ("seq_lora", "er", "ilora", "three_pass")}
+        print("peak RSS (MiB): " + ", ".join(f"{k}={v:.0f}" for k, v in rss.items()))
+        summary["peak_rss_mib"] = rss
+        summary["peak_rss_ilora_over_er"] = rss["ilora"] / rss["er"]
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}))
+
+
+if __name__ == "__main__":
+    main()
