@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -97,7 +96,8 @@ class Variant:
         for row in random_rows(ilora_args.ilora_buffer_size, args.length, vocab, seed=2):
             buffer.add(row, row.clone())
         self.method = ILoRA(model, ilora_args, pad_token_id=0, replay_batch_size=args.batch, buffer=buffer)
-        self.method.buffer.capacity = 0  # keep replay rows fixed-length: the stream is not stored
+        if self.method.buffer is not None:
+            self.method.buffer.capacity = 0  # keep replay rows fixed-length: the stream is not stored
         self.optimizer = torch.optim.AdamW(self.method.adapters.plastic, lr=1e-4)
         self.batches = [batch_of(random_rows(args.batch, args.length, vocab, seed=s)) for s in range(4)]
         self.rows_per_step = args.batch if name == "seq_lora" else 2 * args.batch
@@ -182,21 +182,32 @@ def ema_seconds(adapters: AdapterPair, repeats: int = 50) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def _status_mib(field: str) -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
 def child_peak_rss(args) -> None:
-    """One variant alone in this process: report its peak resident memory (MiB)."""
+    """One variant alone in this process: its peak resident memory, and the part the steps added."""
     model, vocab = peft_model(args)
     variant = Variant(args.child, model, args, vocab)
+    before = _status_mib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as handle:  # reset the high-water mark (Linux)
+        handle.write("5")
     for _ in range(3):
         variant.step()
-    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    peak = _status_mib("VmHWM")
+    print(json.dumps({"peak_rss_mib": peak, "step_rss_mib": peak - before}))
 
 
-def peak_rss(args, variant: str) -> float:
+def peak_rss(args, variant: str) -> dict:
     argv = [sys.executable, __file__, "--child", variant, "--model", args.model, "--batch", str(args.batch),
             "--length", str(args.length), "--targets", args.targets, "--rank", str(args.rank),
             "--threads", str(args.threads)] + (["--bf16"] if args.bf16 else [])  # fmt: skip
     out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main(argv=None) -> None:
@@ -220,10 +231,12 @@ def main(argv=None) -> None:
         "ema_fraction": result["ema_s"] / step["ilora"],
     }
     if args.memory:
-        rss = {name: peak_rss(args, name) for name in ("seq_lora", "er", "ilora", "three_pass")}
-        print("peak RSS (MiB): " + ", ".join(f"{k}={v:.0f}" for k, v in rss.items()))
-        summary["peak_rss_mib"] = rss
-        summary["peak_rss_ilora_over_er"] = rss["ilora"] / rss["er"]
+        measured = {name: peak_rss(args, name) for name in ("seq_lora", "er", "ilora", "three_pass")}
+        print("peak RSS, MiB (whole process / added by the steps): "
+              + ", ".join(f"{k}={v['peak_rss_mib']:.0f}/{v['step_rss_mib']:.0f}" for k, v in measured.items()))
+        summary["peak_rss_mib"] = {k: v["peak_rss_mib"] for k, v in measured.items()}
+        summary["step_rss_mib"] = {k: v["step_rss_mib"] for k, v in measured.items()}
+        summary["peak_rss_ilora_over_er"] = measured["ilora"]["peak_rss_mib"] / measured["er"]["peak_rss_mib"]
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}))
 
 
