@@ -133,29 +133,42 @@ def _compare_plot(path: Path, summaries: list[dict]) -> None:
 
 # ---------------------------------------------------------------- seeds
 def aggregate(seed_dirs: list[Path], methods: list[str], out_dir: Path) -> str:
-    """Mean and standard deviation of every metric over seeds: `summary.md` and `summary.json`."""
-    import statistics
-
-    per_label: dict[str, dict[str, list[float]]] = {}
+    """Mean and standard deviation over seeds of every metric and of each task's final accuracy:
+    `summary.md` and `summary.json`."""
+    metric_values: dict[str, dict[str, list[float]]] = {}
+    final_values: dict[str, dict[str, list[float]]] = {}
+    tasks: list[str] = []
     for seed_dir in seed_dirs:
-        summaries = [load_summary(seed_dir / m) for m in methods]
-        for label, values in comparison_rows(summaries):
-            bucket = per_label.setdefault(label, {})
-            for metric in METRIC_ORDER:
-                if values.get(metric) is not None:
-                    bucket.setdefault(metric, []).append(values[metric])
-    result = {
-        label: {m: {"mean": statistics.fmean(v), "std": statistics.pstdev(v) if len(v) > 1 else 0.0, "n": len(v)}
-                for m, v in metrics.items()}
-        for label, metrics in per_label.items()
-    }  # fmt: skip
-    lines = [f"| method (mean ± sd over {len(seed_dirs)} seeds) | " + " | ".join(METRIC_ORDER) + " |",
-             "|---" * (len(METRIC_ORDER) + 1) + "|"]  # fmt: skip
-    for label, metrics in result.items():
-        cells = [f"{fmt(metrics[m]['mean'])} ± {fmt(metrics[m]['std'])}" if m in metrics else "-" for m in METRIC_ORDER]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
+        for summary in (load_summary(seed_dir / m) for m in methods):
+            tasks = summary["tasks"]
+            for adapter, values in summary["metrics"].items():
+                label = f"{summary['method']} ({adapter})"
+                for metric in METRIC_ORDER:
+                    if values.get(metric) is not None:
+                        metric_values.setdefault(label, {}).setdefault(metric, []).append(values[metric])
+                for task, accuracy in zip(tasks, summary["matrices"][adapter][-1]):
+                    final_values.setdefault(label, {}).setdefault(task, []).append(accuracy)
+    result = {"metrics": _mean_sd(metric_values), "final_accuracy": _mean_sd(final_values), "seeds": len(seed_dirs)}
+    table = _mean_sd_table(result["metrics"], list(METRIC_ORDER), f"method (mean ± sd, {len(seed_dirs)} seeds)")
+    finals = _mean_sd_table(result["final_accuracy"], tasks, "final accuracy per task")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.json").write_text(json.dumps(result, indent=2))
-    (out_dir / "summary.md").write_text(f"# ilora benchmark summary\n\n{table}\n")
-    return table
+    (out_dir / "summary.md").write_text(f"# ilora benchmark summary\n\n{table}\n\n{finals}\n")
+    return f"{table}\n\n{finals}"
+
+
+def _mean_sd(values: dict[str, dict[str, list[float]]]) -> dict:
+    import statistics
+
+    return {
+        label: {key: {"mean": statistics.fmean(v), "sd": statistics.pstdev(v), "n": len(v)} for key, v in group.items()}
+        for label, group in values.items()
+    }
+
+
+def _mean_sd_table(result: dict, columns: list[str], title: str) -> str:
+    lines = [f"| {title} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for label, group in result.items():
+        cells = [f"{fmt(group[c]['mean'])} ± {fmt(group[c]['sd'])}" if c in group else "-" for c in columns]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

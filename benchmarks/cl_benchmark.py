@@ -1,0 +1,25 @@
+"""The full continual-learning benchmark (same as `ilora demo --full`): four real-text tasks on
+SmolLM2-135M-Instruct, methods seq_lora, er, ilora (stable and plastic) and joint, three seeds.
+
+    python benchmarks/cl_benchmark.py [--output_dir runs/full]
+
+Writes runs/full/seed-<s>/<method>/{metrics.json,report.md,...} and runs/full/summary.{md,json}
+(mean ± sd over seeds of AP, AvgAcc, BWT, FWT, forgetting, and each task's final accuracy).
+Re-running continues where it stopped: finished tasks are skipped.
+"""
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from ilora.workflow import run_demo
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", type=Path, default=Path("runs/full"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    start = time.time()
+    print(run_demo(full=True, output_dir=args.output_dir))
+    print(f"total {time.time() - start:.0f} s")
