@@ -134,3 +134,20 @@ def test_a_given_peft_model_with_a_plastic_adapter_gets_its_stable_twin(tmp_path
     assert set(trainer.model.peft_config) == {"plastic", "stable"}
     for p, s in zip(trainer.ilora.adapters.plastic, trainer.ilora.adapters.stable):
         assert torch.equal(p, s)
+
+
+def test_method_losses_reach_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = ILoRATrainer(
+        model=tiny_llama(),
+        args=training_args(tmp_path, max_steps=4, report_to=["tensorboard"]),  # events under output_dir/runs
+        ilora_args=ILoRAArguments(ilora_buffer_size=8, selective_update=True, min_update_threshold=1e6),
+        peft_config=lora(),
+        train_dataset=examples(16),
+        processing_class=TOKENIZER,
+    )
+    trainer.train()
+    [event_dir] = {p.parent for p in (tmp_path / "out").rglob("events.out.tfevents.*")}
+    scalars = EventAccumulator(str(event_dir)).Reload().Tags()["scalars"]
+    assert {"train/ce_loss", "train/consistency_loss", "train/ema_skipped", "train/loss"} <= set(scalars)
