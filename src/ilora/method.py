@@ -60,6 +60,14 @@ class ILoRA:
         self._selective_micro = 0
         self._reset_stats()
 
+    def restore(self, step: int, buffer: ReplayBuffer | None) -> None:
+        """Continue from a checkpoint: the Trainer has reloaded both adapters, so pair them again."""
+        if self.args.uses_replay and buffer is None:
+            raise ILoRAError("the checkpoint holds no replay buffer, but this run uses one")
+        self.step = step
+        self.buffer = buffer
+        self.adapters = AdapterPair(self.model)
+
     # ---------------------------------------------------------------- the step
     def loss(self, batch: dict) -> torch.Tensor:
         """Loss of one micro-batch (right-padded `input_ids`, `labels`, `attention_mask`, `lengths`)."""

@@ -29,6 +29,7 @@ from .config import ILoRAArguments
 from .errors import ILoRAError
 
 MANIFEST = "ilora_task.json"
+CHECKPOINT_MARKER = "ilora_checkpoint.json"  # written last into a Trainer checkpoint: it is complete
 FORMAT_VERSION = 1
 
 
@@ -140,9 +141,7 @@ def write_task(
         "buffer": None if buffer is None else {"size": len(buffer), "num_seen": buffer.num_seen},
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    tmp = output_dir / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
-    os.replace(tmp, output_dir / MANIFEST)
+    write_json_atomically(output_dir / MANIFEST, manifest)
     return output_dir
 
 
@@ -162,3 +161,24 @@ def _relative(path: Path | None, root: Path) -> str | None:
         return str(path.resolve().relative_to(root.resolve()))
     except ValueError:
         return str(path.resolve())
+
+
+# ------------------------------------------------------------- checkpoints
+def is_complete_checkpoint(directory: Path) -> bool:
+    return (Path(directory) / CHECKPOINT_MARKER).is_file()
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest `checkpoint-N` that was completely written; half-written ones are ignored."""
+    candidates = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        suffix = path.name.split("-", 1)[1]
+        if suffix.isdigit() and is_complete_checkpoint(path):
+            candidates.append((int(suffix), path))
+    return max(candidates)[1] if candidates else None
+
+
+def write_json_atomically(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)

@@ -9,6 +9,7 @@ the two adapters (set up here), the step's loss (`ILoRA.loss`), the EMA after ea
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,38 @@ class ILoRATrainer(Trainer):
             buffer = ReplayBuffer.load(directory / "buffer", capacity=args.ilora_buffer_size)
         self.previous_manifest = manifest
         return peft_model, lora, int(manifest.get("ema_step", 0)), buffer
+
+    # ------------------------------------------------------------ checkpoints
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """`resume_from_checkpoint=True` means the newest *complete* checkpoint in output_dir."""
+        if resume_from_checkpoint is True or resume_from_checkpoint in ("true", "True", "last"):
+            resume_from_checkpoint = taskdir.last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ILoRAError(f"no complete checkpoint to resume from in {self.args.output_dir}")
+            resume_from_checkpoint = str(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        """The Trainer's checkpoint (both adapters, optimizer, scheduler, RNG) plus the buffer and the EMA
+        step; a marker written last says the checkpoint is complete."""
+        super()._save_checkpoint(model, trial)
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        if self.args.should_save:
+            if self.ilora.buffer is not None:
+                self.ilora.buffer.save(folder / "ilora_buffer")
+            taskdir.write_json_atomically(
+                folder / taskdir.CHECKPOINT_MARKER,
+                {"ema_step": self.ilora.step, "task_id": self.ilora_args.current_task_id, "format_version": 1},
+            )
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        folder = Path(resume_from_checkpoint)
+        if not taskdir.is_complete_checkpoint(folder):
+            raise ILoRAError(f"{folder}: not a complete ilora checkpoint (no {taskdir.CHECKPOINT_MARKER})")
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        state = json.loads((folder / taskdir.CHECKPOINT_MARKER).read_text())
+        has_buffer = self.ilora.buffer is not None  # an empty buffer is falsy: test for None
+        self.ilora.restore(state["ema_step"], ReplayBuffer.load(folder / "ilora_buffer") if has_buffer else None)
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)

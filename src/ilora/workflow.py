@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -175,10 +174,12 @@ def _train_and_evaluate(k, stage, name, task_dir, previous, train_rows, tokenize
             current_task_id=name,
             ema_adapter_path=None,
         )
-        base, _ = load_model_and_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code)
-        trainer = _train(
-            base, tokenizer, examples, model_args, task_args, dataclasses.replace(training_args, output_dir=str(task_dir))
+        checkpoint = taskdir.last_complete_checkpoint(task_dir)  # a crash mid-task: continue from there
+        task_training = dataclasses.replace(
+            training_args, output_dir=str(task_dir), resume_from_checkpoint=str(checkpoint) if checkpoint else None
         )
+        base, _ = load_model_and_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code)
+        trainer = _train(base, tokenizer, examples, model_args, task_args, task_training)
         train_seconds = time.time() - began
         trainer.save_task(task_dir)
         model = trainer.model
@@ -296,9 +297,7 @@ def _versions() -> dict:
 
 def _write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    taskdir.write_json_atomically(path, data)
 
 
 # ------------------------------------------------------------ ilora eval

@@ -1,0 +1,145 @@
+"""Crash and resume: SIGKILL a real `ilora` process at chosen points, resume, and compare bitwise with
+an uninterrupted run of the same seed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tiny import sentiment_rows, write_jsonl
+
+# Runs the CLI in a child process that kills itself with SIGKILL at a chosen point:
+#   step N        right after optimizer step N (checkpoints are saved after that hook)
+#   checkpoint N  while checkpoint-N is being written (adapters written, buffer and marker not yet)
+#   task N        right after task N of a sequence is finished and evaluated
+KILLER = r"""
+import os, signal, sys
+from transformers import TrainerCallback
+import ilora.trainer as trainer_module
+import ilora.workflow as workflow_module
+from ilora.cli import main
+
+mode, at = sys.argv[1], int(sys.argv[2])
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+
+class KillAtStep(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == at:
+            die()
+
+original_init = trainer_module.ILoRATrainer.__init__
+def init(self, *args, **kwargs):
+    original_init(self, *args, **kwargs)
+    if mode == "step":
+        self.add_callback(KillAtStep())
+trainer_module.ILoRATrainer.__init__ = init
+
+original_save = trainer_module.ReplayBuffer.save
+def save(self, directory):
+    if mode == "checkpoint" and f"checkpoint-{at}" in str(directory):
+        die()
+    original_save(self, directory)
+trainer_module.ReplayBuffer.save = save
+
+original_summary = workflow_module._summary_line
+def summary_line(k, *args):
+    line = original_summary(k, *args)
+    if mode == "task" and k == at:
+        die()
+    return line
+workflow_module._summary_line = summary_line
+
+sys.exit(main(sys.argv[3:]))
+"""
+
+TRAIN_FLAGS = [
+    "--lora_target", "q_proj,v_proj", "--lora_rank", "4", "--per_device_train_batch_size", "4",
+    "--report_to", "none", "--ilora_buffer_size", "6", "--save_steps", "2", "--disable_tqdm", "true",
+    "--use_cpu", "true", "--ema_alpha", "0.8", "--max_steps", "8", "--learning_rate", "0.01", "--seed", "3",
+]  # fmt: skip
+
+
+def run_cli(args, kill=None):
+    argv = [sys.executable, "-c", KILLER, *(kill or ("none", "0")), *args]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+
+
+def assert_same_task(a: Path, b: Path):
+    for name in ("plastic", "stable"):
+        left, right = load_file(str(a / name / "adapter_model.safetensors")), load_file(str(b / name / "adapter_model.safetensors"))
+        assert left.keys() == right.keys()
+        for key in left:
+            assert torch.equal(left[key], right[key]), f"{name} {key} differs"
+    bl, br = load_file(str(a / "buffer" / "buffer.safetensors")), load_file(str(b / "buffer" / "buffer.safetensors"))
+    assert all(torch.equal(bl[k], br[k]) for k in bl)
+    assert json.loads((a / "buffer" / "buffer.json").read_text()) == json.loads((b / "buffer" / "buffer.json").read_text())
+    ma, mb = (json.loads((d / "ilora_task.json").read_text()) for d in (a, b))
+    assert ma["ema_step"] == mb["ema_step"] and ma["global_steps"] == mb["global_steps"]
+
+
+@pytest.fixture(scope="module")
+def task_data(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "t.jsonl", sentiment_rows(32))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, task_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "t1"
+    result = run_cli(["train", "--model", str(tiny_model_dir), "--dataset", str(task_data), "--output_dir", str(out), *TRAIN_FLAGS])
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.mark.parametrize("kill", [("step", "5"), ("checkpoint", "6")], ids=["mid-task", "while-checkpointing"])
+def test_killed_task_resumes_bitwise_identical(kill, reference, tiny_model_dir, task_data, tmp_path):
+    out = tmp_path / "t1"
+    args = ["train", "--model", str(tiny_model_dir), "--dataset", str(task_data), "--output_dir", str(out), *TRAIN_FLAGS]
+    killed = run_cli(args, kill)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (out / "ilora_task.json").exists()
+    if kill[0] == "checkpoint":
+        assert (out / "checkpoint-6").is_dir() and not (out / "checkpoint-6" / "ilora_checkpoint.json").exists()
+    resumed = run_cli(args + ["--resume_from_checkpoint", "true"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_task(reference, out)
+
+
+def test_resume_refuses_an_incomplete_checkpoint(reference, tiny_model_dir, task_data, tmp_path):
+    out = tmp_path / "t1"
+    args = ["train", "--model", str(tiny_model_dir), "--dataset", str(task_data), "--output_dir", str(out), *TRAIN_FLAGS]
+    assert run_cli(args, ("checkpoint", "2")).returncode == -signal.SIGKILL
+    result = run_cli(args + ["--resume_from_checkpoint", str(out / "checkpoint-2")])
+    assert result.returncode == 2 and "not a complete ilora checkpoint" in result.stderr
+
+
+def test_killed_sequence_continues_and_matches_an_uninterrupted_one(tiny_model_dir, tmp_path):
+    tasks = []
+    for k, name in enumerate(["alpha", "beta"]):
+        write_jsonl(tmp_path / f"{name}.jsonl", sentiment_rows(16, offset=40 * k))
+        tasks.append({"name": name, "train": f"{name}.jsonl", "test": f"{name}.jsonl", "choices": ["positive", "negative"]})
+    settings = {
+        "model_name_or_path": str(tiny_model_dir), "lora_target": "q_proj,v_proj", "lora_rank": 4,
+        "per_device_train_batch_size": 4, "learning_rate": 0.01, "ilora_buffer_size": 6, "ema_alpha": 0.8,
+        "report_to": "none", "use_cpu": True, "save_steps": 1, "disable_tqdm": True, "seed": 5, "tasks": tasks,
+    }  # fmt: skip
+    runs = {}
+    for label, kills in (("clean", []), ("killed", [("task", "1"), ("step", "2")])):
+        config = tmp_path / f"{label}.yaml"
+        config.write_text(yaml.safe_dump({**settings, "output_dir": str(tmp_path / label)}))
+        for kill in kills:  # between tasks, then in the middle of task 2
+            assert run_cli(["run", str(config)], kill).returncode == -signal.SIGKILL
+        result = run_cli(["run", str(config)])
+        assert result.returncode == 0, result.stderr
+        runs[label] = tmp_path / label / "ilora"
+    clean, killed = (json.loads((runs[k] / "metrics.json").read_text()) for k in ("clean", "killed"))
+    assert clean["matrices"] == killed["matrices"]
+    for task in ("1-alpha", "2-beta"):
+        assert_same_task(runs["clean"] / "tasks" / task, runs["killed"] / "tasks" / task)
