@@ -84,61 +84,6 @@ def test_yaml_config_trains_like_flags(tiny_model_dir, tmp_path):
     assert manifest["ilora_args"]["hidden_state_layers"] == [1, -1] and manifest["task_id"] == "y1"
 
 
-@pytest.mark.parametrize(
-    "extra, message",
-    [
-        (["--ema_alpha", "1.0"], "ema_alpha=1.0 must be in [0, 1)"),
-        (["--ilora_buffer_size", "-1"], "ilora_buffer_size=-1 must be >= 0"),
-        (["--emma_alpha", "0.5"], "did you mean '--ema_alpha'"),
-        (["--hidden_state_layers", "7"], "hidden_state_layers [7] out of range"),
-        (["--current_task_id", "../x"], "not a valid task id"),
-        (["--previous_task_model", "/nonexistent/t0"], "/nonexistent/t0: no such directory"),
-    ],
-)
-def test_bad_flags_are_one_line_errors_with_exit_code_2(tiny_model_dir, tmp_path, capsys, extra, message):
-    data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(4))
-    assert train(tiny_model_dir, data, tmp_path / "o", *extra) == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
-    assert not (tmp_path / "o" / "ilora_task.json").exists()
-
-
-@pytest.mark.parametrize(
-    "content, message",
-    [
-        ("", "no examples"),
-        ('{"prompt": "a", "response": "b"}\n{"prompt": "a"\n', "d.jsonl:2: not valid JSON"),
-        ('{"prompt": "a"}\n', "d.jsonl:1: missing 'response'"),
-        ('{"prompt": "a", "response": "  "}\n', "d.jsonl:1: 'response' is empty"),
-    ],
-)
-def test_bad_data_names_file_and_line(tiny_model_dir, tmp_path, capsys, content, message):
-    data = tmp_path / "d.jsonl"
-    data.write_text(content)
-    assert train(tiny_model_dir, data, tmp_path / "o") == 2
-    assert message in capsys.readouterr().err
-
-
-def test_chained_task_with_wrong_prev_task_id_or_lora_config_is_refused(task1, tiny_model_dir, tmp_path, capsys):
-    data = write_jsonl(tmp_path / "t2.jsonl", sentiment_rows(4))
-    out = tmp_path / "t2"
-    assert train(tiny_model_dir, data, out, "--previous_task_model", str(task1), "--prev_task_id", "t9") == 2
-    assert "prev_task_id='t9' but" in capsys.readouterr().err
-    assert train(tiny_model_dir, data, out, "--previous_task_model", str(task1), "--lora_rank", "8") == 2
-    assert "does not match the previous task" in capsys.readouterr().err
-
-
-def test_chained_task_on_a_different_base_model_is_refused(task1, tmp_path, capsys):
-    other = tmp_path / "other-model"
-    tiny_llama(seed=1).save_pretrained(other)
-    from tiny import tiny_tokenizer
-
-    tiny_tokenizer().save_pretrained(other)
-    data = write_jsonl(tmp_path / "t2.jsonl", sentiment_rows(4))
-    assert train(other, data, tmp_path / "t2", "--previous_task_model", str(task1)) == 2
-    assert "differs from the previous task's" in capsys.readouterr().err
-
-
 def test_finished_output_dir_is_not_overwritten_without_the_flag(task1, tiny_model_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(4))
     before = (task1 / "ilora_task.json").read_text()

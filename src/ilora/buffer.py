@@ -11,6 +11,7 @@ import random
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import ILoRAError
@@ -86,13 +87,16 @@ class ReplayBuffer:
         for name in (TENSORS_FILE, STATE_FILE):
             if not (directory / name).is_file():
                 raise ILoRAError(f"replay buffer file {directory / name} is missing")
-        state = json.loads((directory / STATE_FILE).read_text())
+        try:
+            state = json.loads((directory / STATE_FILE).read_text())
+            tensors = load_file(str(directory / TENSORS_FILE))
+        except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError) as err:
+            raise ILoRAError(f"replay buffer in {directory} is unreadable ({err}); it is never unpickled") from None
         if capacity is not None and capacity != state["capacity"]:
             raise ILoRAError(
                 f"ilora_buffer_size={capacity} differs from the previous task's buffer capacity {state['capacity']} "
                 f"({directory})"
             )
-        tensors = load_file(str(directory / TENSORS_FILE))
         buffer = cls(state["capacity"])
         sizes = tensors["lengths"].tolist()
         buffer.input_ids = list(torch.split(tensors["input_ids"], sizes))

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         close = difflib.get_close_matches(command, list(COMMANDS), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        print(f"ilora: error: unknown command '{command}'{hint}\n{USAGE}", file=sys.stderr)
+        print(f"ilora: error: unknown command '{command}'{hint}; `ilora --help` lists the commands", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

@@ -1,0 +1,62 @@
+"""Nothing the project reads is unpickled: crafted pickle files are refused and their payload never runs."""
+
+import os
+import pickle
+import re
+from pathlib import Path
+
+import pytest
+
+from ilora import ILoRAError, ReplayBuffer
+from ilora.cli import main
+from ilora.config import ModelArguments, parse_train_args
+from tiny import sentiment_rows, write_jsonl
+
+
+class Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def crafted(path: Path, marker: Path) -> None:
+    path.write_bytes(pickle.dumps(Payload(marker)))
+
+
+def test_a_pickle_posing_as_the_replay_buffer_is_refused(tmp_path):
+    ReplayBuffer(4).save(tmp_path)
+    marker = tmp_path / "pwned"
+    crafted(tmp_path / "buffer.safetensors", marker)
+    with pytest.raises(ILoRAError, match="unreadable"):
+        ReplayBuffer.load(tmp_path)
+    assert not marker.exists()
+
+
+def test_a_pickle_in_a_checkpoint_is_refused_on_resume(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(8))
+    args = ["train", "--model", str(tiny_model_dir), "--dataset", str(data), "--output_dir", str(tmp_path / "o"),
+            "--lora_target", "q_proj,v_proj", "--max_steps", "2", "--save_steps", "1", "--report_to", "none",
+            "--use_cpu", "true", "--disable_tqdm", "true"]  # fmt: skip
+    assert main(args) == 0
+    marker = tmp_path / "pwned"
+    crafted(tmp_path / "o" / "checkpoint-1" / "optimizer.pt", marker)
+    (tmp_path / "o" / "ilora_task.json").unlink()
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        main(args + ["--resume_from_checkpoint", str(tmp_path / "o" / "checkpoint-1")])
+    assert not marker.exists()
+
+
+def test_the_source_never_unpickles():
+    source = Path(__file__).parents[1] / "src" / "ilora"
+    for path in source.rglob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"^\s*(import pickle|from pickle)", text, re.M), path
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, (path, call)
+
+
+def test_remote_code_is_off_unless_the_user_sets_it():
+    assert ModelArguments().trust_remote_code is False
+    assert parse_train_args(["--trust_remote_code", "true"])[0].trust_remote_code is True
