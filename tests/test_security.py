@@ -60,3 +60,4 @@ def test_the_source_never_unpickles():
 def test_remote_code_is_off_unless_the_user_sets_it():
     assert ModelArguments().trust_remote_code is False
     assert parse_train_args(["--trust_remote_code", "true"])[0].trust_remote_code is True
+

@@ -64,6 +64,7 @@ class ILoRATrainer(Trainer):
             data_collator=data_collator or PadCollator(pad_token_id),
             **kwargs,
         )
+        self._refuse_unsupported_parallelism()
         # compute_loss returns a per-micro-batch mean: let the Trainer divide by the accumulation steps
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
@@ -79,6 +80,20 @@ class ILoRATrainer(Trainer):
         self.add_callback(_EMAAfterOptimizerStep(self.ilora))
 
     # ------------------------------------------------------------------ set-up
+    def _refuse_unsupported_parallelism(self) -> None:
+        """The EMA needs whole adapter tensors on every process, and the replay buffer is not yet kept per
+        rank: refuse at start-up rather than train something that is not I-LoRA."""
+        if self.is_fsdp_enabled:
+            raise ILoRAError("FSDP shards the adapter tensors; ilora's EMA needs them whole (use DDP)")
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3:
+            raise ILoRAError("DeepSpeed ZeRO-3 shards the adapter tensors; ilora's EMA needs them whole")
+        if self.args.world_size > 1:
+            raise ILoRAError(
+                f"multi-process training ({self.args.world_size} processes) is not supported yet: the replay "
+                "buffer would not be kept per rank; run one process"
+            )
+
     def _setup_model(self, model, peft_config, seed):
         """Plastic (+ stable) adapters: fresh, from the previous task, or as given on a PeftModel."""
         args = self.ilora_args
