@@ -207,6 +207,7 @@ class ILoRATrainer(Trainer):
             "lora": self.lora_identity,
             "ema_step": self.ilora.step,
             "global_steps": self.state.global_step,
+            "train_seconds": summary.get("train_runtime"),  # of the session that finished the task
             "final_losses": final_losses,
         }
         return taskdir.write_task(output_dir, self.model, self.ilora.buffer, args, manifest)
