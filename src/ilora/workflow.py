@@ -163,7 +163,7 @@ def _train_and_evaluate(k, stage, name, task_dir, previous, train_rows, tokenize
         manifest = taskdir.read_manifest(task_dir)
         stable = task_dir / STABLE if STABLE in adapters else None
         model = load_adapters(base, task_dir / PLASTIC, stable)
-        train_seconds = manifest["train_seconds"] or 0.0
+        train_seconds = manifest.get("train_seconds") or 0.0  # absent in manifests of older ilora
     else:
         rows = [row for task in stage for row in train_rows[task.name]]
         examples = encode_rows(rows, tokenizer, data_args.cutoff_len, data_args.use_chat_template, f"task {name}")
