@@ -36,7 +36,9 @@ def task1(tiny_model_dir, tmp_path):
 def test_a_task_directory_holds_loadable_adapters_buffer_and_manifest(task1, tiny_model_dir):
     manifest = json.loads((task1 / "ilora_task.json").read_text())
     assert manifest["task_id"] == "t1" and manifest["ema_step"] == 4
-    assert manifest["lora"]["r"] == 4 and manifest["buffer"] == {"size": 6, "num_seen": 16}
+    assert manifest["lora"]["r"] == 4
+    assert manifest["buffer"] == {"size": 6, "num_seen": 16, "ranks": 1, "num_seen_per_rank": [16]}
+    assert len(manifest["stable_checksum_per_rank"]) == 1
     assert {"ce_loss", "consistency_loss", "train_loss"} <= manifest["final_losses"].keys()
     for name in ("plastic", "stable"):
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), task1 / name)

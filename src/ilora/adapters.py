@@ -144,6 +144,11 @@ class AdapterPair:
     def copy_plastic_to_stable(self) -> None:
         torch._foreach_copy_(self.stable, self.plastic)
 
+    @torch.no_grad()
+    def stable_checksum(self) -> float:
+        """Sum and sum of squares of every stable weight: equal on ranks holding equal adapters."""
+        return float(sum(t.double().sum() + t.double().pow(2).sum() for t in self.stable))
+
     def num_parameters(self) -> int:
         return sum(t.numel() for t in self.plastic)
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 
+from . import distributed
 from .adapters import PLASTIC, STABLE, AdapterPair
 from .buffer import ReplayBuffer
 from .config import ILoRAArguments
@@ -69,8 +70,11 @@ class ILoRA:
         self.adapters = AdapterPair(self.model)
 
     # ---------------------------------------------------------------- the step
-    def loss(self, batch: dict) -> torch.Tensor:
-        """Loss of one micro-batch (right-padded `input_ids`, `labels`, `attention_mask`, `lengths`)."""
+    def loss(self, batch: dict, forward: torch.nn.Module | None = None) -> torch.Tensor:
+        """Loss of one micro-batch (right-padded `input_ids`, `labels`, `attention_mask`, `lengths`).
+
+        `forward` is the module the plastic pass goes through: the model itself, or its DDP wrapper
+        (whose forward prepares the gradient all-reduce)."""
         current_ids, current_labels = split_rows(batch)
         replay_ids, replay_labels = self._draw_replay(device=batch["input_ids"].device)
         self._remember(current_ids, current_labels)
@@ -89,7 +93,7 @@ class ILoRA:
         elif wants_consistency:
             stable_hidden = self._stable_pass_replay(input_ids, attention_mask, num_current, replay_len)
 
-        outputs = self.model(
+        outputs = (forward or self.model)(
             input_ids=input_ids,
             attention_mask=attention_mask,
             output_hidden_states=self.layers if wants_consistency else False,
@@ -117,8 +121,9 @@ class ILoRA:
             return
         weight = 1.0 - ema_coefficient(self.step, self.args.ema_alpha)
         if self.args.selective_update and self._selective_micro:
-            plastic = self._selective_plastic / self._selective_micro
-            stable = self._selective_stable / self._selective_micro
+            # every rank takes the same decision, or the stable adapters would drift apart
+            losses = distributed.mean_(torch.stack([self._selective_plastic, self._selective_stable]))
+            plastic, stable = losses / self._selective_micro
             apply = (stable - plastic >= self.args.min_update_threshold).to(self.adapters.plastic[0].dtype)
             self._stats["ema_skipped"] += 1.0 - apply
             self._stats["ema_steps"] += 1

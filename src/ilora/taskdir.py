@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from peft import LoraConfig, PeftModel
 
-from .adapters import PLASTIC, STABLE, save_adapter
+from . import distributed
+from .adapters import PLASTIC, STABLE, AdapterPair, save_adapter
 from .buffer import ReplayBuffer
 from .config import ILoRAArguments
 from .errors import ILoRAError
@@ -106,6 +107,13 @@ def stable_save_path(output_dir: Path, args: ILoRAArguments) -> Path:
     return output_dir / STABLE
 
 
+def buffer_path(root: Path, world_size: int | None = None, rank: int | None = None) -> Path:
+    """`buffer/` in one process; `buffer/rank-<r>/` when every rank keeps its own reservoir."""
+    world_size = distributed.world_size() if world_size is None else world_size
+    rank = distributed.rank() if rank is None else rank
+    return root if world_size == 1 else root / f"rank-{rank}"
+
+
 def write_task(
     output_dir: str | Path,
     model: PeftModel,
@@ -113,36 +121,52 @@ def write_task(
     args: ILoRAArguments,
     manifest: dict[str, Any],
 ) -> Path:
-    """Write a finished task: adapters and buffer via a staging directory, the manifest last."""
+    """Write a finished task: adapters and buffers via a staging directory, the manifest last.
+
+    Called on every rank: each writes its own buffer, rank 0 the rest."""
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    staging = output_dir / f".staging-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    staging = output_dir / ".staging"
+    if distributed.rank() == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    distributed.barrier()
+    if buffer is not None:
+        buffer.save(buffer_path(staging / "buffer"))
+    checksums = distributed.gather(AdapterPair(model).stable_checksum()) if args.uses_stable else None
+    buffers = distributed.gather(float(buffer.num_seen)) if buffer is not None else None
+    distributed.barrier()
+    if distributed.rank() == 0:
+        stable_path = _publish(output_dir, staging, model, args)
+        manifest = {
+            **manifest,
+            "format_version": FORMAT_VERSION,
+            "ilora_args": asdict(args),
+            "stable_path": _relative(stable_path, output_dir),
+            "stable_checksum_per_rank": checksums,
+            "buffer": None
+            if buffer is None
+            else {"size": len(buffer), "num_seen": buffer.num_seen, "ranks": distributed.world_size(),
+                  "num_seen_per_rank": [int(n) for n in buffers]},  # fmt: skip
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        write_json_atomically(output_dir / MANIFEST, manifest)
+    distributed.barrier()  # nobody moves on before the task is finished
+    return output_dir
+
+
+def _publish(output_dir: Path, staging: Path, model: PeftModel, args: ILoRAArguments) -> Path | None:
+    """Adapters into the staging directory, then everything renamed into place."""
     save_adapter(model, PLASTIC, staging / PLASTIC)
     stable_path = None
     if args.uses_stable and args.save_ema_adapter:
         save_adapter(model, STABLE, staging / STABLE)
         stable_path = stable_save_path(output_dir, args)
-    if buffer is not None:
-        buffer.save(staging / "buffer")
-
     for name in (PLASTIC, "buffer"):
         _replace(staging / name, output_dir / name)
     if stable_path is not None:
         _replace(staging / STABLE, stable_path)
     shutil.rmtree(staging)
-
-    manifest = {
-        **manifest,
-        "format_version": FORMAT_VERSION,
-        "ilora_args": asdict(args),
-        "stable_path": _relative(stable_path, output_dir),
-        "buffer": None if buffer is None else {"size": len(buffer), "num_seen": buffer.num_seen},
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    write_json_atomically(output_dir / MANIFEST, manifest)
-    return output_dir
+    return stable_path
 
 
 def _replace(source: Path, target: Path) -> None:

@@ -17,7 +17,7 @@ import torch
 from peft import LoraConfig, PeftModel
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from . import taskdir
+from . import distributed, taskdir
 from .adapters import PLASTIC, STABLE, add_stable_copy, attach_adapters, load_adapters
 from .buffer import ReplayBuffer
 from .config import ILoRAArguments
@@ -52,7 +52,9 @@ class ILoRATrainer(Trainer):
         set_seed(args.seed)  # LoRA initialisation below draws random numbers
         self.base_identity = taskdir.base_model_identity(model)
         self.previous_manifest: dict | None = None
-        model, self.lora_identity, ema_step, buffer = self._setup_model(model, peft_config, args.seed)
+        # each rank keeps its own reservoir over its own data shard, with its own random stream
+        buffer_seed = args.seed + args.process_index
+        model, self.lora_identity, ema_step, buffer = self._setup_model(model, peft_config, buffer_seed, args)
         pad_token_id = _pad_token_id(processing_class, model)
         if train_dataset is not None:
             train_dataset = prepare_dataset(train_dataset, processing_class, cutoff_len, use_chat_template)
@@ -81,24 +83,19 @@ class ILoRATrainer(Trainer):
 
     # ------------------------------------------------------------------ set-up
     def _refuse_unsupported_parallelism(self) -> None:
-        """The EMA needs whole adapter tensors on every process, and the replay buffer is not yet kept per
-        rank: refuse at start-up rather than train something that is not I-LoRA."""
+        """The EMA needs whole adapter tensors on every process: refuse sharded engines at start-up rather
+        than train something that is not I-LoRA."""
         if self.is_fsdp_enabled:
             raise ILoRAError("FSDP shards the adapter tensors; ilora's EMA needs them whole (use DDP)")
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3:
             raise ILoRAError("DeepSpeed ZeRO-3 shards the adapter tensors; ilora's EMA needs them whole")
-        if self.args.world_size > 1:
-            raise ILoRAError(
-                f"multi-process training ({self.args.world_size} processes) is not supported yet: the replay "
-                "buffer would not be kept per rank; run one process"
-            )
 
-    def _setup_model(self, model, peft_config, seed):
+    def _setup_model(self, model, peft_config, seed, training_args):
         """Plastic (+ stable) adapters: fresh, from the previous task, or as given on a PeftModel."""
         args = self.ilora_args
         if args.previous_task_model:
-            return self._continue_previous_task(model, peft_config)
+            return self._continue_previous_task(model, peft_config, training_args)
         buffer = ReplayBuffer(args.ilora_buffer_size, seed=seed) if args.uses_replay else None
         if isinstance(model, PeftModel):
             if PLASTIC not in model.peft_config:
@@ -111,7 +108,7 @@ class ILoRATrainer(Trainer):
         identity = taskdir.lora_identity(peft_config)
         return attach_adapters(model, copy.deepcopy(peft_config), with_stable=args.uses_stable), identity, 0, buffer
 
-    def _continue_previous_task(self, model, peft_config):
+    def _continue_previous_task(self, model, peft_config, training_args):
         args = self.ilora_args
         if isinstance(model, PeftModel):
             raise ILoRAError("with previous_task_model, pass the base model: adapters are loaded from the previous task")
@@ -127,7 +124,13 @@ class ILoRATrainer(Trainer):
         if args.uses_replay:
             if manifest.get("buffer") is None:
                 raise ILoRAError(f"{directory}: the previous task saved no replay buffer")
-            buffer = ReplayBuffer.load(directory / "buffer", capacity=args.ilora_buffer_size)
+            ranks = manifest["buffer"].get("ranks", 1)
+            if ranks != training_args.world_size:
+                raise ILoRAError(
+                    f"{directory} kept {ranks} per-rank replay buffers; this run has {training_args.world_size} processes"
+                )
+            rank_dir = taskdir.buffer_path(directory / "buffer", ranks, training_args.process_index)
+            buffer = ReplayBuffer.load(rank_dir, capacity=args.ilora_buffer_size)
         self.previous_manifest = manifest
         return peft_model, lora, int(manifest.get("ema_step", 0)), buffer
 
@@ -146,9 +149,10 @@ class ILoRATrainer(Trainer):
         step; a marker written last says the checkpoint is complete."""
         super()._save_checkpoint(model, trial)
         folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        if self.ilora.buffer is not None:  # every rank saves its own buffer
+            self.ilora.buffer.save(taskdir.buffer_path(folder / "ilora_buffer"))
+        distributed.barrier()
         if self.args.should_save:
-            if self.ilora.buffer is not None:
-                self.ilora.buffer.save(folder / "ilora_buffer")
             taskdir.write_json_atomically(
                 folder / taskdir.CHECKPOINT_MARKER,
                 {"ema_step": self.ilora.step, "task_id": self.ilora_args.current_task_id, "format_version": 1},
@@ -160,8 +164,10 @@ class ILoRATrainer(Trainer):
             raise ILoRAError(f"{folder}: not a complete ilora checkpoint (no {taskdir.CHECKPOINT_MARKER})")
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         state = json.loads((folder / taskdir.CHECKPOINT_MARKER).read_text())
-        has_buffer = self.ilora.buffer is not None  # an empty buffer is falsy: test for None
-        self.ilora.restore(state["ema_step"], ReplayBuffer.load(folder / "ilora_buffer") if has_buffer else None)
+        buffer = None
+        if self.ilora.buffer is not None:  # (an empty buffer is falsy: test for None)
+            buffer = ReplayBuffer.load(taskdir.buffer_path(folder / "ilora_buffer"))
+        self.ilora.restore(state["ema_step"], buffer)
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
@@ -178,7 +184,7 @@ class ILoRATrainer(Trainer):
         if not model.training:  # evaluation: plain loss, no buffer, no replay
             inputs = {k: v for k, v in inputs.items() if k != "lengths"}
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss = self.ilora.loss(inputs)
+        loss = self.ilora.loss(inputs, forward=model)  # `model` may be the DDP wrapper
         return (loss, None) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -188,10 +194,9 @@ class ILoRATrainer(Trainer):
 
     # ---------------------------------------------------------------- output
     def save_task(self, output_dir: str | Path | None = None) -> Path:
-        """Write plastic, stable, buffer and manifest so the next task can start from them."""
+        """Write plastic, stable, buffer and manifest so the next task can start from them (every rank
+        calls this: each saves its buffer, rank 0 the rest)."""
         output_dir = Path(output_dir or self.args.output_dir)
-        if not self.is_world_process_zero():
-            return output_dir
         args = self.ilora_args
         last_log = next((e for e in reversed(self.state.log_history) if "loss" in e), {})
         summary = next((e for e in reversed(self.state.log_history) if "train_loss" in e), {})

@@ -23,7 +23,7 @@ from peft import LoraConfig
 from tqdm.auto import tqdm
 from transformers import TrainingArguments
 
-from . import metrics, report, taskdir
+from . import distributed, metrics, report, taskdir
 from .adapters import PLASTIC, STABLE, AdapterPair, load_adapters
 from .config import (
     DataArguments,
@@ -127,7 +127,9 @@ def run_sequence(
     tests = [_test_set(t, test_rows[t.name], tokenizer, data_args) for t in run.tasks]
     autocast = torch.bfloat16 if training_args.bf16 else None
     scorer = _Scorer(tokenizer, tests, run.eval_batch_size, run.max_new_tokens, autocast)
-    base_row = _base_evaluation(root, base, scorer, run.tasks, data_args)
+    evaluates = distributed.rank() == 0  # the other ranks train, then wait
+    base_row = _base_evaluation(root, base, scorer, run.tasks, data_args) if evaluates else None
+    distributed.barrier()
 
     stages = [run.tasks] if run.method == "joint" else [[t] for t in run.tasks]
     results, timings, previous = [], [], None
@@ -136,17 +138,21 @@ def run_sequence(
         task_dir = run_dir / "tasks" / f"{k}-{name}"
         if taskdir.is_finished(task_dir) and (task_dir / EVAL_FILE).is_file():
             log.info("task %d/%d %s: finished earlier, skipped", k, len(stages), name)
-            saved = json.loads((task_dir / EVAL_FILE).read_text())
         else:
-            saved = _train_and_evaluate(
+            _train_and_evaluate(
                 k, stage, name, task_dir, previous, train_rows, tokenizer, scorer, adapters,
                 model_args, data_args, method_args, training_args,
             )  # fmt: skip
+        previous = (task_dir, name)
+        if not evaluates:
+            continue
+        saved = json.loads((task_dir / EVAL_FILE).read_text())
         results.append(saved)
         timings.append(saved["timings"])
         log.info(_summary_line(k, len(stages), name, saved, adapters, [t.name for t in run.tasks]))
-        previous = (task_dir, name)
 
+    if not evaluates:
+        return run_dir
     summary = _summarise(run, adapters, base_row, results, timings, time.time() - started, tests)
     summary["config"] = _config_record(model_args, data_args, method_args, training_args, run)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -156,7 +162,8 @@ def run_sequence(
 
 
 def _train_and_evaluate(k, stage, name, task_dir, previous, train_rows, tokenizer, scorer, adapters,
-                        model_args, data_args, method_args, training_args) -> dict:  # fmt: skip
+                        model_args, data_args, method_args, training_args) -> None:  # fmt: skip
+    """Train the stage unless its task directory is finished; rank 0 then scores every test set."""
     began = time.time()
     if taskdir.is_finished(task_dir):  # trained, but the evaluation was interrupted
         base, _ = load_model_and_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code)
@@ -183,11 +190,12 @@ def _train_and_evaluate(k, stage, name, task_dir, previous, train_rows, tokenize
         train_seconds = time.time() - began
         trainer.save_task(task_dir)
         model = trainer.model
-    eval_began = time.time()
-    scores = {adapter: scorer.score(model, adapter) for adapter in adapters}
-    saved = {"scores": scores, "timings": {"train_seconds": train_seconds, "eval_seconds": time.time() - eval_began}}
-    _write_json(task_dir / EVAL_FILE, saved)
-    return saved
+    if distributed.rank() == 0:
+        eval_began = time.time()
+        scores = {adapter: scorer.score(model, adapter) for adapter in adapters}
+        timings = {"train_seconds": train_seconds, "eval_seconds": time.time() - eval_began}
+        _write_json(task_dir / EVAL_FILE, {"scores": scores, "timings": timings})
+    distributed.barrier()
 
 
 class _Scorer:
