@@ -93,3 +93,17 @@ def test_finished_output_dir_is_not_overwritten_without_the_flag(task1, tiny_mod
     assert "already holds a finished task" in capsys.readouterr().err
     assert (task1 / "ilora_task.json").read_text() == before
     assert train(tiny_model_dir, data, task1, "--overwrite_output_dir", "--max_steps", "1") == 0
+
+
+def test_a_write_error_is_one_line_and_leaves_no_finished_task(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import ilora.taskdir as taskdir
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(taskdir, "save_adapter", disk_full)
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(4))
+    assert train(tiny_model_dir, data, tmp_path / "o", "--max_steps", "1") == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "not marked finished" in err
+    assert not (tmp_path / "o" / "ilora_task.json").exists()

@@ -2,7 +2,8 @@
 
     <output_dir>/plastic/          PEFT adapter (safetensors), loadable with PeftModel.from_pretrained
     <output_dir>/stable/           the same for the stable adapter (or at ema_adapter_path)
-    <output_dir>/buffer/           replay buffer: buffer.safetensors + buffer.json (RNG state, num_seen)
+    <output_dir>/buffer/           replay buffer: buffer.safetensors + buffer.json (RNG state, num_seen);
+                                   buffer/rank-<r>/ per rank in a multi-process run
     <output_dir>/ilora_task.json   manifest; written last, atomically: it marks the task as finished
 
 Everything is first written under a staging directory and renamed into place, so a crash leaves
@@ -136,7 +137,10 @@ def write_task(
     buffers = distributed.gather(float(buffer.num_seen)) if buffer is not None else None
     distributed.barrier()
     if distributed.rank() == 0:
-        stable_path = _publish(output_dir, staging, model, args)
+        try:
+            stable_path = _publish(output_dir, staging, model, args)
+        except OSError as err:  # disk full, permissions: say so in one line; nothing is marked finished
+            raise ILoRAError(f"could not write the task to {output_dir}: {err}; it is not marked finished") from None
         manifest = {
             **manifest,
             "format_version": FORMAT_VERSION,
@@ -155,8 +159,10 @@ def write_task(
 
 
 def _publish(output_dir: Path, staging: Path, model: PeftModel, args: ILoRAArguments) -> Path | None:
-    """Adapters into the staging directory, then everything renamed into place."""
+    """Adapters into the staging directory, then everything renamed into place. An earlier manifest
+    (with --overwrite_output_dir) goes first, so a crash half-way leaves a task that is not finished."""
     save_adapter(model, PLASTIC, staging / PLASTIC)
+    (output_dir / MANIFEST).unlink(missing_ok=True)
     stable_path = None
     if args.uses_stable and args.save_ema_adapter:
         save_adapter(model, STABLE, staging / STABLE)
