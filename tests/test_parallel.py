@@ -11,20 +11,14 @@ import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from tiny import sentiment_rows, write_jsonl
+from tiny import two_task_config
 
 
 def config(tmp_path, model_dir, name, per_device_batch):
-    tasks = []
-    for k, task in enumerate(["alpha", "beta"]):
-        write_jsonl(tmp_path / f"{task}.jsonl", sentiment_rows(16, offset=50 * k))
-        tasks.append({"name": task, "train": f"{task}.jsonl", "test": f"{task}.jsonl", "choices": ["positive", "negative"]})
-    settings = {
-        "model_name_or_path": str(model_dir), "lora_target": "q_proj,v_proj", "lora_rank": 4,
-        "per_device_train_batch_size": per_device_batch, "learning_rate": 0.01, "ilora_buffer_size": 6,
-        "ema_alpha": 0.8, "report_to": "none", "use_cpu": True, "disable_tqdm": True, "seed": 1, "num_train_epochs": 2,
-        "output_dir": str(tmp_path / name), "tasks": tasks, "selective_update": True, "min_update_threshold": 0.0,
-    }  # fmt: skip
+    settings = two_task_config(
+        tmp_path, model_dir, per_device_train_batch_size=per_device_batch, seed=1, num_train_epochs=2,
+        output_dir=str(tmp_path / name), selective_update=True, min_update_threshold=0.0,
+    )
     if per_device_batch == 2:
         settings["ddp_backend"] = "gloo"
     path = tmp_path / f"{name}.yaml"

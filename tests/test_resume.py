@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tiny import sentiment_rows, write_jsonl
+from tiny import sentiment_rows, two_task_config, write_jsonl
 
 # Runs the CLI in a child process that kills itself with SIGKILL at a chosen point:
 #   step N        right after optimizer step N (checkpoints are saved after that hook)
@@ -121,15 +121,7 @@ def test_resume_refuses_an_incomplete_checkpoint(reference, tiny_model_dir, task
 
 
 def test_killed_sequence_continues_and_matches_an_uninterrupted_one(tiny_model_dir, tmp_path):
-    tasks = []
-    for k, name in enumerate(["alpha", "beta"]):
-        write_jsonl(tmp_path / f"{name}.jsonl", sentiment_rows(16, offset=40 * k))
-        tasks.append({"name": name, "train": f"{name}.jsonl", "test": f"{name}.jsonl", "choices": ["positive", "negative"]})
-    settings = {
-        "model_name_or_path": str(tiny_model_dir), "lora_target": "q_proj,v_proj", "lora_rank": 4,
-        "per_device_train_batch_size": 4, "learning_rate": 0.01, "ilora_buffer_size": 6, "ema_alpha": 0.8,
-        "report_to": "none", "use_cpu": True, "save_steps": 1, "disable_tqdm": True, "seed": 5, "tasks": tasks,
-    }  # fmt: skip
+    settings = two_task_config(tmp_path, tiny_model_dir, save_steps=1, seed=5)
     runs = {}
     for label, kills in (("clean", []), ("killed", [("task", "1"), ("step", "2")])):
         config = tmp_path / f"{label}.yaml"

@@ -75,3 +75,17 @@ def sentiment_rows(n: int, offset: int = 0) -> list[dict]:
         label = "positive" if word in ("great", "superb", "delight") else "negative"
         rows.append({"prompt": f"Review {i}: the film was {word}. Sentiment:", "response": label})
     return rows
+
+
+def two_task_config(directory: Path, model_dir: Path, **settings) -> dict:
+    """A two-task sequence (alpha, beta) on the tiny model; `settings` override the defaults."""
+    tasks = []
+    for k, name in enumerate(["alpha", "beta"]):
+        write_jsonl(directory / f"{name}.jsonl", sentiment_rows(16, offset=50 * k))
+        tasks.append({"name": name, "train": f"{name}.jsonl", "test": f"{name}.jsonl", "choices": ["positive", "negative"]})
+    defaults = {
+        "model_name_or_path": str(model_dir), "lora_target": "q_proj,v_proj", "lora_rank": 4,
+        "per_device_train_batch_size": 4, "learning_rate": 0.01, "ilora_buffer_size": 6, "ema_alpha": 0.8,
+        "report_to": "none", "use_cpu": True, "disable_tqdm": True, "tasks": tasks,
+    }  # fmt: skip
+    return {**defaults, **settings}
