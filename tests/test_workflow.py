@@ -2,9 +2,11 @@ import json
 
 import pytest
 import yaml
+from transformers import TrainingArguments
 
 from ilora import workflow
 from ilora.cli import main
+from ilora.config import ILoRAArguments
 from tiny import write_jsonl
 
 LABELS = ["positive", "negative", "neutral"]
@@ -75,6 +77,9 @@ def test_baselines_share_the_harness_and_compare_puts_them_in_one_table(config, 
         assert main(["run", str(config), "--method", method]) == 0
     joint = json.loads((tmp_path / "runs" / "joint" / "metrics.json").read_text())
     assert len(joint["matrices"]["plastic"]) == 2 and set(joint["metrics"]["plastic"]) == {"AP"}
+    joint_task = json.loads((tmp_path / "runs" / "joint" / "tasks" / "1-joint" / "ilora_task.json").read_text())
+    assert joint_task["global_steps"] == 9  # the sequence's 3 x 3 steps, each on current + replay rows
+    assert joint["config"]["training"]["per_device_train_batch_size"] == 8
     seq = json.loads((tmp_path / "runs" / "seq_lora" / "tasks" / "1-alpha" / "ilora_task.json").read_text())
     assert seq["buffer"] is None and seq["stable_path"] is None
     capsys.readouterr()
@@ -82,6 +87,24 @@ def test_baselines_share_the_harness_and_compare_puts_them_in_one_table(config, 
     table = capsys.readouterr().out
     assert "| seq_lora (plastic) |" in table and "| joint (plastic) |" in table
     assert (tmp_path / "runs" / "compare.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "training, method, sizes, steps, batch",
+    [
+        ({}, {}, [399, 400, 17], 50 + 50 + 3, 16),  # replay rows default to the batch size
+        ({}, {"ilora_buffer_size": 0}, [399, 400, 17], 103, 8),  # no replay in the sequence: no extra rows
+        ({}, {"replay_batch_size": 4}, [16, 16], 4, 12),
+        ({"num_train_epochs": 2}, {}, [16, 16], 8, 16),
+        ({"max_steps": 5}, {}, [16, 16, 16], 15, 16),
+        ({"gradient_accumulation_steps": 2}, {}, [32, 32], 4, 16),
+    ],
+)
+def test_joint_training_gets_the_sequence_steps_with_replay_sized_batches(training, method, sizes, steps, batch, tmp_path):
+    training = {"num_train_epochs": 1, **training}
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, use_cpu=True, **training)
+    joint = workflow.joint_training_arguments(args, ILoRAArguments(**method), sizes)
+    assert (joint.max_steps, joint.per_device_train_batch_size) == (steps, batch)
 
 
 def test_eval_command_scores_a_task_directory(config, tmp_path, tiny_model_dir, capsys):
