@@ -89,6 +89,20 @@ def test_baselines_share_the_harness_and_compare_puts_them_in_one_table(config, 
     assert (tmp_path / "runs" / "compare.png").stat().st_size > 0
 
 
+def test_a_run_directory_is_continued_only_under_its_own_settings(config, tmp_path, monkeypatch, capsys):
+    assert main(["run", str(config), "--method", "seq_lora"]) == 0
+    settings = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump({**settings, "learning_rate": 0.02, "ilora_buffer_size": 3}))
+    monkeypatch.setattr(workflow, "_train", lambda *a, **k: pytest.fail("trained under changed settings"))
+    capsys.readouterr()
+    assert main(["run", str(config), "--method", "seq_lora"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "was started with other settings" in err and "learning_rate: 0.01 -> 0.02" in err
+    assert "ilora_buffer_size: 6 -> 3" in err and len(err.splitlines()) == 1
+    config.write_text(yaml.safe_dump(settings))
+    assert main(["run", str(config), "--method", "seq_lora"]) == 0  # the original settings: nothing to train
+
+
 @pytest.mark.parametrize(
     "training, method, sizes, steps, batch",
     [

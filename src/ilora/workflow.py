@@ -5,7 +5,8 @@ A sequence writes, under `<output_dir>/<method>/`:
     tasks/<k>-<name>/    the task directory (see taskdir) + eval.json (every task's test set scored)
     metrics.json, report.md, heatmap.png, curves.png
 and `<output_dir>/base_eval.json`, the untrained model's scores, shared by the methods of one config.
-Re-running the same command skips every task whose directory is finished and evaluated.
+Re-running the same command skips every task whose directory is finished and evaluated, provided the
+run's settings (`<output_dir>/<method>/settings.json`) are unchanged.
 """
 
 from __future__ import annotations
@@ -140,6 +141,9 @@ def run_sequence(
 
     train_rows = {t.name: read_jsonl(t.train) for t in run.tasks}  # all data errors before any training
     test_rows = {t.name: read_jsonl(t.test) for t in run.tasks}
+    if run.method == "joint":
+        training_args = joint_training_arguments(training_args, ilora_args, [len(train_rows[t.name]) for t in run.tasks])
+    _check_same_settings(run_dir, _settings_record(model_args, data_args, method_args, training_args, run))
     base, tokenizer = load_model_and_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code)
     tests = [_test_set(t, test_rows[t.name], tokenizer, data_args) for t in run.tasks]
     autocast = torch.bfloat16 if training_args.bf16 else None
@@ -149,8 +153,6 @@ def run_sequence(
     distributed.barrier()
 
     stages = [run.tasks] if run.method == "joint" else [[t] for t in run.tasks]
-    if run.method == "joint":
-        training_args = joint_training_arguments(training_args, ilora_args, [len(train_rows[t.name]) for t in run.tasks])
     results, timings, previous = [], [], None
     for k, stage in enumerate(stages, start=1):
         name = "joint" if run.method == "joint" else stage[0].name
@@ -178,6 +180,48 @@ def run_sequence(
     _write_json(run_dir / "metrics.json", summary)
     report.write_report(run_dir, summary)
     return run_dir
+
+
+# What decides the trained weights besides the method's and model's arguments. A run directory is
+# continued only under the settings it was started with: finished tasks are skipped, so reusing them
+# under a changed learning rate would silently mix two experiments in one accuracy matrix.
+TRAINING_SETTINGS = (
+    "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "num_train_epochs", "max_steps", "seed", "data_seed", "optim",
+    "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "bf16", "fp16",
+)  # fmt: skip
+SETTINGS_FILE = "settings.json"
+
+
+def _settings_record(model_args, data_args, method_args, training_args, run) -> dict:
+    training = training_args.to_dict()
+    record = {
+        "model": dataclasses.asdict(model_args),
+        "data": {"cutoff_len": data_args.cutoff_len, "use_chat_template": data_args.use_chat_template},
+        "ilora": dataclasses.asdict(method_args),
+        "training": {key: training[key] for key in TRAINING_SETTINGS},
+        "tasks": {"tasks": [dataclasses.asdict(t) for t in run.tasks]},
+    }
+    return json.loads(json.dumps(record))  # as it reads back from the file
+
+
+def _check_same_settings(run_dir: Path, record: dict) -> None:
+    path = run_dir / SETTINGS_FILE
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        changed = [
+            f"{key}: {stored.get(part, {}).get(key)!r} -> {value!r}"
+            for part, values in record.items()
+            for key, value in values.items()
+            if stored.get(part, {}).get(key) != value
+        ]
+        if changed:
+            raise ILoRAError(
+                f"{run_dir} was started with other settings ({'; '.join(changed)}); "
+                "use another output_dir or delete that directory to start again"
+            )
+    elif distributed.rank() == 0:
+        _write_json(path, record)
 
 
 def _train_and_evaluate(k, stage, name, task_dir, previous, train_rows, tokenizer, scorer, adapters,
