@@ -143,8 +143,11 @@ def run_sequence(
     test_rows = {t.name: read_jsonl(t.test) for t in run.tasks}
     if run.method == "joint":
         training_args = joint_training_arguments(training_args, ilora_args, [len(train_rows[t.name]) for t in run.tasks])
-    _check_same_settings(run_dir, _settings_record(model_args, data_args, method_args, training_args, run))
+    settings = _settings_record(model_args, data_args, method_args, training_args, run)
+    _check_same_settings(run_dir, settings)
     base, tokenizer = load_model_and_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code)
+    if distributed.rank() == 0 and not (run_dir / SETTINGS_FILE).is_file():
+        _write_json(run_dir / SETTINGS_FILE, settings)  # once the model loads: a bad path leaves nothing
     tests = [_test_set(t, test_rows[t.name], tokenizer, data_args) for t in run.tasks]
     autocast = torch.bfloat16 if training_args.bf16 else None
     scorer = _Scorer(tokenizer, tests, run.eval_batch_size, run.max_new_tokens, autocast)
@@ -208,7 +211,10 @@ def _settings_record(model_args, data_args, method_args, training_args, run) -> 
 def _check_same_settings(run_dir: Path, record: dict) -> None:
     path = run_dir / SETTINGS_FILE
     if path.is_file():
-        stored = json.loads(path.read_text())
+        try:
+            stored = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ILoRAError(f"{path}: unreadable ({error}); delete it to start the run again") from None
         changed = [
             f"{key}: {stored.get(part, {}).get(key)!r} -> {value!r}"
             for part, values in record.items()
@@ -220,8 +226,6 @@ def _check_same_settings(run_dir: Path, record: dict) -> None:
                 f"{run_dir} was started with other settings ({'; '.join(changed)}); "
                 "use another output_dir or delete that directory to start again"
             )
-    elif distributed.rank() == 0:
-        _write_json(path, record)
 
 
 def _train_and_evaluate(k, stage, name, task_dir, previous, train_rows, tokenizer, scorer, adapters,
