@@ -146,9 +146,9 @@ def run_sequence(
     settings = _settings_record(model_args, data_args, method_args, training_args, run)
     _check_same_settings(run_dir, settings)
     base, tokenizer = load_model_and_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code)
-    if distributed.rank() == 0 and not (run_dir / SETTINGS_FILE).is_file():
-        _write_json(run_dir / SETTINGS_FILE, settings)  # once the model loads: a bad path leaves nothing
     tests = [_test_set(t, test_rows[t.name], tokenizer, data_args) for t in run.tasks]
+    if distributed.rank() == 0 and not (run_dir / SETTINGS_FILE).is_file():
+        _write_json(run_dir / SETTINGS_FILE, settings)  # once model and test sets load: bad input leaves nothing
     autocast = torch.bfloat16 if training_args.bf16 else None
     scorer = _Scorer(tokenizer, tests, run.eval_batch_size, run.max_new_tokens, autocast)
     evaluates = distributed.rank() == 0  # the other ranks train, then wait
