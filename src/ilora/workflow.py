@@ -143,7 +143,8 @@ def run_sequence(
     test_rows = {t.name: read_jsonl(t.test) for t in run.tasks}
     if run.method == "joint":
         training_args = joint_training_arguments(training_args, ilora_args, [len(train_rows[t.name]) for t in run.tasks])
-    settings = _settings_record(model_args, data_args, method_args, training_args, run)
+    config = _config_record(model_args, data_args, method_args, training_args, run)
+    settings = _settings_record(config)
     _check_same_settings(run_dir, settings)
     base, tokenizer = load_model_and_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code)
     tests = [_test_set(t, test_rows[t.name], tokenizer, data_args) for t in run.tasks]
@@ -178,7 +179,7 @@ def run_sequence(
     if not evaluates:
         return run_dir
     summary = _summarise(run, adapters, base_row, results, timings, time.time() - started, tests)
-    summary["config"] = _config_record(model_args, data_args, method_args, training_args, run)
+    summary["config"] = config
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_json(run_dir / "metrics.json", summary)
     report.write_report(run_dir, summary)
@@ -196,14 +197,14 @@ TRAINING_SETTINGS = (
 SETTINGS_FILE = "settings.json"
 
 
-def _settings_record(model_args, data_args, method_args, training_args, run) -> dict:
-    training = training_args.to_dict()
+def _settings_record(config: dict) -> dict:
+    """The part of the run's config record (`_config_record`) that decides the trained weights."""
     record = {
-        "model": dataclasses.asdict(model_args),
-        "data": {"cutoff_len": data_args.cutoff_len, "use_chat_template": data_args.use_chat_template},
-        "ilora": dataclasses.asdict(method_args),
-        "training": {key: training[key] for key in TRAINING_SETTINGS},
-        "tasks": {"tasks": [dataclasses.asdict(t) for t in run.tasks]},
+        "model": config["model"],
+        "data": {key: config["data"][key] for key in ("cutoff_len", "use_chat_template")},
+        "ilora": config["ilora"],
+        "training": {key: config["training"][key] for key in TRAINING_SETTINGS},
+        "tasks": {"tasks": config["run"]["tasks"]},
     }
     return json.loads(json.dumps(record))  # as it reads back from the file
 
