@@ -4,6 +4,8 @@ Variants, timed interleaved in one process (A B C D E A B C D E ...), median sec
 after warm-up:
   seq_lora    current batch only
   er          current + replay rows, no stable adapter
+  floor       er + a bare no-grad stable forward through the decoder over as many rows as the replay
+              batch: the cost I-LoRA cannot avoid (no consistency, no EMA)
   ilora       er + stable no-grad pass over the replay rows + consistency + EMA   (ilora.method.ILoRA)
   selective   ilora with selective_update (stable pass over the whole batch, with the LM head)
   three_pass  the public implementations' step, written out below: plastic pass with grad over
@@ -36,7 +38,7 @@ from ilora.buffer import ReplayBuffer
 from ilora.config import ILoRAArguments
 from ilora.method import ILoRA, causal_lm_loss, consistency_loss, ema_coefficient
 
-VARIANTS = ("seq_lora", "er", "ilora", "selective", "three_pass")
+VARIANTS = ("seq_lora", "er", "floor", "ilora", "selective", "three_pass")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -87,6 +89,7 @@ class Variant:
         settings = {
             "seq_lora": dict(use_ilora=False),
             "er": dict(use_stable_adapter=False),
+            "floor": dict(use_stable_adapter=False),
             "ilora": dict(),
             "selective": dict(selective_update=True, min_update_threshold=0.0),
             "three_pass": dict(),
@@ -109,6 +112,8 @@ class Variant:
         self.calls += 1
         with self.autocast:
             loss = three_pass_loss(self.method, batch) if self.name == "three_pass" else self.method.loss(batch)
+            if self.name == "floor":
+                bare_stable_forward(self.method, batch)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -117,6 +122,13 @@ class Variant:
             self.method.step += 1
         else:
             self.method.after_optimizer_step()
+
+
+@torch.no_grad()
+def bare_stable_forward(method: ILoRA, batch: dict) -> None:
+    """The stable adapter's forward over replay-batch-sized rows, its output unused."""
+    with method.adapters.active(STABLE):
+        method.decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
 
 # ------------------------------------------------ the public implementations' step
@@ -168,10 +180,10 @@ def time_variants(args) -> dict:
             v.step()
             times[v.name].append(time.perf_counter() - start)
     medians = {name: statistics.median(t) for name, t in times.items()}
-    ema = ema_seconds(variants[2].method.adapters)
+    adapters = variants[VARIANTS.index("ilora")].method.adapters
     tokens = {v.name: v.rows_per_step * args.length / medians[v.name] for v in variants}
-    return {"median_step_s": medians, "ema_s": ema, "tokens_per_s": tokens,
-            "adapter_params": variants[2].method.adapters.num_parameters()}  # fmt: skip
+    return {"median_step_s": medians, "ema_s": ema_seconds(adapters), "tokens_per_s": tokens,
+            "adapter_params": adapters.num_parameters()}  # fmt: skip
 
 
 def ema_seconds(adapters: AdapterPair, repeats: int = 50) -> float:
@@ -225,6 +237,8 @@ def main(argv=None) -> None:
     print(f"EMA update alone: {1000 * result['ema_s']:.3f} ms for {result['adapter_params']:,} adapter parameters")
     summary = {
         "ilora_over_er": step["ilora"] / step["er"],
+        "floor_over_er": step["floor"] / step["er"],
+        "ilora_over_floor": step["ilora"] / step["floor"],
         "ilora_over_seq": step["ilora"] / step["seq_lora"],
         "selective_over_ilora": step["selective"] / step["ilora"],
         "three_pass_over_ilora": step["three_pass"] / step["ilora"],
