@@ -24,6 +24,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from peft.tuners.lora import LoraLayer
 
 from .errors import ILoRAError
+from .suggest import did_you_mean
 
 PLASTIC = "plastic"
 STABLE = "stable"
@@ -42,12 +43,23 @@ def attach_adapters(model: torch.nn.Module, lora_config: LoraConfig, with_stable
     """Wrap a base model with a fresh plastic adapter and, if asked, a stable copy of it."""
     if lora_config.modules_to_save:
         raise ILoRAError("modules_to_save is not supported: the stable adapter must cover every trained tensor")
+    check_target_modules(model, lora_config.target_modules)
     peft_model = get_peft_model(model, lora_config, adapter_name=PLASTIC)
     if with_stable:
         peft_model.add_adapter(STABLE, stable_config(lora_config))
         AdapterPair(peft_model).copy_plastic_to_stable()
     peft_model.set_adapter(PLASTIC)
     return peft_model
+
+
+def check_target_modules(model: torch.nn.Module, targets) -> None:
+    """Every module name in lora_target exists in the model (PEFT's own error is a traceback)."""
+    if isinstance(targets, str):  # "all-linear" or a regular expression: PEFT matches those itself
+        return
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()} - {""}
+    for target in targets:
+        if target not in names:
+            raise ILoRAError(f"lora_target {target!r} names no module of this model{did_you_mean(target, names)}")
 
 
 def load_adapters(model: torch.nn.Module, plastic_dir: Path, stable_dir: Path | None) -> PeftModel:

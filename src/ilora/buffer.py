@@ -82,7 +82,8 @@ class ReplayBuffer:
 
     @classmethod
     def load(cls, directory: str | Path, capacity: int | None = None) -> "ReplayBuffer":
-        """Load a saved buffer. A different `capacity` is refused: it would change the reservoir's meaning."""
+        """Load a saved buffer, checking that its two files agree. A different `capacity` is refused:
+        it would change the reservoir's meaning."""
         directory = Path(directory)
         for name in (TENSORS_FILE, STATE_FILE):
             if not (directory / name).is_file():
@@ -92,6 +93,7 @@ class ReplayBuffer:
             tensors = load_file(str(directory / TENSORS_FILE))
         except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError) as err:
             raise ILoRAError(f"replay buffer in {directory} is unreadable ({err}); it is never unpickled") from None
+        _check_saved(directory, state, tensors)
         if capacity is not None and capacity != state["capacity"]:
             raise ILoRAError(
                 f"ilora_buffer_size={capacity} differs from the previous task's buffer capacity {state['capacity']} "
@@ -106,3 +108,31 @@ class ReplayBuffer:
         version, internal, gauss = state["rng_state"]
         buffer._rng.setstate((version, tuple(internal), gauss))
         return buffer
+
+
+def _check_saved(directory: Path, state, tensors: dict[str, torch.Tensor]) -> None:
+    """The JSON and the tensors of a saved buffer describe the same rows (a crash or an edit can part them)."""
+
+    def bad(what: str) -> ILoRAError:
+        return ILoRAError(f"replay buffer in {directory} is inconsistent: {what}")
+
+    if not isinstance(state, dict):
+        raise bad(f"{STATE_FILE} is not a JSON object")
+    for key, kind in (("capacity", int), ("num_seen", int), ("task_ids", list), ("rng_state", list)):
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            raise bad(f"'{key}' in {STATE_FILE} is {state.get(key)!r}")
+    rng = state["rng_state"]
+    if len(rng) != 3 or not isinstance(rng[1], list) or not all(isinstance(v, int) for v in rng[1]):
+        raise bad(f"'rng_state' in {STATE_FILE} is not a saved random state")
+    missing = sorted({"input_ids", "labels", "lengths"} - set(tensors))
+    if missing:
+        raise bad(f"{TENSORS_FILE} lacks {missing}")
+    lengths, rows = tensors["lengths"], len(state["task_ids"])
+    if lengths.dim() != 1 or len(lengths) != rows:
+        raise bad(f"{TENSORS_FILE} holds {lengths.numel()} rows, {STATE_FILE} names {rows}")
+    if bool((lengths < 1).any()) or int(lengths.sum()) != tensors["input_ids"].numel():
+        raise bad(f"row lengths do not add up to the {tensors['input_ids'].numel()} stored tokens")
+    if tensors["labels"].shape != tensors["input_ids"].shape:
+        raise bad("labels and input_ids differ in length")
+    if not 0 <= rows <= state["capacity"] or state["num_seen"] < rows:
+        raise bad(f"{rows} rows with capacity {state['capacity']} after {state['num_seen']} examples seen")

@@ -1,17 +1,21 @@
-"""`ilora` command line. Bad input is one line on stderr and exit code 2 (`--debug` shows the traceback)."""
+"""`ilora` command line. Every refusal is one line on stderr (`--debug` shows the traceback).
+
+Exit codes: 0 done; 2 bad input (nothing of the user's touched); 1 training diverged (a non-finite
+loss, adapter or score: nothing marked finished); 130 interrupted (re-run the same command to resume).
+"""
 
 from __future__ import annotations
 
-import argparse
-import difflib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import parse_run_config, parse_train_args
-from .errors import ILoRAError
+from .config import ArgumentParser, parse_run_config, parse_train_args
+from .errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, ILoRAError
+from .suggest import did_you_mean
 
 USAGE = """usage: ilora COMMAND [ARGS]
 
@@ -77,13 +81,8 @@ def command_demo(argv: list[str]) -> None:
     print(run_demo(opts.full, opts.output_dir))
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise ILoRAError(message)  # one line, exit code 2, like every other bad input
-
-
-def _simple_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    return _Parser(prog=prog, description=description)
+def _simple_parser(prog: str, description: str) -> ArgumentParser:
+    return ArgumentParser(prog=prog, description=description)
 
 
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
@@ -96,26 +95,39 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:  # `ilora ... | head`: the reader left; nothing more to say to it
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python flushes stdout at exit: let that flush go nowhere
+        return 141  # 128 + SIGPIPE, what a shell reports for a command cut off by its pipe
+
+
+def _main(argv: list[str]) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
-        return 0 if argv else 2
+        return 0 if argv else EXIT_BAD_INPUT
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        close = difflib.get_close_matches(command, list(COMMANDS), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        hint = did_you_mean(command, COMMANDS)
         print(f"ilora: error: unknown command '{command}'{hint}; `ilora --help` lists the commands", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         COMMANDS[command](rest)
     except ILoRAError as err:
         if debug:
             raise
-        print(f"ilora {command}: error: {err}", file=sys.stderr)
-        return 2
+        print(f"ilora {command}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"ilora {command}: interrupted; run the same command again to resume from the last checkpoint "
+              "(finished tasks are kept)", file=sys.stderr)  # fmt: skip
+        return EXIT_INTERRUPTED
     return 0
 
 

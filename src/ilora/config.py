@@ -6,9 +6,10 @@ existing YAML configs carry over. Training itself is configured by transformers'
 
 from __future__ import annotations
 
-import difflib
 import json
+import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -17,19 +18,43 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from .errors import ILoRAError
+from .suggest import did_you_mean
 
 _TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+MAX_TASK_ID = 100  # a task id is part of directory names, which most file systems cap at 255 bytes
 
 
 def check_task_id(name: str, value: str | None) -> None:
-    """Task ids become directory names and manifest keys: no separators, no `..`."""
+    """Task ids become directory names and manifest keys: no separators, no `..`, not too long."""
     if value is None:
         return
+    if not isinstance(value, str):
+        raise ILoRAError(f"{name}={value!r} must be a string (quote it in YAML: '{value}')")
     if not _TASK_ID.match(value) or ".." in value:
         raise ILoRAError(
             f"{name}={value!r} is not a valid task id: use letters, digits, '_', '-', '.', "
             "starting with a letter or digit, no path separators or '..'"
         )
+    if len(value) > MAX_TASK_ID:
+        raise ILoRAError(f"{name} is {len(value)} characters long; at most {MAX_TASK_ID} (it names a directory)")
+
+
+def check_value(name: str, value: Any, valid: Callable[[Any], bool], rule: str) -> None:
+    """`name=value rule` unless `valid(value)`. A float must also be finite: NaN and inf are never settings."""
+    if isinstance(value, float) and not math.isfinite(value) or not valid(value):
+        raise ILoRAError(f"{name}={value} {rule}")
+
+
+def at_least(bound: float) -> Callable[[Any], bool]:
+    return lambda v: v >= bound
+
+
+def above(bound: float) -> Callable[[Any], bool]:
+    return lambda v: v > bound
+
+
+def in_unit_interval(v: float) -> bool:
+    return 0.0 <= v < 1.0
 
 
 @dataclass
@@ -91,20 +116,19 @@ class ILoRAArguments:
     current_task_id: str | None = field(default=None, metadata={"help": "Id of this task, recorded in its output."})
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.ema_alpha < 1.0:
-            raise ILoRAError(f"ema_alpha={self.ema_alpha} must be in [0, 1) (it is the weight kept on the stable adapter)")
-        if self.consistency_weight < 0:
-            raise ILoRAError(f"consistency_weight={self.consistency_weight} must be >= 0")
-        if self.ilora_buffer_size < 0:
-            raise ILoRAError(f"ilora_buffer_size={self.ilora_buffer_size} must be >= 0")
-        if self.replay_batch_size is not None and self.replay_batch_size < 1:
-            raise ILoRAError(f"replay_batch_size={self.replay_batch_size} must be >= 1")
-        if self.min_update_threshold < 0:
-            raise ILoRAError(f"min_update_threshold={self.min_update_threshold} must be >= 0")
+        check_value("ema_alpha", self.ema_alpha, in_unit_interval,
+                    "must be in [0, 1) (it is the weight kept on the stable adapter)")  # fmt: skip
+        check_value("consistency_weight", self.consistency_weight, at_least(0), "must be a finite number >= 0")
+        check_value("ilora_buffer_size", self.ilora_buffer_size, at_least(0), "must be >= 0")
+        if self.replay_batch_size is not None:
+            check_value("replay_batch_size", self.replay_batch_size, at_least(1), "must be >= 1")
+        check_value("min_update_threshold", self.min_update_threshold, at_least(0), "must be a finite number >= 0")
         if isinstance(self.hidden_state_layers, int):
             self.hidden_state_layers = [self.hidden_state_layers]
         if not self.hidden_state_layers:
             raise ILoRAError("hidden_state_layers must name at least one layer (e.g. [-1])")
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.hidden_state_layers):
+            raise ILoRAError(f"hidden_state_layers={self.hidden_state_layers} must be a list of integers")
         if len(set(self.hidden_state_layers)) != len(self.hidden_state_layers):
             raise ILoRAError(f"hidden_state_layers={self.hidden_state_layers} repeats a layer")
         if self.prev_task_id is not None and self.previous_task_model is None:
@@ -141,12 +165,11 @@ class ModelArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the model directory."})
 
     def __post_init__(self) -> None:
-        if self.lora_rank < 1:
-            raise ILoRAError(f"lora_rank={self.lora_rank} must be >= 1")
+        check_value("lora_rank", self.lora_rank, at_least(1), "must be >= 1")
         if self.lora_alpha is None:
             self.lora_alpha = 2 * self.lora_rank
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ILoRAError(f"lora_dropout={self.lora_dropout} must be in [0, 1)")
+        check_value("lora_alpha", self.lora_alpha, above(0), "must be > 0 (the adapter's scale is lora_alpha / lora_rank)")
+        check_value("lora_dropout", self.lora_dropout, in_unit_interval, "must be in [0, 1)")
         if not self.target_modules:
             raise ILoRAError("lora_target is empty: name modules (q_proj,v_proj) or use 'all'")
 
@@ -171,8 +194,7 @@ class DataArguments:
     )
 
     def __post_init__(self) -> None:
-        if self.cutoff_len < 2:
-            raise ILoRAError(f"cutoff_len={self.cutoff_len} must be >= 2")
+        check_value("cutoff_len", self.cutoff_len, at_least(2), "must be >= 2")
 
 
 METHODS = ("ilora", "er", "seq_lora", "joint")
@@ -190,8 +212,29 @@ class TaskSpec:
 
     def __post_init__(self) -> None:
         check_task_id("task name", self.name)
+        for key in ("train", "test"):
+            if not isinstance(getattr(self, key), str):
+                raise ILoRAError(f"task {self.name!r}: '{key}' must be a file path, got {getattr(self, key)!r}")
         if self.scoring not in ("choice", "exact_match"):
             raise ILoRAError(f"task {self.name!r}: scoring must be 'choice' or 'exact_match', got {self.scoring!r}")
+        if self.choices is not None:
+            check_choices(self.choices, f"task {self.name!r}")
+
+
+def check_choices(choices: Any, where: str) -> list[str]:
+    """At least two distinct, non-empty strings: an empty choice would win every tie-free ranking."""
+    if not isinstance(choices, list):
+        raise ILoRAError(f"{where}: choices must be a list of answers, got {choices!r} (write [a, b])")
+    if not all(isinstance(c, str) for c in choices):
+        raise ILoRAError(f"{where}: every choice must be a string, got {choices!r}")
+    if any(not c.strip() for c in choices):
+        raise ILoRAError(f"{where}: a choice is empty: {choices!r}")
+    repeated = sorted({c for c in choices if choices.count(c) > 1})
+    if repeated:
+        raise ILoRAError(f"{where}: choices repeat {repeated}")
+    if len(choices) < 2:
+        raise ILoRAError(f"{where}: choice scoring needs at least two choices, got {choices!r}")
+    return choices
 
 
 @dataclass
@@ -205,9 +248,9 @@ class RunArguments:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            close = difflib.get_close_matches(self.method, METHODS, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ILoRAError(f"method {self.method!r} is not one of {METHODS}{hint}")
+            raise ILoRAError(f"method {self.method!r} is not one of {METHODS}{did_you_mean(str(self.method), METHODS)}")
+        check_value("eval_batch_size", self.eval_batch_size, at_least(1), "must be >= 1")
+        check_value("max_new_tokens", self.max_new_tokens, at_least(1), "must be >= 1")
         if not self.tasks:
             raise ILoRAError("the config lists no tasks")
         names = [t.name for t in self.tasks]
@@ -226,12 +269,22 @@ class ArgumentParser(HfArgumentParser):
 
 TRAIN_ARGUMENTS = (ModelArguments, DataArguments, ILoRAArguments, TrainingArguments)
 
+# Keys whose value is a path. In a config file a relative path is read from the config file's
+# directory (the rule for every path in a config, tasks' files included); on the command line, from
+# the working directory, as with any command.
+PATH_KEYS = ("model_name_or_path", "model", "dataset", "output_dir", "previous_task_model", "ema_adapter_path",
+             "logging_dir", "resume_from_checkpoint")  # fmt: skip
+NOT_PATHS = {"smollm2", "true", "false", "last", "True", "False"}  # names and flags those keys also accept
+# Keys that LLaMA-Factory writes as comma-separated strings and YAML users write as lists.
+COMMA_LISTS = ("lora_target",)
+
 
 def parse_train_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, ILoRAArguments, TrainingArguments]:
     """Flags, or a YAML file of the same keys (LLaMA-Factory style) followed by overriding flags."""
     if argv and argv[0].endswith((".yaml", ".yml")):
         path = Path(argv[0])
-        argv = to_argv(checked_keys(load_yaml_mapping(path), TRAIN_ARGUMENTS, path)) + argv[1:]
+        mapping = config_mapping(checked_keys(load_yaml_mapping(path), TRAIN_ARGUMENTS, path), path)
+        argv = to_argv(mapping) + argv[1:]
     return parse_argv(argv, TRAIN_ARGUMENTS, "ilora train")
 
 
@@ -244,24 +297,48 @@ def parse_argv(argv: list[str], classes: tuple[type, ...], prog: str) -> tuple:
     except ValueError as err:  # TrainingArguments validates in __post_init__ with ValueError
         raise ILoRAError(str(err).strip().splitlines()[0]) from None
     if unknown:
-        flags = sorted(o for action in parser._actions for o in action.option_strings)
-        close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ILoRAError(f"unknown argument '{unknown[0]}'{hint}")
+        flags = [o for action in parser._actions for o in action.option_strings]
+        raise ILoRAError(f"unknown argument '{unknown[0]}'{did_you_mean(unknown[0].split('=')[0], flags)}")
+    for args in parsed:
+        if isinstance(args, TrainingArguments):
+            check_training_arguments(args)
     return tuple(parsed)
+
+
+def check_training_arguments(args: TrainingArguments) -> None:
+    """The Trainer accepts NaN, negative and zero-work settings and fails late or trains nothing."""
+    for f in fields(args):
+        value = getattr(args, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ILoRAError(f"{f.name}={value} must be a finite number")
+    check_value("learning_rate", args.learning_rate, at_least(0), "must be >= 0")
+    check_value("per_device_train_batch_size", args.per_device_train_batch_size, at_least(1), "must be >= 1")
+    check_value("gradient_accumulation_steps", args.gradient_accumulation_steps, at_least(1), "must be >= 1")
+    check_value("num_train_epochs", args.num_train_epochs, at_least(0), "must be >= 0")
+    if args.max_steps <= 0 and args.num_train_epochs <= 0:
+        raise ILoRAError(
+            f"num_train_epochs={args.num_train_epochs} with max_steps={args.max_steps} trains no step: "
+            "set num_train_epochs > 0 or max_steps > 0"
+        )
+    for name in ("max_grad_norm", "weight_decay", "adam_epsilon", "warmup_steps"):
+        check_value(name, getattr(args, name), at_least(0), "must be >= 0")
+    for name in ("adam_beta1", "adam_beta2", "label_smoothing_factor"):
+        check_value(name, getattr(args, name), in_unit_interval, "must be in [0, 1)")
+    for name in ("logging_steps", "save_steps"):
+        check_value(name, getattr(args, name), above(0), "must be > 0")
 
 
 def parse_run_config(path: Path, overrides: dict[str, Any] | None = None):
     """A run config: the train keys, plus `method`, `tasks` and evaluation settings."""
-    mapping = {**load_yaml_mapping(path), **(overrides or {})}
-    checked_keys(mapping, TRAIN_ARGUMENTS + (RunArguments,), path)
+    mapping = config_mapping(checked_keys(load_yaml_mapping(path), TRAIN_ARGUMENTS + (RunArguments,), path), path)
+    mapping.update(overrides or {})
     run_keys = {f.name for f in fields(RunArguments)}
     tasks = mapping.pop("tasks", None)
     if not isinstance(tasks, list):
         raise ILoRAError(f"{path}: 'tasks' must be a list of tasks (name, train, test, scoring, choices)")
     specs = [task_spec(entry, path, i) for i, entry in enumerate(tasks, start=1)]
     run = RunArguments(tasks=specs, **{k: mapping.pop(k) for k in list(mapping) if k in run_keys})
-    mapping.setdefault("output_dir", "runs/ilora")
+    mapping.setdefault("output_dir", str(path.parent / "runs" / "ilora"))
     return (*parse_argv(to_argv(mapping), TRAIN_ARGUMENTS, "ilora run"), run)
 
 
@@ -271,12 +348,11 @@ def task_spec(entry: Any, path: Path, index: int) -> TaskSpec:
     known = [f.name for f in fields(TaskSpec)]
     for key in entry:
         if key not in known:
-            raise ILoRAError(f"{path}: task {index}: unknown key '{key}'{_did_you_mean(key, known)}")
+            raise ILoRAError(f"{path}: task {index}: unknown key '{key}'{did_you_mean(str(key), known)}")
     missing = [k for k in ("name", "train", "test") if k not in entry]
     if missing:
         raise ILoRAError(f"{path}: task {index}: missing {missing}")
-    base = path.parent
-    resolved = {k: str(base / entry[k]) if k in ("train", "test") else entry[k] for k in entry}
+    resolved = {k: resolve_path(v, path) if k in ("train", "test") else v for k, v in entry.items()}
     return TaskSpec(**resolved)
 
 
@@ -284,25 +360,86 @@ def checked_keys(mapping: dict, classes: tuple[type, ...], path: Path) -> dict:
     known = {f.name for cls in classes for f in fields(cls)} | {"model"}
     for key in mapping:
         if key not in known:
-            raise ILoRAError(f"{path}: unknown key '{key}'{_did_you_mean(key, known)}")
+            raise ILoRAError(f"{path}: unknown key '{key}'{did_you_mean(str(key), known)}")
     return mapping
 
 
-def _did_you_mean(key: str, known) -> str:
-    close = difflib.get_close_matches(key, sorted(known), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+def config_mapping(mapping: dict, path: Path) -> dict:
+    """A config file's keys as the parser takes them: paths read from the file's directory, lists
+    joined where LLaMA-Factory writes comma-separated strings."""
+    result = dict(mapping)
+    for key in COMMA_LISTS:
+        value = result.get(key)
+        if isinstance(value, list):
+            if not all(isinstance(v, str) and v.strip() for v in value):
+                raise ILoRAError(f"{path}: {key} must be a list of module names, got {value!r}")
+            result[key] = ",".join(value)
+    for key in PATH_KEYS:
+        if isinstance(result.get(key), str) and result[key] not in NOT_PATHS:
+            result[key] = resolve_path(result[key], path)
+    return result
+
+
+def resolve_path(value: Any, config: Path) -> Any:
+    """A path from a config file, read from that file's directory (`~` expands); other values as given."""
+    if not isinstance(value, str) or not value:
+        return value
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else config.parent / path)
+
+
+# A config is a page of settings. The bounds stop a YAML alias bomb (a few lines that expand to
+# billions of nodes) before it is expanded, and a huge file before it is parsed.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_NODES = 100_000
 
 
 def load_yaml_mapping(path: Path) -> dict:
     if not path.is_file():
         raise ILoRAError(f"{path}: no such file")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ILoRAError(f"{path}: {size} bytes; a config may be at most {MAX_CONFIG_BYTES} bytes")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8-sig")  # a UTF-8 byte-order mark is fine
+        nodes = _expanded_nodes(yaml.compose(text, Loader=yaml.SafeLoader))
+        if nodes > MAX_CONFIG_NODES:
+            raise ILoRAError(
+                f"{path}: expands to {nodes} values (YAML aliases); a config may hold at most {MAX_CONFIG_NODES}"
+            )
+        data = yaml.safe_load(text)
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ILoRAError(f"{path}: invalid YAML ({' '.join(str(err).split())})") from None
+    except RecursionError:
+        raise ILoRAError(f"{path}: nested too deeply") from None
     if not isinstance(data, dict):
         raise ILoRAError(f"{path}: expected a mapping of keys to values at the top level")
     return data
+
+
+def _expanded_nodes(root: yaml.Node | None) -> int:
+    """How many values the document holds once every alias is expanded, counted without expanding."""
+    sizes: dict[int, int] = {}
+    visiting: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in visiting:
+            raise yaml.YAMLError("a recursive alias")
+        visiting.add(key)
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        else:
+            children = []
+        sizes[key] = 1 + sum(size(child) for child in children)
+        visiting.discard(key)
+        return sizes[key]
+
+    return 0 if root is None else size(root)
 
 
 def to_argv(mapping: dict) -> list[str]:

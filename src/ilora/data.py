@@ -26,7 +26,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise ILoRAError(f"{path}: no such file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a UTF-8 byte-order mark is fine
     except UnicodeDecodeError as err:
         raise ILoRAError(f"{path}: not UTF-8 text (byte {err.start})") from None
     rows = []
@@ -48,6 +48,9 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 def normalise_row(row: dict[str, Any], where: str) -> dict[str, Any]:
     """`prompt`/`response`, or alpaca `instruction` (+ `input`) / `output`."""
     if "prompt" not in row and "instruction" in row:
+        for key in ("instruction", "input"):
+            if row.get(key) is not None and not isinstance(row[key], str):
+                raise ILoRAError(f"{where}: '{key}' must be a string, got {type(row[key]).__name__}")
         extra = row.get("input") or ""
         row = {**row, "prompt": row["instruction"] + (f"\n{extra}" if extra else ""), "response": row.get("output")}
     for key in ("prompt", "response"):

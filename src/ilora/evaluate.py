@@ -11,6 +11,7 @@ tested and benchmarked against.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import string
 from collections.abc import Sequence
@@ -20,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
+from .config import check_choices
 from .data import encode_prompt
-from .errors import ILoRAError
+from .errors import ILoRAError, TrainingDiverged
 
 SCORINGS = ("choice", "exact_match")
 
@@ -59,11 +61,12 @@ def build_test_set(
     test = TestSet(name, scoring, [], [])
     for line, row in enumerate(rows, start=1):
         answer = row["response"]
-        choices = list(row.get("choices") or task_choices or [])
+        choices = row.get("choices") or task_choices or []
         answer_ids: list[list[int]] = []
         if scoring == "choice":
-            if len(choices) < 2:
+            if not choices:
                 raise ILoRAError(f"{source}:{line}: choice scoring needs at least two choices (per row or per task)")
+            choices = check_choices(choices, f"{source}:{line}")
             if answer not in choices:
                 raise ILoRAError(f"{source}:{line}: answer {answer!r} is not among the choices {choices}")
             answer_ids = [answer_tokens(tokenizer, c) for c in choices]
@@ -113,7 +116,7 @@ def score_choices(model, test: TestSet, pad_token_id: int, batch_size: int = 16)
                 input_ids=feed,
                 attention_mask=torch.cat([mask[index], cand_mask[:, :-1]], dim=1),
                 position_ids=start[:, None] + torch.arange(feed.shape[1], device=device)[None, :],
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
             )
             logp = F.log_softmax(rest.logits.float(), dim=-1).gather(-1, target[..., None])[..., 0]
@@ -175,13 +178,17 @@ def normalise(text: str) -> str:
 def evaluate(model, tokenizer, test: TestSet, batch_size: int = 16, max_new_tokens: int = 16,
              autocast: torch.dtype | None = None) -> dict:  # fmt: skip
     """Accuracy and each prediction of `model` (with whatever adapter is active) on one test set."""
-    amp = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
+    amp = torch.autocast(model.device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
     was_training = model.training
     model.eval()
     try:
         with amp:
             if test.scoring == "choice":
-                picks = predict_choices(score_choices(model, test, tokenizer.pad_token_id, batch_size))
+                scores = score_choices(model, test, tokenizer.pad_token_id, batch_size)
+                if not all(math.isfinite(v) for row in scores for v in row):  # argmax of NaN picks choice 0
+                    raise TrainingDiverged(f"task {test.name!r}: the model's answer scores are NaN or inf "
+                                           "(a diverged adapter, or an overflow in reduced precision)")  # fmt: skip
+                picks = predict_choices(scores)
                 predictions = [test.choices[r][p] for r, p in enumerate(picks)]
                 correct = [p == g for p, g in zip(picks, test.gold())]
             else:

@@ -24,6 +24,8 @@ from .errors import ILoRAError
 SMOLLM2 = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 log = logging.getLogger(__name__)
+# What a local model directory needs for AutoTokenizer (fast tokenizers, sentencepiece, BPE vocab).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model")
 
 
 def cache_dir() -> Path:
@@ -38,6 +40,8 @@ def load_model_and_tokenizer(name_or_path: str, trust_remote_code: bool = False,
             f"model {name_or_path!r}: not a local model directory with config.json "
             f"(ilora never downloads; '{SMOLLM2}' names the bundled SmolLM2-135M-Instruct)"
         )
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ILoRAError(f"model {name_or_path!r}: {path} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     with _quiet_loading():
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)

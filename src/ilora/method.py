@@ -12,6 +12,8 @@ After each optimizer step:
 
 Two forward passes, one of them without grad and without the LM head. Nothing here reads a value
 back to the host: statistics stay on the device until `pop_logs()` is called at the log interval.
+Divergence is watched the same way: every loss is and-ed into a finite flag on the device, and
+`check_finite()` (log interval, checkpoints, end of task) raises `TrainingDiverged` once it is false.
 This module knows no Trainer; `ILoRATrainer` drives it, benchmarks and tests call it directly.
 """
 
@@ -26,7 +28,7 @@ from .adapters import PLASTIC, STABLE, AdapterPair
 from .buffer import ReplayBuffer
 from .config import ILoRAArguments
 from .data import IGNORE_INDEX, pad_rows
-from .errors import ILoRAError
+from .errors import ILoRAError, TrainingDiverged
 
 
 class ILoRA:
@@ -59,6 +61,7 @@ class ILoRA:
         self._selective_plastic = torch.zeros((), device=device)
         self._selective_stable = torch.zeros((), device=device)
         self._selective_micro = 0
+        self._finite = torch.ones((), dtype=torch.bool, device=device)
         self._reset_stats()
 
     def restore(self, step: int, buffer: ReplayBuffer | None) -> None:
@@ -106,6 +109,7 @@ class ILoRA:
             consistency = consistency_loss(plastic_hidden, stable_hidden, mask)
             loss = ce + self.args.consistency_weight * consistency
             self._stats["consistency_loss"] += consistency.detach()
+        self._finite &= torch.isfinite(loss.detach())
         self._stats["ce_loss"] += ce.detach()
         self._stats["micro_batches"] += 1
         if selective:
@@ -168,6 +172,21 @@ class ILoRA:
             # clone: a view would keep the whole padded batch alive in the buffer
             self.buffer.add(row_ids.detach().clone(), row_labels.detach().clone(), self.task_id)
 
+    # ------------------------------------------------------------ divergence
+    def check_finite(self, when: str, adapters: bool = False) -> None:
+        """Raise `TrainingDiverged` if a loss since the start was NaN or inf (or, with `adapters`, if an
+        adapter weight is). Reads back to the host, agreed by every rank: call at the log interval,
+        at checkpoints and at the end of a task, never per step."""
+        flags = [self._finite]
+        if adapters:
+            flags += [torch.isfinite(t).all() for t in self.adapters.plastic + self.adapters.stable]
+        ok = distributed.mean_(torch.stack(flags).all().float())  # every rank takes the same decision
+        if ok.item() < 1.0:
+            raise TrainingDiverged(
+                f"training diverged {when}: a loss or adapter weight became NaN or inf (lower learning_rate, "
+                "set max_grad_norm, check consistency_weight); the task is not marked finished"
+            )
+
     # ------------------------------------------------------------- logging
     def _reset_stats(self) -> None:
         device = self.adapters.plastic[0].device
@@ -182,6 +201,7 @@ class ILoRA:
 
     def pop_logs(self) -> dict[str, float]:
         """Means since the last call. Reads values back to the host: call at the log interval only."""
+        self.check_finite(f"by optimizer step {self.step}")
         stats, logs = self._stats, {}
         if stats["micro_batches"]:
             logs["ce_loss"] = (stats["ce_loss"] / stats["micro_batches"]).item()

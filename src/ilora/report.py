@@ -4,6 +4,7 @@ accuracy over the sequence (PNG, headless matplotlib); `compare` puts several ru
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -12,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .errors import ILoRAError  # noqa: E402
+from .paths import check_directory_target  # noqa: E402
 
 METRIC_ORDER = ("AP", "AvgAcc", "BWT", "FWT", "forgetting")
 
@@ -85,10 +87,64 @@ def _curves(path: Path, summary: dict) -> None:
 
 # ------------------------------------------------------------------ compare
 def load_summary(run_dir: Path) -> dict:
+    """A run's metrics.json, checked: one line naming the file if it is damaged."""
     path = Path(run_dir) / "metrics.json"
     if not path.is_file():
         raise ILoRAError(f"{run_dir}: no metrics.json (is it a finished `ilora run` directory?)")
-    return json.loads(path.read_text())
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ILoRAError(f"{path}: damaged, not valid JSON ({err})") from None
+    problem = _summary_problem(summary)
+    if problem:
+        raise ILoRAError(f"{path}: damaged ({problem})")
+    return summary
+
+
+def _summary_problem(summary) -> str | None:
+    if not isinstance(summary, dict):
+        return "not a JSON object"
+    tasks, matrices, values = summary.get("tasks"), summary.get("matrices"), summary.get("metrics")
+    if not isinstance(summary.get("method"), str):
+        return "no method"
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
+        return "no task list"
+    if not isinstance(matrices, dict) or not matrices or not isinstance(values, dict):
+        return "no accuracy matrices or metrics"
+    for adapter, R in matrices.items():
+        if not isinstance(R, list) or len(R) < 2 or any(not isinstance(row, list) or len(row) != len(tasks) for row in R):
+            return f"the {adapter} accuracy matrix does not have one column per task"
+        if not all(_is_accuracy(v) for row in R for v in row):
+            return f"the {adapter} accuracy matrix holds a value that is not an accuracy"
+        metrics = values.get(adapter)
+        if not isinstance(metrics, dict) or not all(v is None or _is_finite(v) for v in metrics.values()):
+            return f"the {adapter} metrics are missing or not finite"
+    return None
+
+
+def _is_finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_accuracy(value) -> bool:
+    return _is_finite(value) and 0.0 <= value <= 1.0
+
+
+def comparable(summaries: list[dict], run_dirs: list[Path]) -> list[str]:
+    """The task names the runs share (in the first run's order). Runs over different task sets
+    cannot share one table: refused, naming the first run that differs."""
+    tasks = summaries[0]["tasks"]
+    for summary, run_dir in zip(summaries[1:], run_dirs[1:]):
+        if sorted(summary["tasks"]) != sorted(tasks):
+            raise ILoRAError(f"{run_dir} ran tasks {summary['tasks']}, {run_dirs[0]} ran {tasks}: "
+                             "runs over different tasks cannot be compared")  # fmt: skip
+    return tasks
+
+
+def final_accuracy(summary: dict, adapter: str, tasks: list[str]) -> list[float]:
+    """The last row of an adapter's matrix, in the order of `tasks` (aligned by name, not position)."""
+    final = dict(zip(summary["tasks"], summary["matrices"][adapter][-1]))
+    return [final[t] for t in tasks]
 
 
 def comparison_rows(summaries: list[dict]) -> list[tuple[str, dict]]:
@@ -108,20 +164,21 @@ def comparison_table(summaries: list[dict]) -> str:
 
 def compare(run_dirs: list[Path], out_dir: Path) -> str:
     summaries = [load_summary(d) for d in run_dirs]
+    tasks = comparable(summaries, run_dirs)
+    check_directory_target(out_dir, "--out")
     table = comparison_table(summaries)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "compare.md").write_text(f"# ilora compare\n\n{table}\n\n![final accuracy per task](compare.png)\n")
-    _compare_plot(out_dir / "compare.png", summaries)
+    _compare_plot(out_dir / "compare.png", summaries, tasks)
     return table
 
 
-def _compare_plot(path: Path, summaries: list[dict]) -> None:
-    tasks = summaries[0]["tasks"]
+def _compare_plot(path: Path, summaries: list[dict], tasks: list[str]) -> None:
     labels = [(s, a) for s in summaries for a in s["matrices"]]
     width = 0.8 / max(1, len(labels))
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(tasks), 3.8))
     for j, (summary, adapter) in enumerate(labels):
-        final = summary["matrices"][adapter][-1]
+        final = final_accuracy(summary, adapter, tasks)
         ax.bar([i + j * width for i in range(len(tasks))], [100 * v for v in final], width,
                label=f"{summary['method']} ({adapter})")  # fmt: skip
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], tasks)

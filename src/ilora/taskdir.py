@@ -23,20 +23,39 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel
+from safetensors import SafetensorError, safe_open
 
 from . import distributed
 from .adapters import PLASTIC, STABLE, AdapterPair, save_adapter
 from .buffer import ReplayBuffer
 from .config import ILoRAArguments
 from .errors import ILoRAError
+from .paths import TaskOutputs, check_replaceable
 
 MANIFEST = "ilora_task.json"
 CHECKPOINT_MARKER = "ilora_checkpoint.json"  # written last into a Trainer checkpoint: it is complete
+STAGING = ".ilora-staging"  # inside output_dir; only ilora ever creates a folder of this name
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
 FORMAT_VERSION = 1
+# What a manifest must hold, with the type of each value: anything else is a damaged file.
+MANIFEST_KEYS = {"task_id": (str, type(None)), "base_model": dict, "lora": dict, "ema_step": int,
+                 "global_steps": int, "ilora_args": dict}  # fmt: skip
+LORA_KEYS = {"r": int, "lora_alpha": (int, float), "target_modules": (str, list)}
 
 
 def is_finished(directory: str | Path) -> bool:
     return (Path(directory) / MANIFEST).is_file()
+
+
+def read_json(path: Path, what: str) -> Any:
+    """A JSON file ilora wrote; a damaged one is a one-line error naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ILoRAError(f"{path}: missing ({what})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ILoRAError(f"{path}: damaged {what}, not valid JSON ({err})") from None
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:
@@ -45,10 +64,45 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         raise ILoRAError(f"previous_task_model {directory}: no such directory")
     if not is_finished(directory):
         raise ILoRAError(f"previous_task_model {directory}: not a finished ilora task (no {MANIFEST})")
+    path = directory / MANIFEST
+    manifest = read_json(path, "task manifest")
+    if not isinstance(manifest, dict):
+        raise ILoRAError(f"{path}: damaged task manifest (not a JSON object)")
+    for key, kind in MANIFEST_KEYS.items():
+        if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
+            raise ILoRAError(f"{path}: damaged task manifest ('{key}' is {manifest.get(key)!r})")
+    for key, kind in LORA_KEYS.items():
+        if not isinstance(manifest["lora"].get(key), kind):
+            raise ILoRAError(f"{path}: damaged task manifest (lora '{key}' is {manifest['lora'].get(key)!r})")
+    if not isinstance(manifest["base_model"].get("fingerprint"), str):
+        raise ILoRAError(f"{path}: damaged task manifest (no base model fingerprint)")
+    return manifest
+
+
+def check_adapter_dir(directory: Path, lora: dict | None = None) -> None:
+    """A saved adapter that will load: readable config, readable safetensors of finite values, and
+    (given the manifest's LoRA settings) the same rank and targets."""
+    config = read_json(directory / ADAPTER_CONFIG, "adapter config")
+    if not isinstance(config, dict) or not isinstance(config.get("r"), int):
+        raise ILoRAError(f"{directory / ADAPTER_CONFIG}: damaged adapter config (no integer 'r')")
+    weights = directory / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise ILoRAError(f"{weights}: missing (adapter weights)")
     try:
-        return json.loads((directory / MANIFEST).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ILoRAError(f"{directory / MANIFEST}: unreadable manifest ({err})") from None
+        with safe_open(str(weights), framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ILoRAError(f"{weights}: damaged adapter weights ({' '.join(str(err).split())})") from None
+    if not tensors:
+        raise ILoRAError(f"{weights}: damaged adapter weights (no tensors)")
+    bad = next((key for key, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise ILoRAError(f"{weights}: tensor {bad} holds NaN or inf; this adapter diverged and cannot be used")
+    if lora is not None and config["r"] != lora["r"]:
+        raise ILoRAError(f"{directory / ADAPTER_CONFIG}: rank r={config['r']} but the task manifest says r={lora['r']}")
+    ranks = {min(t.shape) for key, t in tensors.items() if "lora_A" in key and t.dim() == 2}
+    if ranks and ranks != {config["r"]}:
+        raise ILoRAError(f"{weights}: LoRA rank {sorted(ranks)} does not match r={config['r']} in {ADAPTER_CONFIG}")
 
 
 def lora_identity(config: LoraConfig) -> dict[str, Any]:
@@ -60,13 +114,19 @@ def lora_identity(config: LoraConfig) -> dict[str, Any]:
 
 
 def base_model_identity(model: torch.nn.Module) -> dict[str, Any]:
-    """Name and a fingerprint of the base weights (config + a slice of the input embeddings)."""
+    """Name and a fingerprint of the base weights: the config's shape plus the first and last values
+    of every weight tensor, so base weights replaced at the same path are told apart (cheap: a few
+    values per tensor, not the whole model)."""
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     config = base.config.to_dict()
     keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
     digest = hashlib.sha256(json.dumps({k: config.get(k) for k in keys}, sort_keys=True).encode())
-    embedding = base.get_input_embeddings().weight.detach()
-    digest.update(embedding[:8].float().cpu().numpy().tobytes())
+    for name, tensor in base.named_parameters():
+        if ".lora_" in name:  # adapters are not the base model
+            continue
+        flat = tensor.detach().reshape(-1)
+        digest.update(name.replace(".base_layer", "").encode() + str(tuple(tensor.shape)).encode())
+        digest.update(torch.cat([flat[:16], flat[-16:]]).float().cpu().numpy().tobytes())
     return {"name_or_path": config.get("_name_or_path", ""), "fingerprint": digest.hexdigest()[:16]}
 
 
@@ -85,12 +145,37 @@ def check_compatible(manifest: dict, directory: Path, lora: dict, base: dict, pr
 
 
 def previous_paths(directory: Path, manifest: dict, ema_adapter_path: str | None) -> tuple[Path, Path | None]:
+    """The previous task's plastic and stable adapter directories, each checked to load."""
     plastic = directory / PLASTIC
     stable = Path(ema_adapter_path) if ema_adapter_path else _resolve(directory, manifest.get("stable_path"))
     for path in (plastic, stable):
-        if path is not None and not (path / "adapter_config.json").is_file():
-            raise ILoRAError(f"{path}: not a PEFT adapter directory (no adapter_config.json)")
+        if path is not None and not (path / ADAPTER_CONFIG).is_file():
+            raise ILoRAError(f"{path}: not a PEFT adapter directory (no {ADAPTER_CONFIG})")
+        if path is not None:
+            check_adapter_dir(path, manifest["lora"])
     return plastic, stable
+
+
+def planned_outputs(output_dir: str | None, args: ILoRAArguments, overwrite: bool,
+                    resume_from: str | None = None) -> TaskOutputs:  # fmt: skip
+    """Everything a task will write and read, checked before the model loads (see `ilora.paths`)."""
+    if not output_dir:
+        raise ILoRAError("--output_dir is required")
+    output = Path(output_dir)
+    reads: dict[str, Path] = {}
+    if args.previous_task_model:
+        previous = Path(args.previous_task_model)
+        manifest = read_manifest(previous)
+        reads["previous_task_model"] = previous
+        stable = Path(args.ema_adapter_path) if args.ema_adapter_path else _resolve(previous, manifest.get("stable_path"))
+        if stable is not None:
+            reads["previous stable adapter"] = stable
+    if resume_from and resume_from not in ("true", "True", "last"):
+        reads["resume_from_checkpoint"] = Path(resume_from)
+    stable = stable_save_path(output, args) if args.uses_stable and args.save_ema_adapter else None
+    outputs = TaskOutputs(output, stable, reads, overwrite)
+    outputs.check(is_finished(output))
+    return outputs
 
 
 def _resolve(directory: Path, stored: str | None) -> Path | None:
@@ -126,7 +211,7 @@ def write_task(
 
     Called on every rank: each writes its own buffer, rank 0 the rest."""
     output_dir = Path(output_dir)
-    staging = output_dir / ".staging"
+    staging = output_dir / STAGING
     if distributed.rank() == 0:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -167,18 +252,21 @@ def _publish(output_dir: Path, staging: Path, model: PeftModel, args: ILoRAArgum
     if args.uses_stable and args.save_ema_adapter:
         save_adapter(model, STABLE, staging / STABLE)
         stable_path = stable_save_path(output_dir, args)
-    for name in (PLASTIC, "buffer"):
-        _replace(staging / name, output_dir / name)
+    _replace(staging / PLASTIC, output_dir / PLASTIC, "adapter")
+    _replace(staging / "buffer", output_dir / "buffer", "buffer")
     if stable_path is not None:
-        _replace(staging / STABLE, stable_path)
+        _replace(staging / STABLE, stable_path, "adapter")
     shutil.rmtree(staging)
     return stable_path
 
 
-def _replace(source: Path, target: Path) -> None:
+def _replace(source: Path, target: Path, kind: str) -> None:
+    """Move a staged output into place. Only ilora's own output of the same kind is ever deleted for it
+    (checked here again, at the deletion, whatever the caller checked before)."""
     if not source.exists():
         return
-    if target.exists():
+    if target.exists() or target.is_symlink():
+        check_replaceable(target, kind, allowed=True, what=f"{kind} target")
         shutil.rmtree(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(source), str(target))
@@ -210,5 +298,5 @@ def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
 
 def write_json_atomically(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.write_text(json.dumps(data, indent=2, default=str, allow_nan=False))  # a NaN here is a bug: fail loudly
     os.replace(tmp, path)

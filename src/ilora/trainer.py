@@ -9,7 +9,7 @@ the two adapters (set up here), the step's loss (`ILoRA.loss`), the EMA after ea
 from __future__ import annotations
 
 import copy
-import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +20,12 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from . import distributed, taskdir
 from .adapters import PLASTIC, STABLE, add_stable_copy, attach_adapters, load_adapters
 from .buffer import ReplayBuffer
-from .config import ILoRAArguments
+from .config import ILoRAArguments, check_training_arguments
 from .data import PadCollator, prepare_dataset
 from .errors import ILoRAError
 from .method import ILoRA
+
+logger = logging.getLogger(__name__)
 
 
 class _EMAAfterOptimizerStep(TrainerCallback):
@@ -49,6 +51,7 @@ class ILoRATrainer(Trainer):
         **kwargs: Any,
     ):
         self.ilora_args = ilora_args = ilora_args or ILoRAArguments()
+        check_training_arguments(args)
         set_seed(args.seed)  # LoRA initialisation below draws random numbers
         self.base_identity = taskdir.base_model_identity(model)
         self.previous_manifest: dict | None = None
@@ -162,8 +165,11 @@ class ILoRATrainer(Trainer):
         folder = Path(resume_from_checkpoint)
         if not taskdir.is_complete_checkpoint(folder):
             raise ILoRAError(f"{folder}: not a complete ilora checkpoint (no {taskdir.CHECKPOINT_MARKER})")
+        state = taskdir.read_json(folder / taskdir.CHECKPOINT_MARKER, "checkpoint marker")
+        if not isinstance(state, dict) or not isinstance(state.get("ema_step"), int):
+            raise ILoRAError(f"{folder / taskdir.CHECKPOINT_MARKER}: damaged checkpoint marker (no integer ema_step)")
+        logger.info("resuming from %s", folder)
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        state = json.loads((folder / taskdir.CHECKPOINT_MARKER).read_text())
         buffer = None
         if self.ilora.buffer is not None:  # (an empty buffer is falsy: test for None)
             buffer = ReplayBuffer.load(taskdir.buffer_path(folder / "ilora_buffer"))
@@ -198,6 +204,7 @@ class ILoRATrainer(Trainer):
         calls this: each saves its buffer, rank 0 the rest)."""
         output_dir = Path(output_dir or self.args.output_dir)
         args = self.ilora_args
+        self.ilora.check_finite("by the end of the task", adapters=True)  # nothing diverged is written
         last_log = next((e for e in reversed(self.state.log_history) if "loss" in e), {})
         summary = next((e for e in reversed(self.state.log_history) if "train_loss" in e), {})
         # means over the steps since the last log, or that log if nothing came after it

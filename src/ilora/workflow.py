@@ -1,12 +1,10 @@
 """Running tasks: one chained task (`train_task`, behind `ilora train`) and a whole sequence with
 evaluation after every task (`run_sequence`, behind `ilora run`).
 
-A sequence writes, under `<output_dir>/<method>/`:
-    tasks/<k>-<name>/    the task directory (see taskdir) + eval.json (every task's test set scored)
-    metrics.json, report.md, heatmap.png, curves.png
-and `<output_dir>/base_eval.json`, the untrained model's scores, shared by the methods of one config.
+A sequence writes a run directory (see rundir) holding one task directory per task (see taskdir).
 Re-running the same command skips every task whose directory is finished and evaluated, provided the
-run's settings (`<output_dir>/<method>/settings.json`) are unchanged.
+run's settings and inputs are unchanged. Everything a command reads, every path it writes and every
+file it continues from is checked before training starts.
 """
 
 from __future__ import annotations
@@ -25,8 +23,10 @@ from peft import LoraConfig
 from tqdm.auto import tqdm
 from transformers import TrainingArguments
 
-from . import distributed, metrics, report, taskdir
+from . import distributed, metrics, report, rundir, taskdir
 from .adapters import PLASTIC, STABLE, AdapterPair, load_adapters
+from .buffer import ReplayBuffer
+from .paths import check_directory_target
 from .config import (
     DataArguments,
     ILoRAArguments,
@@ -43,7 +43,6 @@ from .loader import load_model_and_tokenizer
 from .trainer import ILoRATrainer
 
 log = logging.getLogger(__name__)
-EVAL_FILE = "eval.json"
 
 
 def lora_config(model_args: ModelArguments) -> LoraConfig:
@@ -56,15 +55,6 @@ def lora_config(model_args: ModelArguments) -> LoraConfig:
     )
 
 
-def check_output_dir(output_dir: str | None, overwrite: bool) -> Path:
-    if not output_dir:
-        raise ILoRAError("--output_dir is required")
-    path = Path(output_dir)
-    if taskdir.is_finished(path) and not overwrite:
-        raise ILoRAError(f"output_dir {path} already holds a finished task; pass --overwrite_output_dir to replace it")
-    return path
-
-
 # ------------------------------------------------------------- one task
 def train_task(
     model_args: ModelArguments,
@@ -73,7 +63,9 @@ def train_task(
     training_args: TrainingArguments,
 ) -> Path:
     """Train one task, starting from `ilora_args.previous_task_model` if given, and write its outputs."""
-    output_dir = check_output_dir(training_args.output_dir, data_args.overwrite_output_dir)
+    outputs = taskdir.planned_outputs(training_args.output_dir, ilora_args, data_args.overwrite_output_dir,
+                                      _resume_path(training_args.resume_from_checkpoint))  # fmt: skip
+    output_dir = outputs.output_dir
     if not model_args.model_name_or_path:
         raise ILoRAError("--model (or --model_name_or_path) is required")
     if not data_args.dataset:
@@ -84,6 +76,10 @@ def train_task(
     trainer = _train(model, tokenizer, examples, model_args, ilora_args, training_args)
     trainer.save_task(output_dir)
     return output_dir
+
+
+def _resume_path(value) -> str | None:
+    return None if value in (None, False, "", "false", "False") else str(value)
 
 
 def _train(model, tokenizer, examples, model_args, ilora_args, training_args) -> ILoRATrainer:
@@ -136,6 +132,8 @@ def run_sequence(
     started = time.time()
     root = Path(training_args.output_dir)
     run_dir = root / run.method
+    check_directory_target(root, "output_dir")
+    rundir.check_run_dir(run_dir)
     method_args = method_arguments(run.method, ilora_args)
     adapters = [PLASTIC, STABLE] if method_args.uses_stable else [PLASTIC]
 
@@ -144,24 +142,28 @@ def run_sequence(
     if run.method == "joint":
         training_args = joint_training_arguments(training_args, ilora_args, [len(train_rows[t.name]) for t in run.tasks])
     config = _config_record(model_args, data_args, method_args, training_args, run)
-    settings = _settings_record(config)
-    _check_same_settings(run_dir, settings)
     base, tokenizer = load_model_and_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code)
     tests = [_test_set(t, test_rows[t.name], tokenizer, data_args) for t in run.tasks]
-    if distributed.rank() == 0 and not (run_dir / SETTINGS_FILE).is_file():
-        _write_json(run_dir / SETTINGS_FILE, settings)  # once model and test sets load: bad input leaves nothing
+    identity = taskdir.base_model_identity(base)
+    settings = {**_settings_record(config), "inputs": rundir.inputs_record(identity["fingerprint"], run.tasks)}
+    rundir.check_same_settings(run_dir, settings)
+    stages = [run.tasks] if run.method == "joint" else [[t] for t in run.tasks]
+    task_dirs = [run_dir / rundir.TASKS_DIR / f"{k}-{_stage_name(run, stage)}" for k, stage in enumerate(stages, 1)]
+    rows = {t.name: len(t) for t in tests}
+    for task_dir in task_dirs:  # damaged state is found now, not after hours of training
+        _check_saved_task(task_dir, adapters, rows, method_args.uses_replay)
+    if distributed.rank() == 0:
+        _write_json(run_dir / rundir.SETTINGS_FILE, settings)  # once model and test sets load: bad input leaves nothing
     autocast = torch.bfloat16 if training_args.bf16 else None
     scorer = _Scorer(tokenizer, tests, run.eval_batch_size, run.max_new_tokens, autocast)
     evaluates = distributed.rank() == 0  # the other ranks train, then wait
-    base_row = _base_evaluation(root, base, scorer, run.tasks, data_args) if evaluates else None
+    base_row = _base_evaluation(root, base, identity, scorer, run.tasks, data_args, settings["inputs"]) if evaluates else None
     distributed.barrier()
 
-    stages = [run.tasks] if run.method == "joint" else [[t] for t in run.tasks]
     results, timings, previous = [], [], None
-    for k, stage in enumerate(stages, start=1):
-        name = "joint" if run.method == "joint" else stage[0].name
-        task_dir = run_dir / "tasks" / f"{k}-{name}"
-        if taskdir.is_finished(task_dir) and (task_dir / EVAL_FILE).is_file():
+    for k, (stage, task_dir) in enumerate(zip(stages, task_dirs), start=1):
+        name = _stage_name(run, stage)
+        if taskdir.is_finished(task_dir) and (task_dir / rundir.EVAL_FILE).is_file():
             log.info("task %d/%d %s: finished earlier, skipped", k, len(stages), name)
         else:
             _train_and_evaluate(
@@ -171,7 +173,7 @@ def run_sequence(
         previous = (task_dir, name)
         if not evaluates:
             continue
-        saved = json.loads((task_dir / EVAL_FILE).read_text())
+        saved = rundir.read_eval(task_dir / rundir.EVAL_FILE, adapters, rows)
         results.append(saved)
         timings.append(saved["timings"])
         log.info(_summary_line(k, len(stages), name, saved, adapters, [t.name for t in run.tasks]))
@@ -181,7 +183,7 @@ def run_sequence(
     summary = _summarise(run, adapters, base_row, results, timings, time.time() - started, tests)
     summary["config"] = config
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(run_dir / "metrics.json", summary)
+    _write_json(run_dir / rundir.METRICS_FILE, summary)
     report.write_report(run_dir, summary)
     return run_dir
 
@@ -194,7 +196,6 @@ TRAINING_SETTINGS = (
     "gradient_accumulation_steps", "num_train_epochs", "max_steps", "seed", "data_seed", "optim",
     "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "bf16", "fp16",
 )  # fmt: skip
-SETTINGS_FILE = "settings.json"
 
 
 def _settings_record(config: dict) -> dict:
@@ -209,24 +210,25 @@ def _settings_record(config: dict) -> dict:
     return json.loads(json.dumps(record))  # as it reads back from the file
 
 
-def _check_same_settings(run_dir: Path, record: dict) -> None:
-    path = run_dir / SETTINGS_FILE
-    if path.is_file():
-        try:
-            stored = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ILoRAError(f"{path}: unreadable ({error}); delete it to start the run again") from None
-        changed = [
-            f"{key}: {stored.get(part, {}).get(key)!r} -> {value!r}"
-            for part, values in record.items()
-            for key, value in values.items()
-            if stored.get(part, {}).get(key) != value
-        ]
-        if changed:
-            raise ILoRAError(
-                f"{run_dir} was started with other settings ({'; '.join(changed)}); "
-                "use another output_dir or delete that directory to start again"
-            )
+def _stage_name(run: RunArguments, stage: list[TaskSpec]) -> str:
+    return "joint" if run.method == "joint" else stage[0].name
+
+
+def _check_saved_task(task_dir: Path, adapters: list[str], rows: dict[str, int], replay: bool) -> None:
+    """A finished task's manifest, adapters, buffer and evaluation, and an unfinished one's
+    checkpoints, read now: a damaged file is one line naming it before any training starts."""
+    if taskdir.is_finished(task_dir):
+        manifest = taskdir.read_manifest(task_dir)
+        for adapter in adapters:
+            taskdir.check_adapter_dir(task_dir / adapter, manifest["lora"])
+        if replay:
+            ReplayBuffer.load(taskdir.buffer_path(task_dir / "buffer"))
+        if (task_dir / rundir.EVAL_FILE).exists():
+            rundir.read_eval(task_dir / rundir.EVAL_FILE, adapters, rows)
+    elif task_dir.is_dir():
+        checkpoint = taskdir.last_complete_checkpoint(task_dir)
+        if checkpoint is not None:
+            taskdir.read_json(checkpoint / taskdir.CHECKPOINT_MARKER, "checkpoint marker")
 
 
 def _train_and_evaluate(k, stage, name, task_dir, previous, train_rows, tokenizer, scorer, adapters,
@@ -250,6 +252,10 @@ def _train_and_evaluate(k, stage, name, task_dir, previous, train_rows, tokenize
             ema_adapter_path=None,
         )
         checkpoint = taskdir.last_complete_checkpoint(task_dir)  # a crash mid-task: continue from there
+        if checkpoint is not None:
+            log.info("task %d %s: resuming from %s", k, name, checkpoint)
+        # the run owns its task directories: leftovers of an interrupted write may be replaced
+        taskdir.planned_outputs(str(task_dir), task_args, overwrite=True)
         task_training = dataclasses.replace(
             training_args, output_dir=str(task_dir), resume_from_checkpoint=str(checkpoint) if checkpoint else None
         )
@@ -262,7 +268,7 @@ def _train_and_evaluate(k, stage, name, task_dir, previous, train_rows, tokenize
         eval_began = time.time()
         scores = {adapter: scorer.score(model, adapter) for adapter in adapters}
         timings = {"train_seconds": train_seconds, "eval_seconds": time.time() - eval_began}
-        _write_json(task_dir / EVAL_FILE, {"scores": scores, "timings": timings})
+        _write_json(task_dir / rundir.EVAL_FILE, {"scores": scores, "timings": timings})
     distributed.barrier()
 
 
@@ -293,19 +299,21 @@ def _test_set(task: TaskSpec, rows, tokenizer, data_args: DataArguments) -> Test
     )
 
 
-def _base_evaluation(root: Path, base, scorer: _Scorer, tasks: list[TaskSpec], data_args: DataArguments) -> dict:
+def _base_evaluation(root: Path, base, identity: dict, scorer: _Scorer, tasks: list[TaskSpec],
+                     data_args: DataArguments, inputs: dict) -> dict:  # fmt: skip
     """Row 0 of the accuracy matrix. Shared by every method run from one config, so computed once."""
     key = {
-        "model": taskdir.base_model_identity(base),
+        "model": identity,
         "tasks": [dataclasses.asdict(t) for t in tasks],
+        "test_files": inputs["test"],
         "cutoff_len": data_args.cutoff_len,
         "use_chat_template": data_args.use_chat_template,
     }
-    path = root / "base_eval.json"
-    if path.is_file():
-        cached = json.loads(path.read_text())
-        if cached.get("key") == key:
-            return cached["scores"]
+    path = root / rundir.BASE_EVAL_FILE
+    rows = {t.name: len(t) for t in scorer.tests}
+    cached = rundir.read_base_eval(path, key, rows)
+    if cached is not None:
+        return cached
     scores = scorer.score(base, None)
     root.mkdir(parents=True, exist_ok=True)
     _write_json(path, {"key": key, "scores": scores})
@@ -387,8 +395,15 @@ def evaluate_adapters(model_name: str, adapter_dir: Path, config: Path) -> dict:
         stable = adapter_dir / STABLE if (adapter_dir / STABLE / "adapter_config.json").is_file() else None
     else:
         raise ILoRAError(f"{adapter_dir}: neither a PEFT adapter directory nor an ilora task directory")
+    manifest = taskdir.read_manifest(plastic.parent) if taskdir.is_finished(plastic.parent) else None
+    for directory in (plastic, stable):
+        if directory is not None:
+            taskdir.check_adapter_dir(directory, manifest["lora"] if manifest else None)
     test_rows = {t.name: read_jsonl(t.test) for t in run.tasks}
     base, tokenizer = load_model_and_tokenizer(model_name)
+    if manifest is not None and taskdir.base_model_identity(base)["fingerprint"] != manifest["base_model"]["fingerprint"]:
+        raise ILoRAError(f"{adapter_dir} was trained on base model {manifest['base_model']['name_or_path']!r}, "
+                         f"not on {model_name!r}: its adapters mean nothing on another base")  # fmt: skip
     tests = [_test_set(t, test_rows[t.name], tokenizer, data_args) for t in run.tasks]
     scorer = _Scorer(tokenizer, tests, run.eval_batch_size, run.max_new_tokens,
                      torch.bfloat16 if training_args.bf16 else None)  # fmt: skip
@@ -410,6 +425,7 @@ def run_demo(full: bool = False, output_dir: Path | None = None, overrides: dict
 
     plan = FULL if full else DEMO
     root = Path(output_dir or ("runs/full" if full else "runs/demo"))
+    check_directory_target(root, "--output_dir")
     entries = build_benchmark(root / "data", plan["tasks"], plan["n_train"], plan["n_test"], seed=0)
     base_config = load_yaml_mapping(Path(__file__).parent / "configs" / "demo.yaml")
     if full:

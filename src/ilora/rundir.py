@@ -1,0 +1,157 @@
+"""What a run directory (`ilora run`) holds besides its task directories, and when it may be continued.
+
+    <output_dir>/base_eval.json            the untrained model's scores, shared by the methods of a config
+    <output_dir>/<method>/settings.json    the settings and the inputs' digests the run was started with
+    <output_dir>/<method>/tasks/<k>-<name>/eval.json   every test set scored after task k
+    <output_dir>/<method>/metrics.json     the summary (report.md and the plots are drawn from it)
+
+Finished tasks are skipped when a run is re-run, so a run continues only under the settings and on
+the very inputs (model weights, every train and test file) it was started with: otherwise its
+accuracy matrix would mix two experiments, or report scores of data that is no longer there. A run
+that never trained anything may be restarted under new settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Any
+
+from . import taskdir
+from .errors import ILoRAError
+
+SETTINGS_FILE = "settings.json"
+EVAL_FILE = "eval.json"
+BASE_EVAL_FILE = "base_eval.json"
+METRICS_FILE = "metrics.json"
+TASKS_DIR = "tasks"
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def inputs_record(model_fingerprint: str, tasks) -> dict[str, Any]:
+    """The run's inputs by content: a changed file at the same path is a changed input."""
+    return {
+        "model": model_fingerprint,
+        "train": {t.name: file_digest(t.train) for t in tasks},
+        "test": {t.name: file_digest(t.test) for t in tasks},
+    }
+
+
+# ------------------------------------------------------------ continuing a run
+def check_run_dir(run_dir: Path) -> None:
+    """A run writes into `run_dir` only if it is new, empty, or an ilora run directory."""
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise ILoRAError(f"run directory {run_dir} is a file")
+    names = {p.name for p in run_dir.iterdir()}
+    if names and not names & {SETTINGS_FILE, TASKS_DIR}:
+        raise ILoRAError(f"{run_dir} already exists and is not an ilora run directory; ilora writes nothing "
+                         "into it: choose another output_dir")  # fmt: skip
+
+
+def has_trained(run_dir: Path) -> bool:
+    """A finished task, or a complete checkpoint of one, exists: the run is under way."""
+    tasks = run_dir / TASKS_DIR
+    if not tasks.is_dir():
+        return False
+    return any(taskdir.is_finished(d) or taskdir.last_complete_checkpoint(d) for d in tasks.iterdir() if d.is_dir())
+
+
+def check_same_settings(run_dir: Path, record: dict) -> None:
+    """Refuse to continue a run that has trained under other settings or on other inputs."""
+    path = run_dir / SETTINGS_FILE
+    if not path.is_file() or not has_trained(run_dir):
+        return  # nothing trained yet: a failed start does not block the corrected retry
+    stored = taskdir.read_json(path, "run settings")
+    if not isinstance(stored, dict):
+        raise ILoRAError(f"{path}: damaged run settings (not a JSON object); delete {run_dir} to start again")
+    changed_input = _changed_input(stored.get("inputs"), record["inputs"])
+    if changed_input:
+        raise ILoRAError(f"{changed_input} changed since {run_dir} was started: its results would not match "
+                         "the data; use another output_dir or delete that directory to start again")  # fmt: skip
+    changed = [
+        f"{key}: {stored.get(part, {}).get(key)!r} -> {value!r}"
+        for part, values in record.items()
+        if part != "inputs"
+        for key, value in values.items()
+        if not isinstance(stored.get(part), dict) or stored[part].get(key) != value
+    ]
+    if changed:
+        raise ILoRAError(
+            f"{run_dir} was started with other settings ({'; '.join(changed)}); "
+            "use another output_dir or delete that directory to start again"
+        )
+
+
+def _changed_input(stored: Any, current: dict) -> str | None:
+    if not isinstance(stored, dict):
+        return "the record of its inputs (settings.json from an older ilora)"
+    if stored.get("model") != current["model"]:
+        return "the base model's weights"
+    for kind in ("train", "test"):
+        for task, digest in current[kind].items():
+            if (stored.get(kind) or {}).get(task) != digest:
+                return f"the {kind} file of task {task!r}"
+    return None
+
+
+# ------------------------------------------------------------- evaluation files
+def read_eval(path: Path, adapters: list[str], test_rows: dict[str, int]) -> dict:
+    """A task's `eval.json`, checked against the run: every adapter, every task, every row, finite."""
+    saved = taskdir.read_json(path, "evaluation file")
+    scores = saved.get("scores") if isinstance(saved, dict) else None
+    timings = saved.get("timings") if isinstance(saved, dict) else None
+    if not isinstance(scores, dict) or not isinstance(timings, dict):
+        raise _damaged(path, "no 'scores' and 'timings'")
+    for key in ("train_seconds", "eval_seconds"):
+        if not _finite_number(timings.get(key)):
+            raise _damaged(path, f"timing '{key}' is {timings.get(key)!r}")
+    for adapter in adapters:
+        check_scores(path, scores.get(adapter), test_rows, adapter)
+    return saved
+
+
+def check_scores(path: Path, scores: Any, test_rows: dict[str, int], label: str) -> None:
+    if not isinstance(scores, dict):
+        raise _damaged(path, f"no scores for {label}")
+    for task, rows in test_rows.items():
+        entry = scores.get(task)
+        if not isinstance(entry, dict):
+            raise _damaged(path, f"no score of {label} on task {task!r}")
+        accuracy, predictions = entry.get("accuracy"), entry.get("predictions")
+        if not _finite_number(accuracy) or not 0.0 <= accuracy <= 1.0:
+            raise _damaged(path, f"accuracy of {label} on task {task!r} is {accuracy!r}")
+        if not isinstance(predictions, list) or len(predictions) != rows:
+            count = len(predictions) if isinstance(predictions, list) else predictions
+            raise _damaged(path, f"{count} predictions of {label} on task {task!r}, the test set has {rows} rows")
+
+
+def read_base_eval(path: Path, key: dict, test_rows: dict[str, int]) -> dict | None:
+    """The cached scores of the untrained model, or None when they were computed for other inputs."""
+    if not path.exists():
+        return None
+    cached = taskdir.read_json(path, "base-model evaluation")
+    if not isinstance(cached, dict) or "key" not in cached:
+        raise _damaged(path, "no 'key'")
+    if cached["key"] != key:
+        return None
+    check_scores(path, cached.get("scores"), test_rows, "the base model")
+    return cached["scores"]
+
+
+def _damaged(path: Path, what: str) -> ILoRAError:
+    return ILoRAError(f"{path}: damaged ({what}); delete it and run again to recompute it")
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
