@@ -37,12 +37,14 @@ def tiny_tokenizer(chat_template: bool = False) -> PreTrainedTokenizerFast:
     return fast
 
 
-def tiny_llama(vocab_size: int = 300, layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(vocab_size: int = 300, layers: int = 2, seed: int = 0, hidden_size: int = 32,
+               initializer_range: float = 0.02) -> LlamaForCausalLM:  # fmt: skip
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        initializer_range=initializer_range,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -54,11 +56,29 @@ def tiny_llama(vocab_size: int = 300, layers: int = 2, seed: int = 0) -> LlamaFo
     return LlamaForCausalLM(config)
 
 
-def save_tiny_model(directory: Path, chat_template: bool = False, seed: int = 0) -> Path:
+def save_tiny_model(directory: Path, chat_template: bool = False, seed: int = 0, **model_settings) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    tiny_llama(seed=seed).save_pretrained(directory)
+    tiny_llama(seed=seed, **model_settings).save_pretrained(directory)
     tiny_tokenizer(chat_template).save_pretrained(directory)
     return directory
+
+
+# A tiny Llama that learns through LoRA: the default one (initializer_range 0.02) is so close to
+# uniform that LoRA on q/v barely moves its answers (every accuracy stays at chance). Larger initial
+# weights give attention something to steer: it learns a keyword-to-label task to ~95% in 40 steps.
+LEARNER = {"hidden_size": 64, "initializer_range": 0.2}
+
+
+def keyword_rows(n: int, flipped: bool = False, offset: int = 0) -> list[dict]:
+    """A toy sentiment task: the keyword decides the label. `flipped` swaps the labels, so a model
+    that learns the flipped task must forget the original one: forgetting that a test can see."""
+    rows = []
+    for row in sentiment_rows(n, offset=offset):
+        label = row["response"]
+        if flipped:
+            label = "negative" if label == "positive" else "positive"
+        rows.append({"prompt": row["prompt"], "response": label})
+    return rows
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -122,6 +122,11 @@ def _main(argv: list[str]) -> int:
             raise
         print(f"ilora {command}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:  # a path the file system refuses (name too long, permission, disk full)
+        if debug:
+            raise
+        print(f"ilora {command}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         if debug:
             raise

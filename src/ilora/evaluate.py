@@ -106,7 +106,7 @@ def score_choices(model, test: TestSet, pad_token_id: int, batch_size: int = 16)
         index = torch.tensor(owner, device=device)
         total = first[index, torch.stack([c[0] for c in candidates])]
         if max(len(c) for c in candidates) > 1:
-            cache = out.past_key_values
+            cache = out.cache
             cache.reorder_cache(index)
             cand_ids = pad_sequence(candidates, batch_first=True, padding_value=pad_token_id)
             cand_mask = pad_sequence([torch.ones_like(c) for c in candidates], batch_first=True)

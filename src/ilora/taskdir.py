@@ -30,7 +30,7 @@ from .adapters import PLASTIC, STABLE, AdapterPair, save_adapter
 from .buffer import ReplayBuffer
 from .config import ILoRAArguments
 from .errors import ILoRAError
-from .paths import TaskOutputs, check_replaceable
+from .paths import TaskOutputs, check_directory_target, check_replaceable
 
 MANIFEST = "ilora_task.json"
 CHECKPOINT_MARKER = "ilora_checkpoint.json"  # written last into a Trainer checkpoint: it is complete
@@ -162,6 +162,7 @@ def planned_outputs(output_dir: str | None, args: ILoRAArguments, overwrite: boo
     if not output_dir:
         raise ILoRAError("--output_dir is required")
     output = Path(output_dir)
+    check_directory_target(output, "output_dir")  # before anything looks inside it
     reads: dict[str, Path] = {}
     if args.previous_task_model:
         previous = Path(args.previous_task_model)

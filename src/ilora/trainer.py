@@ -149,7 +149,9 @@ class ILoRATrainer(Trainer):
 
     def _save_checkpoint(self, model, trial):
         """The Trainer's checkpoint (both adapters, optimizer, scheduler, RNG) plus the buffer and the EMA
-        step; a marker written last says the checkpoint is complete."""
+        step; a marker written last says the checkpoint is complete. A diverged state is never
+        checkpointed: resuming from it would only diverge again."""
+        self.ilora.check_finite(f"by optimizer step {self.state.global_step}", adapters=True)
         super()._save_checkpoint(model, trial)
         folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
         if self.ilora.buffer is not None:  # every rank saves its own buffer

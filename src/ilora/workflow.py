@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import TrainingArguments
 
 from . import distributed, metrics, report, rundir, taskdir
-from .adapters import PLASTIC, STABLE, AdapterPair, load_adapters
+from .adapters import PLASTIC, STABLE, AdapterPair, check_target_modules, load_adapters
 from .buffer import ReplayBuffer
 from .paths import check_directory_target
 from .config import (
@@ -72,6 +72,7 @@ def train_task(
         raise ILoRAError("--dataset is required")
     rows = read_jsonl(data_args.dataset)  # bad data fails before the model is loaded
     model, tokenizer = load_model_and_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code)
+    check_target_modules(model, model_args.target_modules)
     examples = encode_rows(rows, tokenizer, data_args.cutoff_len, data_args.use_chat_template, data_args.dataset)
     trainer = _train(model, tokenizer, examples, model_args, ilora_args, training_args)
     trainer.save_task(output_dir)
@@ -143,6 +144,7 @@ def run_sequence(
         training_args = joint_training_arguments(training_args, ilora_args, [len(train_rows[t.name]) for t in run.tasks])
     config = _config_record(model_args, data_args, method_args, training_args, run)
     base, tokenizer = load_model_and_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code)
+    check_target_modules(base, model_args.target_modules)
     tests = [_test_set(t, test_rows[t.name], tokenizer, data_args) for t in run.tasks]
     identity = taskdir.base_model_identity(base)
     settings = {**_settings_record(config), "inputs": rundir.inputs_record(identity["fingerprint"], run.tasks)}
@@ -155,7 +157,7 @@ def run_sequence(
     if distributed.rank() == 0:
         _write_json(run_dir / rundir.SETTINGS_FILE, settings)  # once model and test sets load: bad input leaves nothing
     autocast = torch.bfloat16 if training_args.bf16 else None
-    scorer = _Scorer(tokenizer, tests, run.eval_batch_size, run.max_new_tokens, autocast)
+    scorer = _Scorer(tokenizer, tests, run.eval_batch_size, run.max_new_tokens, autocast, training_args.disable_tqdm)
     evaluates = distributed.rank() == 0  # the other ranks train, then wait
     base_row = _base_evaluation(root, base, identity, scorer, run.tasks, data_args, settings["inputs"]) if evaluates else None
     distributed.barrier()
@@ -199,13 +201,15 @@ TRAINING_SETTINGS = (
 
 
 def _settings_record(config: dict) -> dict:
-    """The part of the run's config record (`_config_record`) that decides the trained weights."""
+    """The part of the run's config record (`_config_record`) that decides the trained weights. Paths
+    are left out: the inputs are recorded by content (`rundir.inputs_record`), so a run directory
+    moved with its files continues, and a file changed at the same path does not."""
     record = {
-        "model": config["model"],
+        "model": {key: value for key, value in config["model"].items() if key != "model_name_or_path"},
         "data": {key: config["data"][key] for key in ("cutoff_len", "use_chat_template")},
         "ilora": config["ilora"],
         "training": {key: config["training"][key] for key in TRAINING_SETTINGS},
-        "tasks": {"tasks": config["run"]["tasks"]},
+        "tasks": {"tasks": [{k: v for k, v in task.items() if k not in ("train", "test")} for task in config["run"]["tasks"]]},
     }
     return json.loads(json.dumps(record))  # as it reads back from the file
 
@@ -275,13 +279,15 @@ def _train_and_evaluate(k, stage, name, task_dir, previous, train_rows, tokenize
 class _Scorer:
     """Every test set, scored for one adapter of a model (the base model when `adapter` is None)."""
 
-    def __init__(self, tokenizer, tests: list[TestSet], batch_size: int, max_new_tokens: int, autocast):
+    def __init__(self, tokenizer, tests: list[TestSet], batch_size: int, max_new_tokens: int, autocast,
+                 quiet: bool = False):  # fmt: skip
         self.tokenizer, self.tests = tokenizer, tests
         self.batch_size, self.max_new_tokens, self.autocast = batch_size, max_new_tokens, autocast
+        self.quiet = quiet  # the Trainer's disable_tqdm: no progress bars at all
 
     def score(self, model, adapter: str | None) -> dict[str, dict]:
         results = {}
-        for test in tqdm(self.tests, desc=f"eval {adapter or 'base'}", leave=False):
+        for test in tqdm(self.tests, desc=f"eval {adapter or 'base'}", leave=False, disable=self.quiet):
             if adapter is None:
                 results[test.name] = self._evaluate(model, test)
             else:

@@ -1,0 +1,539 @@
+"""Nothing lost, nothing silent: every refusal is one line naming the culprit, with its exit code, no
+traceback, and nothing of the user's changed or deleted (the whole tree is snapshotted before and
+after). One table per class of mistake; a case builds its argv from a shared world and may first
+damage a copy of something in its own folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from ilora.cli import main
+from tiny import save_tiny_model, sentiment_rows, two_task_config, write_jsonl
+
+TRAIN = ["--lora_target", "q_proj,v_proj", "--lora_rank", "4", "--max_steps", "2", "--report_to", "none",
+         "--use_cpu", "true", "--disable_tqdm", "true", "--ilora_buffer_size", "4", "--save_strategy", "no"]  # fmt: skip
+BAD_INPUT, DIVERGED = 2, 1
+# Plain SGD at 1e12 without clipping: weights reach ~1e25 by step 2 and NaN at step 3 on the tiny model.
+HUGE_STEP = ["--optim", "sgd", "--learning_rate", "1e12", "--max_grad_norm", "0", "--max_steps", "3"]
+
+
+# ------------------------------------------------------------------ the world
+@pytest.fixture(scope="module")
+def world(tiny_model_dir, tmp_path_factory):
+    """Model, data, a finished task `t1`, a finished two-task run, and a folder of the user's."""
+    root = tmp_path_factory.mktemp("world")
+    data = write_jsonl(root / "good.jsonl", sentiment_rows(8))
+    assert main(["train", "--model", str(tiny_model_dir), "--dataset", str(data), "--output_dir", str(root / "t1"),
+                 "--current_task_id", "t1", *TRAIN]) == 0  # fmt: skip
+    thesis = root / "thesis"
+    thesis.mkdir()
+    (thesis / "chapter1.txt").write_text("two years of work")
+    run = root / "run"
+    save_tiny_model(run / "model")
+    settings = two_task_config(run, Path("model"), max_steps=2, save_strategy="no", output_dir="out")
+    for task in settings["tasks"]:
+        task["test"] = f"{task['name']}.test.jsonl"
+        shutil.copy(run / task["train"], run / task["test"])
+    (run / "config.yaml").write_text(yaml.safe_dump(settings))
+    assert main(["run", str(run / "config.yaml"), "--method", "ilora"]) == 0
+    return {"root": root, "model": tiny_model_dir, "data": data, "t1": root / "t1", "thesis": thesis, "run": run}
+
+
+def train(w, t, *extra, out=None, data=None):
+    return ["train", "--model", str(w["model"]), "--dataset", str(data or w["data"]),
+            "--output_dir", str(out or t / "out"), *TRAIN, *extra]  # fmt: skip
+
+
+def chained(w, t, *extra, out=None):
+    return train(w, t, "--previous_task_model", str(w["t1"]), *extra, out=out)
+
+
+def copy_of(w, t, key: str) -> Path:
+    target = t / key
+    shutil.copytree(w[key], target)
+    return target
+
+
+def task_copy(w, t) -> Path:
+    return copy_of(w, t, "t1")
+
+
+def run_copy(w, t, change=None) -> list[str]:
+    """A copy of the finished run (config, model, data, results); `change` edits the config."""
+    run = copy_of(w, t, "run")
+    if change:
+        settings = yaml.safe_load((run / "config.yaml").read_text())
+        change(settings)
+        (run / "config.yaml").write_text(yaml.safe_dump(settings))
+    return ["run", str(run / "config.yaml"), "--method", "ilora"]
+
+
+def run_copy_then(damage):
+    """A builder: copy the finished run, then `damage(copy's folder)`."""
+
+    def build(w, t):
+        argv = run_copy(w, t)
+        damage(t / "run")
+        return argv
+
+    return build
+
+
+def run_config(w, t, change=None, text: str | None = None) -> list[str]:
+    """A fresh one-task run config in the case's folder (nothing trained yet)."""
+    path = t / "run.yaml"
+    if text is None:
+        write_jsonl(t / "a.test.jsonl", [{"prompt": "x", "response": "positive"}])
+        settings = {
+            "model_name_or_path": str(w["model"]), "output_dir": "out", "lora_target": "q_proj", "max_steps": 1,
+            "report_to": "none", "use_cpu": True, "disable_tqdm": True, "save_strategy": "no",
+            "tasks": [{"name": "a", "train": str(w["data"]), "test": "a.test.jsonl", "choices": ["positive", "negative"]}],
+        }  # fmt: skip
+        if change:
+            change(settings)
+        text = yaml.safe_dump(settings)
+    path.write_text(text)
+    return ["run", str(path)]
+
+
+def yaml_train(w, t, text: str) -> list[str]:
+    path = t / "train.yaml"
+    path.write_text(f"model: {w['model']}\ndataset: {w['data']}\noutput_dir: {t / 'out'}\n" + text)
+    return ["train", str(path)]
+
+
+def edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def poison(adapter_dir: Path) -> None:
+    """One NaN in an adapter's weights."""
+    weights = adapter_dir / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    key = sorted(tensors)[0]
+    tensors[key][0, 0] = math.nan
+    save_file(tensors, str(weights))
+
+
+def then(action, result):
+    """Run `action` (it prepares the case's folder), then return `result` (the argv)."""
+    action()
+    return result
+
+
+# ------------------------------------------------------------------ the cases
+# name: (argv builder, exit code, text the one line must contain). Builders get (world, case folder).
+USER_DATA = {
+    "ema_adapter_path at a user folder": (lambda w, t: train(w, t, "--ema_adapter_path", str(w["thesis"])), BAD_INPUT,
+                                          "thesis already exists and is not an ilora adapter directory"),
+    "ema_adapter_path '.'": (lambda w, t: train(w, t, "--ema_adapter_path", "."), BAD_INPUT, "is not an ilora adapter directory"),
+    "ema_adapter_path = output_dir": (lambda w, t: train(w, t, "--ema_adapter_path", str(t / "out")), BAD_INPUT,
+                                      "would replace output_dir"),
+    "ema_adapter_path = output_dir/plastic": (lambda w, t: train(w, t, "--ema_adapter_path", str(t / "out" / "plastic")),
+                                              BAD_INPUT, "the plastic adapter and the stable adapter would both be written"),
+    "ema_adapter_path = output_dir/buffer": (lambda w, t: train(w, t, "--ema_adapter_path", str(t / "out" / "buffer")),
+                                             BAD_INPUT, "the replay buffer and the stable adapter would both be written"),
+    "ema_adapter_path holds output_dir": (lambda w, t: train(w, t, "--ema_adapter_path", str(t), out=t / "sub" / "out"),
+                                          BAD_INPUT, "is not an ilora adapter directory"),
+    "ema_adapter_path empty folder holding output_dir": (
+        lambda w, t: then(lambda: (t / "empty").mkdir(), train(w, t, "--ema_adapter_path", str(t / "empty"), out=t / "empty" / "o")),
+        BAD_INPUT, "is not an ilora adapter directory"),
+    "ema_adapter_path = an ilora adapter, no overwrite": (
+        lambda w, t: train(w, t, "--ema_adapter_path", str(task_copy(w, t) / "stable")), BAD_INPUT,
+        "already holds an adapter or buffer; pass --overwrite_output_dir"),
+    "output_dir/plastic is a user folder": (
+        lambda w, t: then(lambda: shutil.copytree(w["thesis"], t / "out" / "plastic"), train(w, t, "--overwrite_output_dir", "true")),
+        BAD_INPUT, "plastic already exists and is not an ilora adapter directory"),
+    "output_dir/buffer is a user folder": (
+        lambda w, t: then(lambda: shutil.copytree(w["thesis"], t / "out" / "buffer"), train(w, t, "--overwrite_output_dir", "true")),
+        BAD_INPUT, "buffer already exists and is not an ilora buffer directory"),
+    "output_dir/plastic is a file": (
+        lambda w, t: then(lambda: write_jsonl(t / "out" / "plastic", [{}]), train(w, t)), BAD_INPUT, "plastic is a file"),
+    "output_dir/stable is a link to a user folder": (
+        lambda w, t: then(lambda: ((t / "out").mkdir(), (t / "out" / "stable").symlink_to(w["thesis"])), train(w, t, "--overwrite_output_dir", "true")),
+        BAD_INPUT, "stable already exists and is not an ilora adapter directory"),
+    "output_dir is a file": (lambda w, t: train(w, t, out=w["data"]), BAD_INPUT, "good.jsonl is a file"),
+    "output_dir inside a file": (lambda w, t: train(w, t, out=w["data"] / "out"), BAD_INPUT, "good.jsonl is a file"),
+    "output_dir = previous_task_model": (lambda w, t: chained(w, t, "--overwrite_output_dir", "true", out=w["t1"]),
+                                         BAD_INPUT, "is output_dir itself"),
+    "output_dir inside previous_task_model": (lambda w, t: chained(w, t, out=w["t1"] / "next"), BAD_INPUT,
+                                              "which this task reads"),
+    "chained ema_adapter_path = output_dir/stable": (
+        lambda w, t: chained(w, t, "--ema_adapter_path", str(w["t1"] / "stable"), "--overwrite_output_dir", "true", out=w["t1"]),
+        BAD_INPUT, "is output_dir itself"),
+    "output_dir name too long": (lambda w, t: train(w, t, out=t / ("x" * 300)), BAD_INPUT, "bytes; at most 255"),
+    "run: output_dir is a file": (lambda w, t: run_config(w, t, lambda c: c.update(output_dir=str(w["data"]))), BAD_INPUT,
+                                  "good.jsonl is a file"),
+    "run: method folder is the user's": (
+        lambda w, t: then(lambda: shutil.copytree(w["thesis"], t / "out" / "ilora"), run_config(w, t)), BAD_INPUT,
+        "is not an ilora run directory"),
+    "compare --out is a file": (lambda w, t: ["compare", str(w["run"] / "out" / "ilora"), "--out", str(w["data"])],
+                                BAD_INPUT, "good.jsonl is a file"),
+    "demo --output_dir is a file": (lambda w, t: ["demo", "--output_dir", str(w["data"])], BAD_INPUT, "good.jsonl is a file"),
+}  # fmt: skip
+
+DIVERGED_RUNS = {
+    "train: huge learning rate": (lambda w, t: train(w, t, *HUGE_STEP),
+                                  DIVERGED, "training diverged"),
+    "train: huge learning rate, seq-LoRA": (
+        lambda w, t: train(w, t, *HUGE_STEP, "--use_ilora", "false"),
+        DIVERGED, "training diverged"),
+    "train: huge learning rate, selective update": (
+        lambda w, t: train(w, t, *HUGE_STEP, "--selective_update", "true"),
+        DIVERGED, "training diverged"),
+    "train: diverged with checkpoints on": (
+        lambda w, t: train(w, t, "--optim", "sgd", "--learning_rate", "1e12", "--max_grad_norm", "0", "--save_strategy", "steps",
+                           "--save_steps", "1", "--max_steps", "3"), DIVERGED, "training diverged by optimizer step"),
+    "train: huge learning rate, logging every step": (
+        lambda w, t: train(w, t, "--optim", "sgd", "--learning_rate", "1e12", "--max_grad_norm", "0", "--logging_steps", "1",
+                           "--max_steps", "4"), DIVERGED, "training diverged by optimizer step"),
+    "run: ilora diverges": (lambda w, t: run_config(w, t, lambda c: c.update(optim="sgd", learning_rate=1e12, max_grad_norm=0, max_steps=3)),
+                            DIVERGED, "training diverged"),
+    "run: er diverges": (lambda w, t: run_config(w, t, lambda c: c.update(optim="sgd", learning_rate=1e12, max_grad_norm=0, max_steps=3,
+                                                                           method="er")), DIVERGED, "training diverged"),
+    "run: joint diverges": (lambda w, t: run_config(w, t, lambda c: c.update(optim="sgd", learning_rate=1e12, max_grad_norm=0,
+                                                                              max_steps=2, method="joint")), DIVERGED, "training diverged"),
+}  # fmt: skip
+
+SETTINGS = {
+    "consistency_weight nan": (lambda w, t: train(w, t, "--consistency_weight", "nan"), BAD_INPUT, "consistency_weight=nan"),
+    "consistency_weight inf": (lambda w, t: train(w, t, "--consistency_weight", "inf"), BAD_INPUT, "consistency_weight=inf"),
+    "min_update_threshold nan": (lambda w, t: train(w, t, "--min_update_threshold", "nan"), BAD_INPUT, "min_update_threshold=nan"),
+    "ema_alpha nan": (lambda w, t: train(w, t, "--ema_alpha", "nan"), BAD_INPUT, "ema_alpha=nan"),
+    "lora_alpha 0": (lambda w, t: train(w, t, "--lora_alpha", "0"), BAD_INPUT, "lora_alpha=0 must be > 0"),
+    "lora_alpha negative": (lambda w, t: train(w, t, "--lora_alpha", "-16"), BAD_INPUT, "lora_alpha=-16 must be > 0"),
+    "lora_dropout nan": (lambda w, t: train(w, t, "--lora_dropout", "nan"), BAD_INPUT, "lora_dropout=nan"),
+    "lora_rank 0": (lambda w, t: train(w, t, "--lora_rank", "0"), BAD_INPUT, "lora_rank=0 must be >= 1"),
+    "learning_rate negative": (lambda w, t: train(w, t, "--learning_rate", "-0.01"), BAD_INPUT, "learning_rate=-0.01"),
+    "learning_rate nan": (lambda w, t: train(w, t, "--learning_rate", "nan"), BAD_INPUT, "learning_rate=nan"),
+    "learning_rate inf": (lambda w, t: train(w, t, "--learning_rate", "inf"), BAD_INPUT, "learning_rate=inf"),
+    "zero epochs": (lambda w, t: train(w, t, "--num_train_epochs", "0", "--max_steps", "-1"), BAD_INPUT, "trains no step"),
+    "negative max_steps, zero epochs": (lambda w, t: train(w, t, "--num_train_epochs", "0", "--max_steps", "-3"), BAD_INPUT,
+                                        "trains no step"),
+    "negative epochs": (lambda w, t: train(w, t, "--num_train_epochs", "-1", "--max_steps", "-1"), BAD_INPUT, "num_train_epochs=-1.0"),
+    "batch size 0": (lambda w, t: train(w, t, "--per_device_train_batch_size", "0"), BAD_INPUT, "per_device_train_batch_size=0"),
+    "gradient accumulation 0": (lambda w, t: train(w, t, "--gradient_accumulation_steps", "0"), BAD_INPUT,
+                                "gradient_accumulation_steps=0"),
+    "max_grad_norm nan": (lambda w, t: train(w, t, "--max_grad_norm", "nan"), BAD_INPUT, "max_grad_norm=nan"),
+    "max_grad_norm negative": (lambda w, t: train(w, t, "--max_grad_norm", "-1"), BAD_INPUT, "max_grad_norm=-1.0"),
+    "weight_decay nan": (lambda w, t: train(w, t, "--weight_decay", "nan"), BAD_INPUT, "weight_decay=nan"),
+    "warmup negative": (lambda w, t: train(w, t, "--warmup_steps", "-5"), BAD_INPUT, "warmup_steps"),
+    "adam_beta1 1.5": (lambda w, t: train(w, t, "--adam_beta1", "1.5"), BAD_INPUT, "adam_beta1=1.5"),
+    "logging_steps 0": (lambda w, t: train(w, t, "--logging_steps", "0"), BAD_INPUT, "logging_steps"),
+    "replay batch negative": (lambda w, t: train(w, t, "--replay_batch_size", "-1"), BAD_INPUT, "replay_batch_size=-1"),
+    "cutoff_len 0": (lambda w, t: train(w, t, "--cutoff_len", "0"), BAD_INPUT, "cutoff_len=0"),
+    "yaml: consistency_weight .nan": (lambda w, t: yaml_train(w, t, "consistency_weight: .nan\n"), BAD_INPUT, "consistency_weight=nan"),
+    "yaml: hidden_state_layers empty": (lambda w, t: yaml_train(w, t, "hidden_state_layers: []\n"), BAD_INPUT,
+                                        "hidden_state_layers"),
+    "run: eval_batch_size 0": (lambda w, t: run_config(w, t, lambda c: c.update(eval_batch_size=0)), BAD_INPUT, "eval_batch_size=0"),
+    "run: eval_batch_size negative": (lambda w, t: run_config(w, t, lambda c: c.update(eval_batch_size=-4)), BAD_INPUT,
+                                      "eval_batch_size=-4"),
+    "run: max_new_tokens 0": (lambda w, t: run_config(w, t, lambda c: c.update(max_new_tokens=0)), BAD_INPUT, "max_new_tokens=0"),
+    "run: learning_rate .inf": (lambda w, t: run_config(w, t, lambda c: c.update(learning_rate=float("inf"))), BAD_INPUT,
+                                "learning_rate=inf"),
+}  # fmt: skip
+
+STALE_RESULTS = {
+    "test file replaced": (run_copy_then(lambda r: write_jsonl(r / "alpha.test.jsonl", sentiment_rows(20, offset=7))), BAD_INPUT,
+                           "the test file of task 'alpha' changed since"),
+    "train file replaced": (run_copy_then(lambda r: write_jsonl(r / "beta.jsonl", sentiment_rows(16, offset=9))), BAD_INPUT,
+                            "the train file of task 'beta' changed since"),
+    "base weights replaced": (run_copy_then(lambda r: save_tiny_model(r / "model", seed=5)), BAD_INPUT,
+                              "the base model's weights changed since"),
+    "a setting changed": (lambda w, t: run_copy(w, t, lambda c: c.update(learning_rate=0.5)), BAD_INPUT,
+                          "was started with other settings (learning_rate: 0.01 -> 0.5)"),
+    "settings.json damaged": (run_copy_then(lambda r: (r / "out/ilora/settings.json").write_text("{")), BAD_INPUT,
+                              "settings.json: damaged run settings"),
+}  # fmt: skip
+
+WRONG_ANSWERS = {
+    "compare: different task sets": (lambda w, t: ["compare", str(w["run"] / "out" / "ilora"), str(one_task_run(w, t))],
+                                     BAD_INPUT, "runs over different tasks cannot be compared"),
+    "eval: adapter on another base": (
+        lambda w, t: ["eval", "--model", str(save_tiny_model(t / "other", seed=9)), "--adapter", str(w["run"] / "out" / "ilora" / "tasks" / "1-alpha"),
+                      "--tasks", str(w["run"] / "config.yaml")], BAD_INPUT, "was trained on base model"),
+}  # fmt: skip
+
+
+def one_task_run(w, t) -> Path:
+    """A finished run whose metrics.json covers one task only (written as ilora writes it)."""
+    run = t / "single" / "ilora"
+    run.mkdir(parents=True)
+    summary = json.loads((w["run"] / "out" / "ilora" / "metrics.json").read_text())
+    summary["tasks"] = ["alpha"]
+    summary["matrices"] = {a: [row[:1] for row in R] for a, R in summary["matrices"].items()}
+    (run / "metrics.json").write_text(json.dumps(summary))
+    return run
+
+
+COMMON_MISTAKES = {
+    "lora_target typo": (lambda w, t: train(w, t, "--lora_target", "q_prj,v_proj"), BAD_INPUT,
+                         "lora_target 'q_prj' names no module of this model (did you mean 'q_proj'?)"),
+    "task named 2020": (lambda w, t: run_config(w, t, lambda c: c["tasks"][0].update(name=2020)), BAD_INPUT,
+                        "task name=2020 must be a string"),
+    "alpaca instruction is a number": (lambda w, t: train(w, t, data=write_jsonl(t / "alpaca.jsonl", [{"instruction": 7, "output": "a"}])),
+                                       BAD_INPUT, "alpaca.jsonl:1: 'instruction' must be a string"),
+    "alpaca input is a list": (lambda w, t: train(w, t, data=write_jsonl(t / "alpaca.jsonl", [{"instruction": "a", "input": [1], "output": "b"}])),
+                               BAD_INPUT, "alpaca.jsonl:1: 'input' must be a string"),
+    "model without tokenizer files": (lambda w, t: ["train", "--model", str(model_without_tokenizer(w, t)), *train(w, t)[3:]],
+                                      BAD_INPUT, "has no tokenizer files"),
+    "260-character task id": (lambda w, t: train(w, t, "--current_task_id", "t" * 260), BAD_INPUT, "at most 100"),
+    "260-character task name in a run": (lambda w, t: run_config(w, t, lambda c: c["tasks"][0].update(name="a" * 260)), BAD_INPUT,
+                                         "at most 100"),
+    "test row choices a string": (
+        lambda w, t: run_config(w, t, lambda c: (write_jsonl(t / "c.jsonl", [{"prompt": "x", "response": "yes", "choices": "yes"}]),
+                                                 c["tasks"][0].update(test=str(t / "c.jsonl"), choices=None))),
+        BAD_INPUT, "c.jsonl:1: choices must be a list"),
+}  # fmt: skip
+
+
+def model_without_tokenizer(w, t) -> Path:
+    model = copy_of(w, t, "model")
+    for path in model.iterdir():
+        if "token" in path.name:
+            path.unlink()
+    return model
+
+
+def damaged_task(change):
+    """Copy t1, damage it with `change(copy)`, and chain a new task on it."""
+
+    def build(w, t):
+        copy = task_copy(w, t)
+        change(copy)
+        return train(w, t, "--previous_task_model", str(copy))
+
+    return build
+
+
+CORRUPT_STATE = {
+    "truncated adapter weights": (damaged_task(lambda d: (d / "plastic" / "adapter_model.safetensors").write_bytes(
+        (d / "plastic" / "adapter_model.safetensors").read_bytes()[:100])), BAD_INPUT, "plastic/adapter_model.safetensors: damaged adapter weights"),
+    "empty adapter weights": (damaged_task(lambda d: (d / "stable" / "adapter_model.safetensors").write_bytes(b"")), BAD_INPUT,
+                              "stable/adapter_model.safetensors: damaged adapter weights"),
+    "random adapter weights": (damaged_task(lambda d: (d / "plastic" / "adapter_model.safetensors").write_bytes(bytes(range(256)) * 4)),
+                               BAD_INPUT, "damaged adapter weights"),
+    "NaN in the stable adapter": (damaged_task(lambda d: poison(d / "stable")), BAD_INPUT, "holds NaN or inf"),
+    "adapter config not JSON": (damaged_task(lambda d: (d / "plastic" / "adapter_config.json").write_text("{r: 4")), BAD_INPUT,
+                                "adapter_config.json: damaged adapter config"),
+    "manifest not JSON": (damaged_task(lambda d: (d / "ilora_task.json").write_text('{"task_id": ')), BAD_INPUT,
+                          "ilora_task.json: damaged task manifest, not valid JSON"),
+    "manifest with a wrong rank": (
+        lambda w, t: damaged_task(lambda d: edit_json(d / "ilora_task.json", lambda m: m["lora"].update(r=8)))(w, t) + ["--lora_rank", "8", "--lora_alpha", "8"],
+        BAD_INPUT, "rank r=4 but the task manifest says r=8"),
+    "manifest with a text ema_step": (damaged_task(lambda d: edit_json(d / "ilora_task.json", lambda m: m.update(ema_step="2"))),
+                                      BAD_INPUT, "damaged task manifest ('ema_step' is '2')"),
+    "manifest a list": (damaged_task(lambda d: (d / "ilora_task.json").write_text("[]")), BAD_INPUT, "damaged task manifest (not a JSON object)"),
+    "buffer.json names fewer rows": (damaged_task(lambda d: edit_json(d / "buffer" / "buffer.json", lambda b: b["task_ids"].pop())),
+                                     BAD_INPUT, "replay buffer in"),
+    "buffer.json capacity below its rows": (damaged_task(lambda d: edit_json(d / "buffer" / "buffer.json", lambda b: b.update(capacity=1))),
+                                            BAD_INPUT, "rows with capacity 1"),
+    "buffer.json rng state damaged": (damaged_task(lambda d: edit_json(d / "buffer" / "buffer.json", lambda b: b.update(rng_state=[3]))),
+                                      BAD_INPUT, "'rng_state' in buffer.json is not a saved random state"),
+    "buffer.json not JSON": (damaged_task(lambda d: (d / "buffer" / "buffer.json").write_text("{")), BAD_INPUT, "is unreadable"),
+    "buffer tensors random": (damaged_task(lambda d: (d / "buffer" / "buffer.safetensors").write_bytes(b"\x00" * 64)), BAD_INPUT,
+                              "is unreadable"),
+    "run: eval.json not JSON": (run_copy_then(lambda r: (r / "out/ilora/tasks/1-alpha/eval.json").write_text("{")), BAD_INPUT,
+                                "1-alpha/eval.json: damaged evaluation file"),
+    "run: eval.json of other rows": (
+        run_copy_then(lambda r: edit_json(r / "out/ilora/tasks/2-beta/eval.json", lambda e: e["scores"]["stable"]["alpha"]["predictions"].pop())),
+        BAD_INPUT, "predictions of stable on task 'alpha', the test set has 16 rows"),
+    "run: eval.json accuracy NaN": (
+        run_copy_then(lambda r: edit_json(r / "out/ilora/tasks/2-beta/eval.json", lambda e: e["scores"]["plastic"]["beta"].update(accuracy=math.nan))),
+        BAD_INPUT, "accuracy of plastic on task 'beta' is nan"),
+    "run: base_eval.json not JSON": (run_copy_then(lambda r: (r / "out/base_eval.json").write_text("[")), BAD_INPUT,
+                                     "base_eval.json: damaged base-model evaluation"),
+    "run: finished task's adapter NaN": (run_copy_then(lambda r: poison(r / "out/ilora/tasks/1-alpha/plastic")), BAD_INPUT,
+                                         "holds NaN or inf"),
+    "run: finished task's buffer damaged": (run_copy_then(lambda r: (r / "out/ilora/tasks/2-beta/buffer/buffer.json").write_text("{}")),
+                                            BAD_INPUT, "'capacity' in buffer.json is None"),
+    "compare: metrics.json not JSON": (lambda w, t: ["compare", str(damaged_metrics(w, t, None))], BAD_INPUT,
+                                       "metrics.json: damaged, not valid JSON"),
+    "compare: metrics.json with NaN": (lambda w, t: ["compare", str(damaged_metrics(w, t, math.nan))], BAD_INPUT,
+                                       "metrics.json: damaged (the stable metrics are missing or not finite)"),
+    "resume: damaged checkpoint marker": (
+        lambda w, t: then(lambda: (shutil.copytree(w["t1"] / "plastic", t / "out" / "checkpoint-1" / "plastic"),
+                                   (t / "out" / "checkpoint-1" / "ilora_checkpoint.json").write_text("{")),
+                          train(w, t, "--resume_from_checkpoint", str(t / "out" / "checkpoint-1"))),
+        BAD_INPUT, "ilora_checkpoint.json: damaged checkpoint marker"),
+}  # fmt: skip
+def damaged_metrics(w, t, ap) -> Path:
+    """A copy of the finished run whose metrics.json is cut short (`ap` None) or holds AP = `ap`."""
+    run = copy_of(w, t, "run") / "out" / "ilora"
+    if ap is None:
+        (run / "metrics.json").write_text("{")
+    else:
+        edit_json(run / "metrics.json", lambda m: m["metrics"]["stable"].update(AP=ap))
+    return run
+
+
+def alias_bomb(indent: str) -> str:
+    """YAML list items that expand to 9^9 (387 million) values: nine aliases of nine aliases of ..."""
+    lines = [f"{indent}- &x0 [0, 0, 0, 0, 0, 0, 0, 0, 0]"]
+    lines += [f"{indent}- &x{i} [{', '.join([f'*x{i - 1}'] * 9)}]" for i in range(1, 9)]
+    return "\n".join(lines) + "\n"
+
+
+UNBOUNDED = {
+    "alias bomb in hidden_state_layers": (lambda w, t: yaml_train(w, t, "hidden_state_layers:\n" + alias_bomb("  ")), BAD_INPUT,
+                                          "expands to"),
+    "alias bomb in a task's choices": (
+        lambda w, t: run_config(w, t, text=f"model_name_or_path: {w['model']}\noutput_dir: out\ntasks:\n  - name: a\n"
+                                           f"    train: {w['data']}\n    test: {w['data']}\n    choices:\n" + alias_bomb("      ")),
+        BAD_INPUT, "expands to"),
+    "recursive alias": (lambda w, t: yaml_train(w, t, "hidden_state_layers: &r [*r]\n"), BAD_INPUT, "invalid YAML"),
+    "config over 1 MiB": (lambda w, t: yaml_train(w, t, "# " + "x" * (1 << 20) + "\n"), BAD_INPUT, "a config may be at most"),
+    "deeply nested": (lambda w, t: yaml_train(w, t, "hidden_state_layers: " + "[" * 5000 + "]" * 5000 + "\n"), BAD_INPUT,
+                      "train.yaml: nested too deeply"),
+}  # fmt: skip
+
+
+SMALL_THINGS = {
+    "choices is a string": (lambda w, t: run_config(w, t, lambda c: c["tasks"][0].update(choices="positive")), BAD_INPUT,
+                            "choices must be a list of answers, got 'positive'"),
+    "an empty choice": (lambda w, t: run_config(w, t, lambda c: c["tasks"][0].update(choices=["positive", ""])), BAD_INPUT,
+                        "a choice is empty"),
+    "a repeated choice": (lambda w, t: run_config(w, t, lambda c: c["tasks"][0].update(choices=["positive", "positive", "negative"])),
+                          BAD_INPUT, "choices repeat ['positive']"),
+    "one choice": (lambda w, t: run_config(w, t, lambda c: c["tasks"][0].update(choices=["positive"])), BAD_INPUT,
+                   "at least two choices"),
+    "lora_target list of numbers": (lambda w, t: yaml_train(w, t, "lora_target: [1, 2]\n"), BAD_INPUT,
+                                    "lora_target must be a list of module names"),
+}  # fmt: skip
+
+TABLES = {"user data": USER_DATA, "diverged": DIVERGED_RUNS, "settings": SETTINGS, "stale results": STALE_RESULTS,
+          "wrong answers": WRONG_ANSWERS, "common mistakes": COMMON_MISTAKES, "corrupt state": CORRUPT_STATE,
+          "unbounded": UNBOUNDED, "small things": SMALL_THINGS}  # fmt: skip
+CASES = {f"{table}: {name}": case for table, cases in TABLES.items() for name, case in cases.items()}
+
+
+def snapshot(*roots: Path) -> dict[str, str]:
+    """Every path under the roots, with a digest of each file's bytes (links by their target)."""
+    state = {}
+    for root in roots:
+        for path in sorted(root.rglob("*")):
+            if path.is_symlink():
+                state[str(path)] = f"link:{path.readlink()}"
+            elif path.is_file():
+                state[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+            else:
+                state[str(path)] = "dir"
+    return state
+
+
+def test_at_least_60_new_cases_across_the_classes():
+    assert len(CASES) >= 60 and all(len(table) >= 2 for table in TABLES.values())
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", list(CASES))
+def test_refused_in_one_line_and_nothing_of_the_users_touched(case, world, tmp_path, capsys, monkeypatch):
+    build, code, message = CASES[case]
+    monkeypatch.chdir(tmp_path)
+    argv = build(world, tmp_path)
+    before = snapshot(world["root"], tmp_path)
+    capsys.readouterr()
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("{", "resuming"))]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("ilora") and message in lines[0], lines[0]
+    after = snapshot(world["root"], tmp_path)
+    changed = sorted(p for p in before if after.get(p) != before[p])
+    assert not changed, f"changed or deleted: {changed}"
+    added = [p for p in after if p not in before]
+    finished = [p for p in added if Path(p).name in ("ilora_task.json", "eval.json", "metrics.json", "report.md")]
+    assert not finished, f"written as finished: {finished}"
+    if code == BAD_INPUT:
+        assert not added, f"bad input wrote {added}"
+
+
+# ------------------------------------------------------------ beyond refusals
+def test_a_diverged_run_leaves_no_checkpoint_with_nan(world, tmp_path):
+    out = tmp_path / "out"
+    argv = train(world, tmp_path, "--optim", "sgd", "--learning_rate", "1e12", "--max_grad_norm", "0",
+                 "--save_strategy", "steps", "--save_steps", "1", "--max_steps", "3")  # fmt: skip
+    assert main(argv) == DIVERGED
+    for checkpoint in out.glob("checkpoint-*"):
+        if (checkpoint / "ilora_checkpoint.json").is_file():
+            for tensor in load_file(str(next(checkpoint.rglob("*.safetensors")))).values():
+                assert torch.isfinite(tensor).all(), checkpoint
+    assert not (out / "ilora_task.json").exists()
+
+
+def test_a_failed_start_does_not_block_the_corrected_retry(world, tmp_path):
+    # diverges in task 1: settings.json and base_eval.json are written, no task finished, no checkpoint
+    argv = run_config(world, tmp_path, lambda c: c.update(optim="sgd", learning_rate=1e12, max_grad_norm=0, max_steps=3))
+    assert main(argv) == DIVERGED
+    assert (tmp_path / "out" / "ilora" / "settings.json").is_file()
+    argv = run_config(world, tmp_path)
+    assert main(argv) == 0
+    assert (tmp_path / "out" / "ilora" / "metrics.json").is_file()
+
+
+def test_paths_in_a_config_are_read_from_its_directory(world, tmp_path, monkeypatch):
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    folder = tmp_path / "configs"
+    shutil.copytree(world["model"], folder / "model")
+    write_jsonl(folder / "data.jsonl", sentiment_rows(8))
+    (folder / "train.yaml").write_text("model: model\ndataset: data.jsonl\noutput_dir: out\n"
+                                       "lora_target: [q_proj, v_proj]\nmax_steps: 1\nreport_to: none\nuse_cpu: true\n")  # fmt: skip
+    assert main(["train", str(folder / "train.yaml")]) == 0
+    assert (folder / "out" / "ilora_task.json").is_file() and not any(elsewhere.iterdir())
+    manifest = json.loads((folder / "out" / "ilora_task.json").read_text())
+    assert manifest["lora"]["target_modules"] == ["q_proj", "v_proj"]
+
+
+def test_a_byte_order_mark_is_accepted_in_data_and_config(world, tmp_path):
+    data = tmp_path / "bom.jsonl"
+    data.write_bytes(b"\xef\xbb\xbf" + world["data"].read_bytes())
+    config = tmp_path / "bom.yaml"
+    config.write_bytes(b"\xef\xbb\xbf" + f"model: {world['model']}\ndataset: {data}\noutput_dir: out\n".encode())
+    assert main(["train", str(config), *TRAIN]) == 0
+
+
+def test_a_resumed_run_says_so(world, tmp_path, caplog):
+    argv = train(world, tmp_path, "--save_strategy", "steps", "--save_steps", "1")
+    assert main(argv) == 0
+    (tmp_path / "out" / "ilora_task.json").unlink()
+    caplog.set_level("INFO")
+    assert main(argv + ["--resume_from_checkpoint", "true", "--overwrite_output_dir", "true"]) == 0
+    assert any("resuming from" in r.getMessage() and "checkpoint-2" in r.getMessage() for r in caplog.records)
+
+
+def test_ctrl_c_is_one_line_saying_how_to_resume(world, tmp_path, capsys, monkeypatch):
+    from ilora import workflow
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workflow, "train_task", interrupted)
+    assert main(train(world, tmp_path)) == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "interrupted" in err and "again to resume" in err
+
+
+def test_help_into_a_closed_pipe_is_quiet():
+    import subprocess
+    import sys
+
+    for command in (["--help"], ["train", "--help"]):
+        # a reader that leaves at once: the writer gets EPIPE on a large write
+        pipe = subprocess.Popen([sys.executable, "-m", "ilora.cli", *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        pipe.stdout.close()
+        _, err = pipe.communicate(timeout=120)
+        assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
+        assert pipe.returncode in (0, 141)
