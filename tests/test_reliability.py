@@ -523,7 +523,7 @@ def test_ctrl_c_is_one_line_saying_how_to_resume(world, tmp_path, capsys, monkey
     monkeypatch.setattr(workflow, "train_task", interrupted)
     assert main(train(world, tmp_path)) == 130
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "interrupted" in err and "again to resume" in err
+    assert len(err.splitlines()) == 1 and "interrupted" in err and "--resume_from_checkpoint true" in err
 
 
 def test_help_into_a_closed_pipe_is_quiet():

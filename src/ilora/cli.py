@@ -81,6 +81,13 @@ def command_demo(argv: list[str]) -> None:
     print(run_demo(opts.full, opts.output_dir))
 
 
+RESUME_HINTS = {
+    "train": "run it again with --resume_from_checkpoint true to continue from its last checkpoint",
+    "run": "run the same command again to continue (finished tasks are kept; the unfinished one resumes "
+    "from its last checkpoint)",
+}
+
+
 def _simple_parser(prog: str, description: str) -> ArgumentParser:
     return ArgumentParser(prog=prog, description=description)
 
@@ -130,8 +137,7 @@ def _main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
-        print(f"ilora {command}: interrupted; run the same command again to resume from the last checkpoint "
-              "(finished tasks are kept)", file=sys.stderr)  # fmt: skip
+        print(f"ilora {command}: interrupted; {RESUME_HINTS.get(command, 'nothing was marked finished')}", file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
 
