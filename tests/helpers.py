@@ -10,10 +10,20 @@ from ilora.buffer import ReplayBuffer
 from ilora.config import ILoRAArguments
 from ilora.data import PadCollator, encode_rows
 from ilora.method import ILoRA
-from tiny import sentiment_rows, tiny_llama, tiny_tokenizer
+from tiny import sentiment_rows, tiny_llama, tiny_tokenizer, write_jsonl
 
 TOKENIZER = tiny_tokenizer()
 PAD = TOKENIZER.pad_token_id
+
+
+def first_task(root, model_dir, flags: list[str]):
+    """Training data (`good.jsonl`) and a finished task `t1` trained on it through the CLI."""
+    from ilora.cli import main
+
+    data = write_jsonl(root / "good.jsonl", sentiment_rows(8))
+    argv = ["train", "--model", str(model_dir), "--dataset", str(data), "--output_dir", str(root / "t1"), "--current_task_id", "t1"]
+    assert main(argv + flags) == 0
+    return data, root / "t1"
 
 
 def lora(**overrides) -> LoraConfig:

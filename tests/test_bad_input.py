@@ -5,8 +5,9 @@ import json
 import pytest
 import yaml
 
+from helpers import first_task
 from ilora.cli import main
-from tiny import sentiment_rows, tiny_llama, tiny_tokenizer, write_jsonl
+from tiny import tiny_llama, tiny_tokenizer, write_jsonl
 
 TRAIN = ["--lora_target", "q_proj,v_proj", "--lora_rank", "4", "--max_steps", "2", "--report_to", "none",
          "--use_cpu", "true", "--disable_tqdm", "true", "--ilora_buffer_size", "4"]  # fmt: skip
@@ -16,9 +17,7 @@ TRAIN = ["--lora_target", "q_proj,v_proj", "--lora_rank", "4", "--max_steps", "2
 def world(tiny_model_dir, tmp_path_factory):
     """A valid model, data, one finished task and a valid run config; each case breaks one thing."""
     root = tmp_path_factory.mktemp("world")
-    data = write_jsonl(root / "good.jsonl", sentiment_rows(8))
-    assert main(["train", "--model", str(tiny_model_dir), "--dataset", str(data), "--output_dir", str(root / "t1"),
-                 "--current_task_id", "t1", *TRAIN]) == 0  # fmt: skip
+    data, _ = first_task(root, tiny_model_dir, TRAIN)
     other = root / "other-model"
     tiny_llama(seed=9).save_pretrained(other)
     tiny_tokenizer().save_pretrained(other)

@@ -16,6 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from helpers import first_task
 from ilora.cli import main
 from tiny import save_tiny_model, sentiment_rows, two_task_config, write_jsonl
 
@@ -31,9 +32,7 @@ HUGE_STEP = ["--optim", "sgd", "--learning_rate", "1e12", "--max_grad_norm", "0"
 def world(tiny_model_dir, tmp_path_factory):
     """Model, data, a finished task `t1`, a finished two-task run, and a folder of the user's."""
     root = tmp_path_factory.mktemp("world")
-    data = write_jsonl(root / "good.jsonl", sentiment_rows(8))
-    assert main(["train", "--model", str(tiny_model_dir), "--dataset", str(data), "--output_dir", str(root / "t1"),
-                 "--current_task_id", "t1", *TRAIN]) == 0  # fmt: skip
+    data, _ = first_task(root, tiny_model_dir, TRAIN)
     thesis = root / "thesis"
     thesis.mkdir()
     (thesis / "chapter1.txt").write_text("two years of work")
