@@ -185,6 +185,8 @@ USER_DATA = {
 DIVERGED_RUNS = {
     "train: huge learning rate": (lambda w, t: train(w, t, *HUGE_STEP),
                                   DIVERGED, "training diverged"),
+    "train: two huge steps (finite weights, infinite logits)": (
+        lambda w, t: train(w, t, *HUGE_STEP, "--max_steps", "2"), DIVERGED, "training diverged by the end of the task"),
     "train: huge learning rate, seq-LoRA": (
         lambda w, t: train(w, t, *HUGE_STEP, "--use_ilora", "false"),
         DIVERGED, "training diverged"),

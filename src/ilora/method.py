@@ -62,6 +62,7 @@ class ILoRA:
         self._selective_stable = torch.zeros((), device=device)
         self._selective_micro = 0
         self._finite = torch.ones((), dtype=torch.bool, device=device)
+        self._last_batch: tuple[torch.Tensor, torch.Tensor] | None = None  # for the end-of-task output check
         self._reset_stats()
 
     def restore(self, step: int, buffer: ReplayBuffer | None) -> None:
@@ -85,6 +86,7 @@ class ILoRA:
         input_ids, labels, attention_mask = pad_rows(
             current_ids + replay_ids, current_labels + replay_labels, self.pad_token_id
         )
+        self._last_batch = (input_ids, attention_mask)
         num_current = len(current_ids)
         replay_len = max((len(row) for row in replay_ids), default=0)
         wants_consistency = bool(replay_ids) and self.args.uses_stable and self.args.consistency_weight > 0
@@ -173,19 +175,32 @@ class ILoRA:
             self.buffer.add(row_ids.detach().clone(), row_labels.detach().clone(), self.task_id)
 
     # ------------------------------------------------------------ divergence
-    def check_finite(self, when: str, adapters: bool = False) -> None:
-        """Raise `TrainingDiverged` if a loss since the start was NaN or inf (or, with `adapters`, if an
-        adapter weight is). Reads back to the host, agreed by every rank: call at the log interval,
-        at checkpoints and at the end of a task, never per step."""
+    def check_finite(self, when: str, adapters: bool = False, outputs: bool = False) -> None:
+        """Raise `TrainingDiverged` if a loss since the start was NaN or inf (with `adapters`, if an
+        adapter weight is; with `outputs`, if an adapter's logits on the last micro-batch are: weights
+        blown up to 1e25 are finite, their logits are not). Reads back to the host, agreed by every
+        rank: call at the log interval, at checkpoints and at the end of a task, never per step."""
         flags = [self._finite]
         if adapters:
             flags += [torch.isfinite(t).all() for t in self.adapters.plastic + self.adapters.stable]
+        if outputs and self._last_batch is not None:
+            flags += self._outputs_finite(*self._last_batch)
         ok = distributed.mean_(torch.stack(flags).all().float())  # every rank takes the same decision
         if ok.item() < 1.0:
             raise TrainingDiverged(
                 f"training diverged {when}: a loss or adapter weight became NaN or inf (lower learning_rate, "
                 "set max_grad_norm, check consistency_weight); the task is not marked finished"
             )
+
+    @torch.no_grad()
+    def _outputs_finite(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+        names = [PLASTIC, STABLE] if self.args.uses_stable else [PLASTIC]
+        flags = []
+        for name in names:
+            with self.adapters.active(name):
+                logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            flags.append(torch.isfinite(logits).all())
+        return flags
 
     # ------------------------------------------------------------- logging
     def _reset_stats(self) -> None:

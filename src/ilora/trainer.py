@@ -206,7 +206,7 @@ class ILoRATrainer(Trainer):
         calls this: each saves its buffer, rank 0 the rest)."""
         output_dir = Path(output_dir or self.args.output_dir)
         args = self.ilora_args
-        self.ilora.check_finite("by the end of the task", adapters=True)  # nothing diverged is written
+        self.ilora.check_finite("by the end of the task", adapters=True, outputs=True)  # nothing diverged is written
         last_log = next((e for e in reversed(self.state.log_history) if "loss" in e), {})
         summary = next((e for e in reversed(self.state.log_history) if "train_loss" in e), {})
         # means over the steps since the last log, or that log if nothing came after it
