@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from helpers import first_task
 from ilora.cli import main
-from tiny import save_tiny_model, sentiment_rows, two_task_config, write_jsonl
+from tiny import save_tiny_model, sentiment_rows, tiny_tokenizer, two_task_config, write_jsonl
 
 TRAIN = ["--lora_target", "q_proj,v_proj", "--lora_rank", "4", "--max_steps", "2", "--report_to", "none",
          "--use_cpu", "true", "--disable_tqdm", "true", "--ilora_buffer_size", "4", "--save_strategy", "no"]  # fmt: skip
@@ -180,6 +180,11 @@ USER_DATA = {
     "compare --out is a file": (lambda w, t: ["compare", str(w["run"] / "out" / "ilora"), "--out", str(w["data"])],
                                 BAD_INPUT, "good.jsonl is a file"),
     "demo --output_dir is a file": (lambda w, t: ["demo", "--output_dir", str(w["data"])], BAD_INPUT, "good.jsonl is a file"),
+    "demo --output_dir is a user folder": (lambda w, t: ["demo", "--output_dir", str(w["thesis"])], BAD_INPUT,
+                                           "already holds files that are not an ilora demo"),
+    "compare --out holds a user's compare.md": (
+        lambda w, t: then(lambda: (t / "compare.md").write_text("my notes"), ["compare", str(w["run"] / "out" / "ilora"), "--out", str(t)]),
+        BAD_INPUT, "compare.md exists and was not written by ilora compare"),
 }  # fmt: skip
 
 DIVERGED_RUNS = {
@@ -241,6 +246,11 @@ SETTINGS = {
     "run: eval_batch_size negative": (lambda w, t: run_config(w, t, lambda c: c.update(eval_batch_size=-4)), BAD_INPUT,
                                       "eval_batch_size=-4"),
     "run: max_new_tokens 0": (lambda w, t: run_config(w, t, lambda c: c.update(max_new_tokens=0)), BAD_INPUT, "max_new_tokens=0"),
+    "seed negative": (lambda w, t: train(w, t, "--seed", "-1"), BAD_INPUT, "seed=-1 must be in [0, 2**32)"),
+    "dataloader workers negative": (lambda w, t: train(w, t, "--dataloader_num_workers", "-1"), BAD_INPUT, "dataloader_num_workers=-1"),
+    "save_total_limit 0": (lambda w, t: train(w, t, "--save_total_limit", "0"), BAD_INPUT, "save_total_limit=0"),
+    "eval batch size 0": (lambda w, t: train(w, t, "--per_device_eval_batch_size", "0"), BAD_INPUT, "per_device_eval_batch_size=0"),
+    "a logger that is not installed": (lambda w, t: train(w, t, "--report_to", missing_logger()), BAD_INPUT, "that logger is not installed"),
     "run: learning_rate .inf": (lambda w, t: run_config(w, t, lambda c: c.update(learning_rate=float("inf"))), BAD_INPUT,
                                 "learning_rate=inf"),
 }  # fmt: skip
@@ -250,6 +260,8 @@ STALE_RESULTS = {
                            "the test file of task 'alpha' changed since"),
     "train file replaced": (run_copy_then(lambda r: write_jsonl(r / "beta.jsonl", sentiment_rows(16, offset=9))), BAD_INPUT,
                             "the train file of task 'beta' changed since"),
+    "tokenizer replaced": (run_copy_then(lambda r: tiny_tokenizer(chat_template=True).save_pretrained(r / "model")), BAD_INPUT,
+                           "the model's tokenizer changed since"),
     "base weights replaced": (run_copy_then(lambda r: save_tiny_model(r / "model", seed=5)), BAD_INPUT,
                               "the base model's weights changed since"),
     "a setting changed": (lambda w, t: run_copy(w, t, lambda c: c.update(learning_rate=0.5)), BAD_INPUT,
@@ -264,7 +276,21 @@ WRONG_ANSWERS = {
     "eval: adapter on another base": (
         lambda w, t: ["eval", "--model", str(save_tiny_model(t / "other", seed=9)), "--adapter", str(w["run"] / "out" / "ilora" / "tasks" / "1-alpha"),
                       "--tasks", str(w["run"] / "config.yaml")], BAD_INPUT, "was trained on base model"),
+    "compare: runs scored on other test files": (
+        lambda w, t: ["compare", str(w["run"] / "out" / "ilora"),
+                      str(then(lambda: edit_json(t / "run/out/ilora/metrics.json", lambda m: m["inputs"]["test"].update(alpha="0" * 64)),
+                               copy_of(w, t, "run") / "out" / "ilora"))], BAD_INPUT, "scored task 'alpha' on different test files"),
+    "eval: a PEFT adapter made for another architecture": (
+        lambda w, t: ["eval", "--model", str(save_tiny_model(t / "wide", hidden_size=64)), "--adapter",
+                      str(then(lambda: shutil.copytree(w["t1"] / "plastic", t / "adapter"), t / "adapter")), "--tasks", str(w["run"] / "config.yaml")],
+        BAD_INPUT, "its tensors do not fit model"),
 }  # fmt: skip
+
+
+def missing_logger() -> str:
+    from transformers.integrations import get_available_reporting_integrations
+
+    return next(n for n in ("wandb", "mlflow", "clearml", "comet_ml") if n not in get_available_reporting_integrations())
 
 
 def one_task_run(w, t) -> Path:
@@ -282,13 +308,18 @@ COMMON_MISTAKES = {
     "lora_target typo": (lambda w, t: train(w, t, "--lora_target", "q_prj,v_proj"), BAD_INPUT,
                          "lora_target 'q_prj' names no module of this model (did you mean 'q_proj'?)"),
     "task named 2020": (lambda w, t: run_config(w, t, lambda c: c["tasks"][0].update(name=2020)), BAD_INPUT,
-                        "task name=2020 must be a string"),
+                        "task name=2020 must be a string (YAML reads unquoted"),
     "alpaca instruction is a number": (lambda w, t: train(w, t, data=write_jsonl(t / "alpaca.jsonl", [{"instruction": 7, "output": "a"}])),
                                        BAD_INPUT, "alpaca.jsonl:1: 'instruction' must be a string"),
     "alpaca input is a list": (lambda w, t: train(w, t, data=write_jsonl(t / "alpaca.jsonl", [{"instruction": "a", "input": [1], "output": "b"}])),
                                BAD_INPUT, "alpaca.jsonl:1: 'input' must be a string"),
     "model without tokenizer files": (lambda w, t: ["train", "--model", str(model_without_tokenizer(w, t)), *train(w, t)[3:]],
                                       BAD_INPUT, "has no tokenizer files"),
+    "dataset is a directory": (lambda w, t: train(w, t, data=w["thesis"]), BAD_INPUT, "thesis: a directory, not a JSONL file"),
+    "run config without a model": (lambda w, t: run_config(w, t, lambda c: c.pop("model_name_or_path")), BAD_INPUT,
+                                   "no model: set model_name_or_path"),
+    "damaged model weights": (lambda w, t: ["train", "--model", str(then(lambda: None, damaged_model(w, t))), *train(w, t)[3:]],
+                              BAD_INPUT, "its weights in"),
     "260-character task id": (lambda w, t: train(w, t, "--current_task_id", "t" * 260), BAD_INPUT, "at most 100"),
     "260-character task name in a run": (lambda w, t: run_config(w, t, lambda c: c["tasks"][0].update(name="a" * 260)), BAD_INPUT,
                                          "at most 100"),
@@ -297,6 +328,12 @@ COMMON_MISTAKES = {
                                                  c["tasks"][0].update(test=str(t / "c.jsonl"), choices=None))),
         BAD_INPUT, "c.jsonl:1: choices must be a list"),
 }  # fmt: skip
+
+
+def damaged_model(w, t) -> Path:
+    model = copy_of(w, t, "model")
+    (model / "model.safetensors").write_bytes(b"xx")
+    return model
 
 
 def model_without_tokenizer(w, t) -> Path:
@@ -363,6 +400,18 @@ CORRUPT_STATE = {
                                        "metrics.json: damaged, not valid JSON"),
     "compare: metrics.json with NaN": (lambda w, t: ["compare", str(damaged_metrics(w, t, math.nan))], BAD_INPUT,
                                        "metrics.json: damaged (the stable metrics are missing or not finite)"),
+    "resume: damaged adapter in a checkpoint": (
+        lambda w, t: then(lambda: (shutil.copytree(w["t1"] / "plastic", t / "out" / "checkpoint-1" / "plastic"),
+                                   (t / "out" / "checkpoint-1" / "plastic" / "adapter_model.safetensors").write_bytes(b"\0" * 10),
+                                   (t / "out" / "checkpoint-1" / "ilora_checkpoint.json").write_text('{"ema_step": 1}')),
+                          train(w, t, "--resume_from_checkpoint", str(t / "out" / "checkpoint-1"))),
+        BAD_INPUT, "checkpoint-1/plastic/adapter_model.safetensors: damaged adapter weights"),
+    "resume: damaged trainer state": (
+        lambda w, t: then(lambda: (shutil.copytree(w["t1"] / "plastic", t / "out" / "checkpoint-1" / "plastic"),
+                                   (t / "out" / "checkpoint-1" / "trainer_state.json").write_text("{"),
+                                   (t / "out" / "checkpoint-1" / "ilora_checkpoint.json").write_text('{"ema_step": 1}')),
+                          train(w, t, "--resume_from_checkpoint", str(t / "out" / "checkpoint-1"))),
+        BAD_INPUT, "trainer_state.json: damaged trainer state"),
     "resume: damaged checkpoint marker": (
         lambda w, t: then(lambda: (shutil.copytree(w["t1"] / "plastic", t / "out" / "checkpoint-1" / "plastic"),
                                    (t / "out" / "checkpoint-1" / "ilora_checkpoint.json").write_text("{")),
@@ -409,6 +458,9 @@ SMALL_THINGS = {
                           BAD_INPUT, "choices repeat ['positive']"),
     "one choice": (lambda w, t: run_config(w, t, lambda c: c["tasks"][0].update(choices=["positive"])), BAD_INPUT,
                    "at least two choices"),
+    "choices yes/no unquoted": (lambda w, t: run_config(w, t, text=f"model_name_or_path: {w['model']}\ntasks:\n  - {{name: a, "
+                                                             f"train: {w['data']}, test: {w['data']}, choices: [yes, no]}}\n"),
+                                BAD_INPUT, "YAML reads unquoted"),
     "lora_target list of numbers": (lambda w, t: yaml_train(w, t, "lora_target: [1, 2]\n"), BAD_INPUT,
                                     "lora_target must be a list of module names"),
 }  # fmt: skip
@@ -538,3 +590,25 @@ def test_help_into_a_closed_pipe_is_quiet():
         _, err = pipe.communicate(timeout=120)
         assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
         assert pipe.returncode in (0, 141)
+
+
+def test_compare_aligns_runs_by_task_name(world, tmp_path):
+    from ilora.report import compare, final_accuracy, load_summary
+
+    first = world["run"] / "out" / "ilora"
+    reordered = copy_of(world, tmp_path, "run") / "out" / "ilora"
+    summary = load_summary(first)
+    flipped = {**summary, "tasks": summary["tasks"][::-1],
+               "matrices": {a: [row[::-1] for row in R] for a, R in summary["matrices"].items()}}  # fmt: skip
+    (reordered / "metrics.json").write_text(json.dumps(flipped))
+    for adapter in summary["matrices"]:
+        assert final_accuracy(flipped, adapter, summary["tasks"]) == summary["matrices"][adapter][-1]
+    assert "| ilora (stable) |" in compare([first, reordered], tmp_path / "cmp")
+
+
+def test_a_run_directory_moved_with_its_files_continues_without_retraining(world, tmp_path, monkeypatch):
+    from ilora import workflow
+
+    argv = run_copy(world, tmp_path)  # another folder: every path differs, every content is the same
+    monkeypatch.setattr(workflow, "_train", lambda *a, **k: pytest.fail("a finished task was retrained"))
+    assert main(argv) == 0

@@ -22,6 +22,7 @@ from .suggest import did_you_mean
 
 _TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 MAX_TASK_ID = 100  # a task id is part of directory names, which most file systems cap at 255 bytes
+YAML_QUOTING = " (YAML reads unquoted 2020, yes, no, on, off as numbers or booleans: quote them, '2020')"
 
 
 def check_task_id(name: str, value: str | None) -> None:
@@ -29,7 +30,7 @@ def check_task_id(name: str, value: str | None) -> None:
     if value is None:
         return
     if not isinstance(value, str):
-        raise ILoRAError(f"{name}={value!r} must be a string (quote it in YAML: '{value}')")
+        raise ILoRAError(f"{name}={value!r} must be a string{YAML_QUOTING}")
     if not _TASK_ID.match(value) or ".." in value:
         raise ILoRAError(
             f"{name}={value!r} is not a valid task id: use letters, digits, '_', '-', '.', "
@@ -226,7 +227,7 @@ def check_choices(choices: Any, where: str) -> list[str]:
     if not isinstance(choices, list):
         raise ILoRAError(f"{where}: choices must be a list of answers, got {choices!r} (write [a, b])")
     if not all(isinstance(c, str) for c in choices):
-        raise ILoRAError(f"{where}: every choice must be a string, got {choices!r}")
+        raise ILoRAError(f"{where}: every choice must be a string, got {choices!r}{YAML_QUOTING}")
     if any(not c.strip() for c in choices):
         raise ILoRAError(f"{where}: a choice is empty: {choices!r}")
     repeated = sorted({c for c in choices if choices.count(c) > 1})
@@ -326,6 +327,25 @@ def check_training_arguments(args: TrainingArguments) -> None:
         check_value(name, getattr(args, name), in_unit_interval, "must be in [0, 1)")
     for name in ("logging_steps", "save_steps"):
         check_value(name, getattr(args, name), above(0), "must be > 0")
+    check_value("per_device_eval_batch_size", args.per_device_eval_batch_size, at_least(1), "must be >= 1")
+    check_value("dataloader_num_workers", args.dataloader_num_workers, at_least(0), "must be >= 0")
+    if args.save_total_limit is not None:
+        check_value("save_total_limit", args.save_total_limit, at_least(1), "must be >= 1 (or unset: keep every checkpoint)")
+    for name in ("seed", "data_seed"):
+        if getattr(args, name) is not None:
+            check_value(name, getattr(args, name), lambda v: 0 <= v < 2**32, "must be in [0, 2**32)")
+    _check_reporting(args.report_to)
+
+
+def _check_reporting(report_to) -> None:
+    """A logger named in report_to must be installed (the Trainer fails late, with a traceback)."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    available = set(get_available_reporting_integrations())
+    for name in names:
+        if name not in ("none", "all") and name not in available:
+            raise ILoRAError(f"report_to={name!r}: that logger is not installed (installed: {sorted(available) or 'none'})")
 
 
 def parse_run_config(path: Path, overrides: dict[str, Any] | None = None):

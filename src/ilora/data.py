@@ -23,6 +23,8 @@ IGNORE_INDEX = -100
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a JSONL file, each normalised to have `prompt` and `response` (other keys kept)."""
     path = Path(path)
+    if path.is_dir():
+        raise ILoRAError(f"{path}: a directory, not a JSONL file")
     if not path.is_file():
         raise ILoRAError(f"{path}: no such file")
     try:

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
@@ -33,7 +34,9 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def load_model_and_tokenizer(name_or_path: str, trust_remote_code: bool = False, dtype=torch.float32):
+def load_model_and_tokenizer(name_or_path: str | None, trust_remote_code: bool = False, dtype=torch.float32):
+    if not name_or_path:
+        raise ILoRAError("no model: set model_name_or_path (or --model) to a local model directory or 'smollm2'")
     path = smollm2_dir() if name_or_path == SMOLLM2 else Path(name_or_path)
     if not (path / "config.json").is_file():
         raise ILoRAError(
@@ -43,8 +46,11 @@ def load_model_and_tokenizer(name_or_path: str, trust_remote_code: bool = False,
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise ILoRAError(f"model {name_or_path!r}: {path} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    with _quiet_loading():
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+    try:
+        with _quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+    except SafetensorError as err:  # a truncated or damaged weights file
+        raise ILoRAError(f"model {name_or_path!r}: its weights in {path} are damaged ({err})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config._name_or_path = name_or_path

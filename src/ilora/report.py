@@ -131,13 +131,19 @@ def _is_accuracy(value) -> bool:
 
 
 def comparable(summaries: list[dict], run_dirs: list[Path]) -> list[str]:
-    """The task names the runs share (in the first run's order). Runs over different task sets
-    cannot share one table: refused, naming the first run that differs."""
+    """The task names the runs share (in the first run's order). Runs over different task sets, or
+    scored on different test files, cannot share one table: refused, naming the first that differs."""
     tasks = summaries[0]["tasks"]
+    first_tests = (summaries[0].get("inputs") or {}).get("test") or {}
     for summary, run_dir in zip(summaries[1:], run_dirs[1:]):
         if sorted(summary["tasks"]) != sorted(tasks):
             raise ILoRAError(f"{run_dir} ran tasks {summary['tasks']}, {run_dirs[0]} ran {tasks}: "
                              "runs over different tasks cannot be compared")  # fmt: skip
+        tests = (summary.get("inputs") or {}).get("test") or {}
+        for task in tasks:
+            if task in tests and task in first_tests and tests[task] != first_tests[task]:
+                raise ILoRAError(f"{run_dir} and {run_dirs[0]} scored task {task!r} on different test files: "
+                                 "their accuracies cannot be compared")  # fmt: skip
     return tasks
 
 
@@ -166,11 +172,24 @@ def compare(run_dirs: list[Path], out_dir: Path) -> str:
     summaries = [load_summary(d) for d in run_dirs]
     tasks = comparable(summaries, run_dirs)
     check_directory_target(out_dir, "--out")
+    _check_compare_outputs(out_dir)
     table = comparison_table(summaries)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "compare.md").write_text(f"# ilora compare\n\n{table}\n\n![final accuracy per task](compare.png)\n")
+    (out_dir / "compare.md").write_text(f"{COMPARE_TITLE}\n\n{table}\n\n![final accuracy per task](compare.png)\n")
     _compare_plot(out_dir / "compare.png", summaries, tasks)
     return table
+
+
+COMPARE_TITLE = "# ilora compare"
+
+
+def _check_compare_outputs(out_dir: Path) -> None:
+    """compare.md and compare.png are replaced only when they are an earlier `ilora compare`'s."""
+    page, plot = out_dir / "compare.md", out_dir / "compare.png"
+    ours = page.is_file() and page.read_text(encoding="utf-8", errors="replace").startswith(COMPARE_TITLE)
+    for path in (page, plot):
+        if path.exists() and not ours:
+            raise ILoRAError(f"{path} exists and was not written by ilora compare; choose another --out")
 
 
 def _compare_plot(path: Path, summaries: list[dict], tasks: list[str]) -> None:

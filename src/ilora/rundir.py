@@ -14,6 +14,7 @@ that never trained anything may be restarted under new settings.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -37,10 +38,18 @@ def file_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def inputs_record(model_fingerprint: str, tasks) -> dict[str, Any]:
+def tokenizer_digest(tokenizer) -> str:
+    """What the tokenizer does, by content: vocabulary, special tokens, chat template."""
+    record = {"vocab": sorted(tokenizer.get_vocab().items()), "special": tokenizer.special_tokens_map,
+              "chat_template": getattr(tokenizer, "chat_template", None)}  # fmt: skip
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def inputs_record(model_fingerprint: str, tokenizer, tasks) -> dict[str, Any]:
     """The run's inputs by content: a changed file at the same path is a changed input."""
     return {
         "model": model_fingerprint,
+        "tokenizer": tokenizer_digest(tokenizer),
         "train": {t.name: file_digest(t.train) for t in tasks},
         "test": {t.name: file_digest(t.test) for t in tasks},
     }
@@ -98,6 +107,8 @@ def _changed_input(stored: Any, current: dict) -> str | None:
         return "the record of its inputs (settings.json from an older ilora)"
     if stored.get("model") != current["model"]:
         return "the base model's weights"
+    if stored.get("tokenizer") != current["tokenizer"]:
+        return "the model's tokenizer"
     for kind in ("train", "test"):
         for task, digest in current[kind].items():
             if (stored.get(kind) or {}).get(task) != digest:

@@ -170,6 +170,10 @@ class ILoRATrainer(Trainer):
         state = taskdir.read_json(folder / taskdir.CHECKPOINT_MARKER, "checkpoint marker")
         if not isinstance(state, dict) or not isinstance(state.get("ema_step"), int):
             raise ILoRAError(f"{folder / taskdir.CHECKPOINT_MARKER}: damaged checkpoint marker (no integer ema_step)")
+        for name in (PLASTIC, STABLE):
+            if (folder / name).is_dir():
+                taskdir.check_adapter_dir(folder / name)
+        taskdir.read_json(folder / "trainer_state.json", "trainer state")
         logger.info("resuming from %s", folder)
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         buffer = None

@@ -147,7 +147,7 @@ def run_sequence(
     check_target_modules(base, model_args.target_modules)
     tests = [_test_set(t, test_rows[t.name], tokenizer, data_args) for t in run.tasks]
     identity = taskdir.base_model_identity(base)
-    settings = {**_settings_record(config), "inputs": rundir.inputs_record(identity["fingerprint"], run.tasks)}
+    settings = {**_settings_record(config), "inputs": rundir.inputs_record(identity["fingerprint"], tokenizer, run.tasks)}
     rundir.check_same_settings(run_dir, settings)
     stages = [run.tasks] if run.method == "joint" else [[t] for t in run.tasks]
     task_dirs = [run_dir / rundir.TASKS_DIR / f"{k}-{_stage_name(run, stage)}" for k, stage in enumerate(stages, 1)]
@@ -184,6 +184,7 @@ def run_sequence(
         return run_dir
     summary = _summarise(run, adapters, base_row, results, timings, time.time() - started, tests)
     summary["config"] = config
+    summary["inputs"] = settings["inputs"]  # lets `ilora compare` refuse runs scored on other test files
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_json(run_dir / rundir.METRICS_FILE, summary)
     report.write_report(run_dir, summary)
@@ -413,7 +414,12 @@ def evaluate_adapters(model_name: str, adapter_dir: Path, config: Path) -> dict:
     tests = [_test_set(t, test_rows[t.name], tokenizer, data_args) for t in run.tasks]
     scorer = _Scorer(tokenizer, tests, run.eval_batch_size, run.max_new_tokens,
                      torch.bfloat16 if training_args.bf16 else None)  # fmt: skip
-    model = load_adapters(base, plastic, stable)
+    try:
+        model = load_adapters(base, plastic, stable)
+    except RuntimeError as err:  # PEFT's state-dict load: the adapter was made for another architecture
+        if "size mismatch" not in str(err):
+            raise
+        raise ILoRAError(f"{adapter_dir}: its tensors do not fit model {model_name!r} (trained on another base)") from None
     adapters = [PLASTIC, STABLE] if stable else [PLASTIC]
     return {a: {name: r["accuracy"] for name, r in scorer.score(model, a).items()} for a in adapters}
 
@@ -432,6 +438,11 @@ def run_demo(full: bool = False, output_dir: Path | None = None, overrides: dict
     plan = FULL if full else DEMO
     root = Path(output_dir or ("runs/full" if full else "runs/demo"))
     check_directory_target(root, "--output_dir")
+    marker = root / DEMO_MARKER
+    if root.is_dir() and any(root.iterdir()) and not marker.is_file():
+        raise ILoRAError(f"--output_dir {root} already holds files that are not an ilora demo; choose another directory")
+    root.mkdir(parents=True, exist_ok=True)
+    taskdir.write_json_atomically(marker, {"full": full})  # says: this directory is the demo's to rewrite
     entries = build_benchmark(root / "data", plan["tasks"], plan["n_train"], plan["n_test"], seed=0)
     base_config = load_yaml_mapping(Path(__file__).parent / "configs" / "demo.yaml")
     if full:
@@ -454,6 +465,8 @@ def run_demo(full: bool = False, output_dir: Path | None = None, overrides: dict
         return report.aggregate([root / f"seed-{s}" for s in plan["seeds"]], plan["methods"], root)
     return tables[0]
 
+
+DEMO_MARKER = "ilora_demo.json"
 
 # The full benchmark: a buffer of 5% of the 1,600-row training stream (a generous buffer turns ER into
 # joint training and hides every difference) and an EMA horizon of ~10 steps in a 200-step run. The
