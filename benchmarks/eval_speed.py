@@ -5,6 +5,8 @@ answers and prints `speedup` (naive seconds / fast seconds) in the JSON object o
 
     python benchmarks/eval_speed.py                          # tiny random Llama, synthetic rows
     python benchmarks/eval_speed.py --model smollm2 --rows 150   # SmolLM2 on the demo's tweet and debate tests
+    python benchmarks/eval_speed.py --model smollm2 --rows 150 --device cuda --bf16   # on a GPU
+The first line names the hardware and the precision; on a GPU the peak GPU memory is reported.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ilora import precision
 from ilora.evaluate import build_test_set, predict_choices, score_choices, score_choices_naive
 
 
@@ -58,26 +61,45 @@ def main() -> None:
     p.add_argument("--cutoff_len", type=int, default=64)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--data_dir", type=Path, default=Path("runs/bench-data"))
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast, as evaluation does when training used bf16")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer, tasks = tiny_setup(args.rows) if args.model == "tiny" else smollm2_setup(args.rows, args.data_dir)
+    model = model.to(args.device)
+    hardware = precision.detect(args.device)
+    print(f"hardware: {hardware.label()}, native bf16: {hardware.native_bf16}, precision: {'bf16' if args.bf16 else 'fp32'}")
+    autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.bf16)
     pad = tokenizer.pad_token_id
     totals = {"fast": 0.0, "naive": 0.0}
+    peaks: dict[str, float] = {}
     same = True
     for name, rows, choices in tasks:
         test = build_test_set(name, rows, tokenizer, "choice", choices, args.cutoff_len, use_chat_template=False)
-        score_choices(model, test, pad, args.batch)  # warm-up
+        with autocast:
+            score_choices(model, test, pad, args.batch)  # warm-up
         timed = {}
         for label, scorer in (("fast", score_choices), ("naive", score_choices_naive)):
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
-            timed[label] = predict_choices(scorer(model, test, pad, args.batch))
+            with autocast:
+                timed[label] = predict_choices(scorer(model, test, pad, args.batch))
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+                peaks[label] = max(peaks.get(label, 0.0), torch.cuda.max_memory_allocated() / 2**20)
             totals[label] += time.perf_counter() - start
         agree = timed["fast"] == timed["naive"]
         same &= agree
         print(f"{name}: {len(test)} rows x {len(choices)} choices, identical picks: {agree}")
     print(f"fast {totals['fast']:.2f}s  naive {totals['naive']:.2f}s  (model={args.model}, threads={args.threads})")
-    print(json.dumps({"speedup": round(totals["naive"] / totals["fast"], 3), "identical_choices": same,
-                      "fast_s": round(totals["fast"], 3), "naive_s": round(totals["naive"], 3)}))  # fmt: skip
+    summary = {"speedup": round(totals["naive"] / totals["fast"], 3), "identical_choices": same,
+               "fast_s": round(totals["fast"], 3), "naive_s": round(totals["naive"], 3),
+               "hardware": hardware.label(), "precision": "bf16" if args.bf16 else "fp32"}  # fmt: skip
+    if peaks:
+        summary["gpu_peak_mib"] = {k: round(v) for k, v in peaks.items()}
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

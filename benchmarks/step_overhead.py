@@ -12,11 +12,13 @@ after warm-up:
               current + replay, a second plastic pass with grad over the replay rows for the hidden
               states, a stable pass with the LM head and every hidden state, an EMA found by
               parameter-name matching with a clone per tensor, and `.item()` logging every step.
-Also: the EMA update alone (fraction of the I-LoRA step), tokens/s, and the peak resident memory of
-each variant in its own process (`--memory`).
+Also: the EMA update alone (fraction of the I-LoRA step), tokens/s, the peak resident memory of
+each variant in its own process (`--memory`, CPU), and on a GPU the peak GPU memory of each variant
+(`torch.cuda.max_memory_allocated`). The first line names the hardware and the precision.
 
     python benchmarks/step_overhead.py                      # tiny random Llama, seconds
     python benchmarks/step_overhead.py --model smollm2      # SmolLM2-135M (the targets), minutes
+    python benchmarks/step_overhead.py --model smollm2 --device cuda --bf16   # on a GPU
 
 The last line printed is one JSON object with the ratios.
 """
@@ -33,6 +35,7 @@ import time
 import torch
 from peft import LoraConfig
 
+from ilora import precision
 from ilora.adapters import PLASTIC, STABLE, AdapterPair, attach_adapters
 from ilora.buffer import ReplayBuffer
 from ilora.config import ILoRAArguments
@@ -52,7 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=7, help="measured steps per variant")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured steps per variant")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (LoRA weights stay fp32)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model and batches live")
     p.add_argument("--memory", action="store_true", help="also measure peak RSS per variant (one process each)")
+    p.add_argument("--gradient_checkpointing", action="store_true",
+                   help="recompute the plastic pass's activations in the backward (with --memory: measured beside)")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -73,6 +79,16 @@ def build_model(name: str):
 def random_rows(n: int, length: int, vocab: int, seed: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (length,), generator=g) for _ in range(n)]
+
+
+def to_device(batch: dict, device: str) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def synchronize(device: str) -> None:
+    """Wait for the device: a GPU step is timed when it is done, not when it is queued."""
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def batch_of(rows: list[torch.Tensor]) -> dict:
@@ -102,9 +118,9 @@ class Variant:
         if self.method.buffer is not None:
             self.method.buffer.capacity = 0  # keep replay rows fixed-length: the stream is not stored
         self.optimizer = torch.optim.AdamW(self.method.adapters.plastic, lr=1e-4)
-        self.batches = [batch_of(random_rows(args.batch, args.length, vocab, seed=s)) for s in range(4)]
+        self.batches = [to_device(batch_of(random_rows(args.batch, args.length, vocab, seed=s)), args.device) for s in range(4)]
         self.rows_per_step = args.batch if name == "seq_lora" else 2 * args.batch
-        self.autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16)
+        self.autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.bf16)
         self.calls = 0
 
     def step(self) -> None:
@@ -135,7 +151,7 @@ def bare_stable_forward(method: ILoRA, batch: dict) -> None:
 def three_pass_loss(method: ILoRA, batch: dict) -> torch.Tensor:
     model, pad = method.model, method.pad_token_id
     replay_ids, _ = method.buffer.sample(method.replay_batch_size)
-    replay = torch.stack(replay_ids)
+    replay = torch.stack(replay_ids).to(batch["input_ids"].device)
     ids = torch.cat([batch["input_ids"], replay])
     mask = torch.ones_like(ids)
     out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)  # pass 1, with grad
@@ -164,7 +180,11 @@ def three_pass_ema(model, step: int, ema_alpha: float) -> None:
 def peft_model(args):
     model = build_model(args.model)
     config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=args.targets.split(","))
-    return attach_adapters(model, config, with_stable=True), model.config.vocab_size
+    peft = attach_adapters(model, config, with_stable=True).to(args.device)
+    if args.gradient_checkpointing:
+        peft.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft.train()
+    return peft, model.config.vocab_size
 
 
 def time_variants(args) -> dict:
@@ -174,23 +194,35 @@ def time_variants(args) -> dict:
         for v in variants:
             v.step()
     times = {v.name: [] for v in variants}
+    gpu_peak = {v.name: 0 for v in variants}
     for _ in range(args.rounds):
         for v in variants:
+            if args.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            synchronize(args.device)
             start = time.perf_counter()
             v.step()
+            synchronize(args.device)
             times[v.name].append(time.perf_counter() - start)
+            if args.device == "cuda":
+                gpu_peak[v.name] = max(gpu_peak[v.name], torch.cuda.max_memory_allocated())
     medians = {name: statistics.median(t) for name, t in times.items()}
     adapters = variants[VARIANTS.index("ilora")].method.adapters
     tokens = {v.name: v.rows_per_step * args.length / medians[v.name] for v in variants}
-    return {"median_step_s": medians, "ema_s": ema_seconds(adapters), "tokens_per_s": tokens,
-            "adapter_params": adapters.num_parameters()}  # fmt: skip
+    result = {"median_step_s": medians, "ema_s": ema_seconds(adapters, args.device), "tokens_per_s": tokens,
+              "adapter_params": adapters.num_parameters()}  # fmt: skip
+    if args.device == "cuda":
+        result["gpu_peak_mib"] = {name: peak / 2**20 for name, peak in gpu_peak.items()}
+    return result
 
 
-def ema_seconds(adapters: AdapterPair, repeats: int = 50) -> float:
+def ema_seconds(adapters: AdapterPair, device: str, repeats: int = 50) -> float:
     adapters.ema_(0.01)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         adapters.ema_(0.01)
+    synchronize(device)
     return (time.perf_counter() - start) / repeats
 
 
@@ -214,10 +246,11 @@ def child_peak_rss(args) -> None:
     print(json.dumps({"peak_rss_mib": peak, "step_rss_mib": peak - before}))
 
 
-def peak_rss(args, variant: str) -> dict:
+def peak_rss(args, variant: str, checkpointing: bool = False) -> dict:
     argv = [sys.executable, __file__, "--child", variant, "--model", args.model, "--batch", str(args.batch),
             "--length", str(args.length), "--targets", args.targets, "--rank", str(args.rank),
             "--threads", str(args.threads)] + (["--bf16"] if args.bf16 else [])  # fmt: skip
+    argv += ["--gradient_checkpointing"] if checkpointing else []
     out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -229,11 +262,16 @@ def main(argv=None) -> None:
         return child_peak_rss(args)
     result = time_variants(args)
     step = result["median_step_s"]
+    hardware = precision.detect(args.device)
+    print(f"hardware: {hardware.label()}, native bf16: {hardware.native_bf16}, precision: "
+          f"{'bf16 autocast' if args.bf16 else 'fp32'}")  # fmt: skip
     print(f"model={args.model} batch={args.batch}+{args.batch} length={args.length} targets={args.targets} "
           f"threads={args.threads} bf16={args.bf16} rounds={args.rounds}")  # fmt: skip
-    print(f"{'variant':<12}{'s/step':>10}{'tokens/s':>12}{'vs er':>8}")
+    gpu = result.get("gpu_peak_mib")
+    print(f"{'variant':<12}{'s/step':>10}{'tokens/s':>12}{'vs er':>8}" + (f"{'GPU MiB':>10}" if gpu else ""))
     for name in VARIANTS:
-        print(f"{name:<12}{step[name]:>10.4f}{result['tokens_per_s'][name]:>12.0f}{step[name] / step['er']:>8.3f}")
+        print(f"{name:<12}{step[name]:>10.4f}{result['tokens_per_s'][name]:>12.0f}{step[name] / step['er']:>8.3f}"
+              + (f"{gpu[name]:>10.0f}" if gpu else ""))  # fmt: skip
     print(f"EMA update alone: {1000 * result['ema_s']:.3f} ms for {result['adapter_params']:,} adapter parameters")
     summary = {
         "ilora_over_er": step["ilora"] / step["er"],
@@ -243,7 +281,11 @@ def main(argv=None) -> None:
         "selective_over_ilora": step["selective"] / step["ilora"],
         "three_pass_over_ilora": step["three_pass"] / step["ilora"],
         "ema_fraction": result["ema_s"] / step["ilora"],
+        "hardware": hardware.label(),
+        "precision": "bf16" if args.bf16 else "fp32",
     }
+    if gpu:
+        summary["gpu_peak_mib"] = gpu
     if args.memory:
         measured = {name: peak_rss(args, name) for name in ("seq_lora", "er", "ilora", "three_pass")}
         print("peak RSS, MiB (whole process / added by the steps): "
@@ -251,6 +293,11 @@ def main(argv=None) -> None:
         summary["peak_rss_mib"] = {k: v["peak_rss_mib"] for k, v in measured.items()}
         summary["step_rss_mib"] = {k: v["step_rss_mib"] for k, v in measured.items()}
         summary["peak_rss_ilora_over_er"] = measured["ilora"]["peak_rss_mib"] / measured["er"]["peak_rss_mib"]
+        # gradient checkpointing: the I-LoRA step's added memory with and without it
+        plain, checkpointed = peak_rss(args, "ilora", False), peak_rss(args, "ilora", True)
+        print(f"gradient checkpointing, I-LoRA step: added {plain['step_rss_mib']:.0f} MiB without, "
+              f"{checkpointed['step_rss_mib']:.0f} MiB with")  # fmt: skip
+        summary["gc_step_rss_mib"] = {"without": plain["step_rss_mib"], "with": checkpointed["step_rss_mib"]}
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}))
 
 

@@ -23,8 +23,10 @@ from tiny import save_tiny_model, sentiment_rows, tiny_tokenizer, two_task_confi
 TRAIN = ["--lora_target", "q_proj,v_proj", "--lora_rank", "4", "--max_steps", "2", "--report_to", "none",
          "--use_cpu", "true", "--disable_tqdm", "true", "--ilora_buffer_size", "4", "--save_strategy", "no"]  # fmt: skip
 BAD_INPUT, DIVERGED = 2, 1
-# Plain SGD at 1e12 without clipping: weights reach ~1e25 by step 2 and NaN at step 3 on the tiny model.
-HUGE_STEP = ["--optim", "sgd", "--learning_rate", "1e12", "--max_grad_norm", "0", "--max_steps", "3"]
+# Plain SGD at 1e12 without clipping, in fp32: weights reach ~1e25 by step 2 and NaN at step 3 on the tiny
+# model. (Pinned to fp32: under bf16 autocast the same run saturates at finite ~1e18 weights and logits.)
+HUGE_STEP = ["--optim", "sgd", "--learning_rate", "1e12", "--max_grad_norm", "0", "--max_steps", "3", "--bf16", "false"]
+HUGE_RUN = {"optim": "sgd", "learning_rate": 1e12, "max_grad_norm": 0, "max_steps": 3, "bf16": False}
 
 
 # ------------------------------------------------------------------ the world
@@ -198,18 +200,15 @@ DIVERGED_RUNS = {
     "train: huge learning rate, selective update": (
         lambda w, t: train(w, t, *HUGE_STEP, "--selective_update", "true"),
         DIVERGED, "training diverged"),
-    "train: diverged with checkpoints on": (
-        lambda w, t: train(w, t, "--optim", "sgd", "--learning_rate", "1e12", "--max_grad_norm", "0", "--save_strategy", "steps",
-                           "--save_steps", "1", "--max_steps", "3"), DIVERGED, "training diverged by optimizer step"),
-    "train: huge learning rate, logging every step": (
-        lambda w, t: train(w, t, "--optim", "sgd", "--learning_rate", "1e12", "--max_grad_norm", "0", "--logging_steps", "1",
-                           "--max_steps", "4"), DIVERGED, "training diverged by optimizer step"),
-    "run: ilora diverges": (lambda w, t: run_config(w, t, lambda c: c.update(optim="sgd", learning_rate=1e12, max_grad_norm=0, max_steps=3)),
+    "train: diverged with checkpoints on": (lambda w, t: train(w, t, *HUGE_STEP, "--save_strategy", "steps", "--save_steps", "1"),
+                                            DIVERGED, "training diverged by optimizer step"),
+    "train: huge learning rate, logging every step": (lambda w, t: train(w, t, *HUGE_STEP, "--logging_steps", "1", "--max_steps", "4"),
+                                                      DIVERGED, "training diverged by optimizer step"),
+    "run: ilora diverges": (lambda w, t: run_config(w, t, lambda c: c.update(HUGE_RUN)),
                             DIVERGED, "training diverged"),
-    "run: er diverges": (lambda w, t: run_config(w, t, lambda c: c.update(optim="sgd", learning_rate=1e12, max_grad_norm=0, max_steps=3,
-                                                                           method="er")), DIVERGED, "training diverged"),
-    "run: joint diverges": (lambda w, t: run_config(w, t, lambda c: c.update(optim="sgd", learning_rate=1e12, max_grad_norm=0,
-                                                                              max_steps=2, method="joint")), DIVERGED, "training diverged"),
+    "run: er diverges": (lambda w, t: run_config(w, t, lambda c: c.update(HUGE_RUN, method="er")), DIVERGED, "training diverged"),
+    "run: joint diverges": (lambda w, t: run_config(w, t, lambda c: c.update(HUGE_RUN, method="joint")), DIVERGED,
+                            "training diverged"),
 }  # fmt: skip
 
 SETTINGS = {
@@ -515,8 +514,7 @@ def test_refused_in_one_line_and_nothing_of_the_users_touched(case, world, tmp_p
 # ------------------------------------------------------------ beyond refusals
 def test_a_diverged_run_leaves_no_checkpoint_with_nan(world, tmp_path):
     out = tmp_path / "out"
-    argv = train(world, tmp_path, "--optim", "sgd", "--learning_rate", "1e12", "--max_grad_norm", "0",
-                 "--save_strategy", "steps", "--save_steps", "1", "--max_steps", "3")  # fmt: skip
+    argv = train(world, tmp_path, *HUGE_STEP, "--save_strategy", "steps", "--save_steps", "1")
     assert main(argv) == DIVERGED
     for checkpoint in out.glob("checkpoint-*"):
         if (checkpoint / "ilora_checkpoint.json").is_file():
@@ -527,7 +525,7 @@ def test_a_diverged_run_leaves_no_checkpoint_with_nan(world, tmp_path):
 
 def test_a_failed_start_does_not_block_the_corrected_retry(world, tmp_path):
     # diverges in task 1: settings.json and base_eval.json are written, no task finished, no checkpoint
-    argv = run_config(world, tmp_path, lambda c: c.update(optim="sgd", learning_rate=1e12, max_grad_norm=0, max_steps=3))
+    argv = run_config(world, tmp_path, lambda c: c.update(HUGE_RUN))
     assert main(argv) == DIVERGED
     assert (tmp_path / "out" / "ilora" / "settings.json").is_file()
     argv = run_config(world, tmp_path)

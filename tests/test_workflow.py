@@ -130,3 +130,20 @@ def test_eval_command_scores_a_task_directory(config, tmp_path, tiny_model_dir, 
     saved = json.loads((task / "eval.json").read_text())["scores"]
     assert scores["stable"]["alpha"] == saved["stable"]["alpha"]["accuracy"]
     assert set(scores["plastic"]) == {"alpha", "beta", "gamma"}
+
+
+def test_eval_max_rows_scores_the_same_seeded_subsample_after_every_task(config, tmp_path):
+    settings = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump({**settings, "eval_max_rows": 4}))
+    assert main(["run", str(config), "--method", "seq_lora"]) == 0
+    run_dir = tmp_path / "runs" / "seq_lora"
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    assert summary["eval_max_rows"] == 4 and set(summary["test_rows"].values()) == {4}
+    picks = [json.loads((run_dir / "tasks" / f"{k}-{n}" / "eval.json").read_text())["scores"]["plastic"]["alpha"]["predictions"]
+             for k, n in ((1, "alpha"), (2, "beta"))]  # fmt: skip
+    assert all(len(p) == 4 for p in picks)
+    rows = [{"i": i} for i in range(50)]
+    sample = workflow.subsample(rows, 7)
+    assert sample == workflow.subsample(rows, 7) and len(sample) == 7  # fixed: the same rows every time
+    assert [r["i"] for r in sample] == sorted(r["i"] for r in sample)  # in file order
+    assert workflow.subsample(rows, 60) == rows

@@ -246,12 +246,22 @@ class RunArguments:
     tasks: list[TaskSpec] = field(default_factory=list, metadata={"help": "Ordered tasks (YAML list)."})
     eval_batch_size: int = field(default=16, metadata={"help": "Rows per evaluation batch."})
     max_new_tokens: int = field(default=16, metadata={"help": "Generation limit for exact_match scoring."})
+    eval_max_rows: int | None = field(
+        default=None,
+        metadata={
+            "help": "Score at most this many test rows per task: a fixed subsample (seed 0), the same after every "
+            "task, recorded in metrics.json. Every task is scored after every task, so evaluation grows with the "
+            "square of the sequence's length; this bounds it. Default: every row."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ILoRAError(f"method {self.method!r} is not one of {METHODS}{did_you_mean(str(self.method), METHODS)}")
         check_value("eval_batch_size", self.eval_batch_size, at_least(1), "must be >= 1")
         check_value("max_new_tokens", self.max_new_tokens, at_least(1), "must be >= 1")
+        if self.eval_max_rows is not None:
+            check_value("eval_max_rows", self.eval_max_rows, at_least(1), "must be >= 1 (or unset: every row)")
         if not self.tasks:
             raise ILoRAError("the config lists no tasks")
         names = [t.name for t in self.tasks]
@@ -290,6 +300,7 @@ def parse_train_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, IL
 
 
 def parse_argv(argv: list[str], classes: tuple[type, ...], prog: str) -> tuple:
+    argv, precision_flags = _take_precision_flags(argv)
     parser = ArgumentParser(classes, prog=prog)
     try:
         *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
@@ -300,10 +311,53 @@ def parse_argv(argv: list[str], classes: tuple[type, ...], prog: str) -> tuple:
     if unknown:
         flags = [o for action in parser._actions for o in action.option_strings]
         raise ILoRAError(f"unknown argument '{unknown[0]}'{did_you_mean(unknown[0].split('=')[0], flags)}")
+    parsed = [_with_precision(a, precision_flags) if isinstance(a, TrainingArguments) else a for a in parsed]
     for args in parsed:
         if isinstance(args, TrainingArguments):
             check_training_arguments(args)
     return tuple(parsed)
+
+
+PRECISION_FLAGS = ("--bf16", "--fp16")
+
+
+def _take_precision_flags(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """`--bf16 auto` is ilora's (the Trainer's flag is a plain bool): take both flags out of argv."""
+    rest, flags, i = [], {}, 0
+    while i < len(argv):
+        key, _, inline = argv[i].partition("=")
+        if key not in PRECISION_FLAGS:
+            rest.append(argv[i])
+            i += 1
+        elif inline:
+            flags[key[2:]], i = inline, i + 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            flags[key[2:]], i = argv[i + 1], i + 2
+        else:  # a bare `--bf16` means true, as with the Trainer
+            flags[key[2:]], i = "true", i + 1
+    return rest, flags
+
+
+def _with_precision(args: TrainingArguments, flags: dict[str, str]) -> TrainingArguments:
+    """bf16/fp16 resolved: explicit values win, `auto` (the default) follows the hardware."""
+    import dataclasses
+
+    import torch
+
+    from . import precision
+
+    device = "cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu"
+    hardware = precision.detect(device)
+    requested = {k: precision.parse_flag(k, flags.get(k, precision.AUTO)) for k in ("bf16", "fp16")}
+    bf16, fp16 = precision.choose(requested["bf16"], requested["fp16"], hardware)
+    if (bf16, fp16) == (args.bf16, args.fp16):
+        return args
+    # the Trainer wants use_cpu for bf16 on a CPU; without CUDA the run is on the CPU anyway
+    use_cpu = args.use_cpu or (bf16 and hardware.device == "cpu")
+    try:
+        return dataclasses.replace(args, bf16=bf16, fp16=fp16, use_cpu=use_cpu)
+    except ValueError as err:  # e.g. fp16 on a device without it: the Trainer's own one-line reason
+        raise ILoRAError(str(err).strip().splitlines()[0]) from None
 
 
 def check_training_arguments(args: TrainingArguments) -> None:

@@ -17,7 +17,7 @@ import torch
 from peft import LoraConfig, PeftModel
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from . import distributed, taskdir
+from . import distributed, precision, taskdir
 from .adapters import PLASTIC, STABLE, add_stable_copy, attach_adapters, load_adapters
 from .buffer import ReplayBuffer
 from .config import ILoRAArguments, check_training_arguments
@@ -52,6 +52,7 @@ class ILoRATrainer(Trainer):
     ):
         self.ilora_args = ilora_args = ilora_args or ILoRAArguments()
         check_training_arguments(args)
+        precision.warn_if_emulated(args.bf16, precision.detect(args.device.type))
         set_seed(args.seed)  # LoRA initialisation below draws random numbers
         self.base_identity = taskdir.base_model_identity(model)
         self.previous_manifest: dict | None = None
@@ -226,6 +227,7 @@ class ILoRATrainer(Trainer):
             "ema_step": self.ilora.step,
             "global_steps": self.state.global_step,
             "train_seconds": summary.get("train_runtime"),  # of the session that finished the task
+            "hardware": precision.run_record(self.args),  # what trained it, in which precision
             "final_losses": final_losses,
         }
         return taskdir.write_task(output_dir, self.model, self.ilora.buffer, args, manifest)

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import math
+import random
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,7 +24,7 @@ from peft import LoraConfig
 from tqdm.auto import tqdm
 from transformers import TrainingArguments
 
-from . import distributed, metrics, report, rundir, taskdir
+from . import distributed, metrics, precision, report, rundir, taskdir
 from .adapters import PLASTIC, STABLE, AdapterPair, check_target_modules, load_adapters
 from .buffer import ReplayBuffer
 from .paths import check_directory_target
@@ -139,7 +140,7 @@ def run_sequence(
     adapters = [PLASTIC, STABLE] if method_args.uses_stable else [PLASTIC]
 
     train_rows = {t.name: read_jsonl(t.train) for t in run.tasks}  # all data errors before any training
-    test_rows = {t.name: read_jsonl(t.test) for t in run.tasks}
+    test_rows = {t.name: subsample(read_jsonl(t.test), run.eval_max_rows) for t in run.tasks}
     if run.method == "joint":
         training_args = joint_training_arguments(training_args, ilora_args, [len(train_rows[t.name]) for t in run.tasks])
     config = _config_record(model_args, data_args, method_args, training_args, run)
@@ -156,7 +157,7 @@ def run_sequence(
         _check_saved_task(task_dir, adapters, rows, method_args.uses_replay)
     if distributed.rank() == 0:
         _write_json(run_dir / rundir.SETTINGS_FILE, settings)  # once model and test sets load: bad input leaves nothing
-    autocast = torch.bfloat16 if training_args.bf16 else None
+    autocast = precision.autocast_dtype(training_args.bf16, training_args.fp16)  # evaluation as trained
     scorer = _Scorer(tokenizer, tests, run.eval_batch_size, run.max_new_tokens, autocast, training_args.disable_tqdm)
     evaluates = distributed.rank() == 0  # the other ranks train, then wait
     base_row = _base_evaluation(root, base, identity, scorer, run.tasks, data_args, settings["inputs"]) if evaluates else None
@@ -184,6 +185,7 @@ def run_sequence(
         return run_dir
     summary = _summarise(run, adapters, base_row, results, timings, time.time() - started, tests)
     summary["config"] = config
+    summary["hardware"] = precision.run_record(training_args)
     summary["inputs"] = settings["inputs"]  # lets `ilora compare` refuse runs scored on other test files
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_json(run_dir / rundir.METRICS_FILE, summary)
@@ -211,8 +213,18 @@ def _settings_record(config: dict) -> dict:
         "ilora": config["ilora"],
         "training": {key: config["training"][key] for key in TRAINING_SETTINGS},
         "tasks": {"tasks": [{k: v for k, v in task.items() if k not in ("train", "test")} for task in config["run"]["tasks"]]},
+        "evaluation": {"eval_max_rows": config["run"]["eval_max_rows"]},
     }
     return json.loads(json.dumps(record))  # as it reads back from the file
+
+
+def subsample(rows: list[dict], limit: int | None, seed: int = 0) -> list[dict]:
+    """At most `limit` rows, drawn once with a fixed seed and kept in file order: the same subsample
+    after every task and in every run of the same file."""
+    if limit is None or len(rows) <= limit:
+        return rows
+    keep = sorted(random.Random(seed).sample(range(len(rows)), limit))
+    return [rows[i] for i in keep]
 
 
 def _stage_name(run: RunArguments, stage: list[TaskSpec]) -> str:
@@ -345,6 +357,7 @@ def _summarise(run, adapters, base_row, results, timings, seconds, tests) -> dic
         "method": run.method,
         "tasks": names,
         "test_rows": {t.name: len(t) for t in tests},
+        "eval_max_rows": run.eval_max_rows,
         "gold_distribution": {t.name: dict(Counter(t.answers).most_common()) for t in tests},
         "matrices": matrices,
         "metrics": metric_table,
@@ -406,14 +419,14 @@ def evaluate_adapters(model_name: str, adapter_dir: Path, config: Path) -> dict:
     for directory in (plastic, stable):
         if directory is not None:
             taskdir.check_adapter_dir(directory, manifest["lora"] if manifest else None)
-    test_rows = {t.name: read_jsonl(t.test) for t in run.tasks}
+    test_rows = {t.name: subsample(read_jsonl(t.test), run.eval_max_rows) for t in run.tasks}
     base, tokenizer = load_model_and_tokenizer(model_name)
     if manifest is not None and taskdir.base_model_identity(base)["fingerprint"] != manifest["base_model"]["fingerprint"]:
         raise ILoRAError(f"{adapter_dir} was trained on base model {manifest['base_model']['name_or_path']!r}, "
                          f"not on {model_name!r}: its adapters mean nothing on another base")  # fmt: skip
     tests = [_test_set(t, test_rows[t.name], tokenizer, data_args) for t in run.tasks]
     scorer = _Scorer(tokenizer, tests, run.eval_batch_size, run.max_new_tokens,
-                     torch.bfloat16 if training_args.bf16 else None)  # fmt: skip
+                     precision.autocast_dtype(training_args.bf16, training_args.fp16))  # fmt: skip
     try:
         model = load_adapters(base, plastic, stable)
     except RuntimeError as err:  # PEFT's state-dict load: the adapter was made for another architecture
