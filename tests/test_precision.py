@@ -44,8 +44,13 @@ def test_both_forced_is_refused():
         precision.choose(True, True, H100)
 
 
-@pytest.mark.parametrize("avx512_bf16, amx, native", [(False, False, False), (True, False, True), (False, True, True)])
-def test_cpu_detection_reads_the_capability_queries(monkeypatch, avx512_bf16, amx, native):
+@pytest.mark.parametrize("capability, avx512_bf16, amx, native", [
+    ("AVX2", False, False, False), ("AVX512", True, False, True), ("AVX512", False, True, True),
+    ("AVX2", True, False, False),  # AVX512-BF16 in the CPU, but torch restricted to AVX2 kernels
+    ("DEFAULT", False, False, False),
+])  # fmt: skip
+def test_cpu_detection_reads_the_capability_queries(monkeypatch, capability, avx512_bf16, amx, native):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     hardware = precision.detect("cpu")

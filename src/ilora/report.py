@@ -207,6 +207,20 @@ def _compare_plot(path: Path, summaries: list[dict], tasks: list[str]) -> None:
     plt.close(fig)
 
 
+def time_table(summaries: list[dict]) -> str:
+    """Where the time went: training and evaluation seconds per method, and what it ran on."""
+    lines = ["| method | train s | eval s | total s |", "|---|---|---|---|"]
+    for summary in summaries:
+        per_task = summary["timings"]["per_task"]
+        train = sum(t["train_seconds"] for t in per_task)
+        evaluate = sum(t["eval_seconds"] for t in per_task)
+        lines.append(f"| {summary['method']} | {train:.0f} | {evaluate:.0f} | {summary['timings']['total_seconds']:.0f} |")
+    hardware = summaries[0].get("hardware")
+    if hardware:
+        lines.append(f"\nOn {hardware['name']} ({hardware['device']}, {hardware['capability']}), {hardware['precision']}.")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- seeds
 def aggregate(seed_dirs: list[Path], methods: list[str], out_dir: Path) -> str:
     """Mean and standard deviation over seeds of every metric and of each task's final accuracy:

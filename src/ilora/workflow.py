@@ -473,9 +473,11 @@ def run_demo(full: bool = False, output_dir: Path | None = None, overrides: dict
         for method in plan["methods"]:
             log.info("== %s, seed %d ==", method, seed)
             run_sequence(*parse_run_config(config_path, {"method": method}))
-        tables.append(report.compare([seed_root / m for m in plan["methods"]], seed_root))
+        runs = [seed_root / m for m in plan["methods"]]
+        times = report.time_table([report.load_summary(r) for r in runs])
+        tables.append(f"{report.compare(runs, seed_root)}\n\nWhere the time went (seed {seed}):\n\n{times}")
     if len(plan["seeds"]) > 1:
-        return report.aggregate([root / f"seed-{s}" for s in plan["seeds"]], plan["methods"], root)
+        return "\n\n".join([report.aggregate([root / f"seed-{s}" for s in plan["seeds"]], plan["methods"], root), *tables])
     return tables[0]
 
 
