@@ -302,6 +302,10 @@ def parse_train_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, IL
 def parse_argv(argv: list[str], classes: tuple[type, ...], prog: str) -> tuple:
     argv, precision_flags = _take_precision_flags(argv)
     parser = ArgumentParser(classes, prog=prog)
+    for action in parser._actions:  # --help tells what ilora does with these flags
+        for flag in PRECISION_FLAGS:
+            if flag in action.option_strings:
+                action.help = PRECISION_HELP[flag]
     try:
         *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ILoRAError:
@@ -319,6 +323,11 @@ def parse_argv(argv: list[str], classes: tuple[type, ...], prog: str) -> tuple:
 
 
 PRECISION_FLAGS = ("--bf16", "--fp16")
+PRECISION_HELP = {
+    "--bf16": "auto (default), true or false. auto: bf16 where the device computes it natively (CUDA with bf16; "
+    "a CPU with AMX or AVX512-BF16), else fp16 on CUDA, else fp32.",
+    "--fp16": "auto (default), true or false. auto: fp16 on a CUDA GPU without bf16.",
+}
 
 
 def _take_precision_flags(argv: list[str]) -> tuple[list[str], dict[str, str]]:

@@ -160,7 +160,9 @@ def run_sequence(
     autocast = precision.autocast_dtype(training_args.bf16, training_args.fp16)  # evaluation as trained
     scorer = _Scorer(tokenizer, tests, run.eval_batch_size, run.max_new_tokens, autocast, training_args.disable_tqdm)
     evaluates = distributed.rank() == 0  # the other ranks train, then wait
-    base_row = _base_evaluation(root, base, identity, scorer, run.tasks, data_args, settings["inputs"]) if evaluates else None
+    base_row = None
+    if evaluates:  # scored where the tasks will be scored: the Trainer's device
+        base_row = _base_evaluation(root, base.to(training_args.device), identity, scorer, run.tasks, data_args, settings["inputs"])
     distributed.barrier()
 
     results, timings, previous = [], [], None
@@ -256,7 +258,7 @@ def _train_and_evaluate(k, stage, name, task_dir, previous, train_rows, tokenize
         base, _ = load_model_and_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code)
         manifest = taskdir.read_manifest(task_dir)
         stable = task_dir / STABLE if STABLE in adapters else None
-        model = load_adapters(base, task_dir / PLASTIC, stable)
+        model = load_adapters(base, task_dir / PLASTIC, stable).to(training_args.device)
         train_seconds = manifest.get("train_seconds") or 0.0  # absent in manifests of older ilora
     else:
         rows = [row for task in stage for row in train_rows[task.name]]
@@ -428,7 +430,7 @@ def evaluate_adapters(model_name: str, adapter_dir: Path, config: Path) -> dict:
     scorer = _Scorer(tokenizer, tests, run.eval_batch_size, run.max_new_tokens,
                      precision.autocast_dtype(training_args.bf16, training_args.fp16))  # fmt: skip
     try:
-        model = load_adapters(base, plastic, stable)
+        model = load_adapters(base, plastic, stable).to(training_args.device)
     except RuntimeError as err:  # PEFT's state-dict load: the adapter was made for another architecture
         if "size mismatch" not in str(err):
             raise
