@@ -6,6 +6,7 @@ existing YAML configs carry over. Training itself is configured by transformers'
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
@@ -271,8 +272,21 @@ class RunArguments:
 
 
 # ------------------------------------------------------------- parsing
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in --help, except bf16/fp16: the Trainer's default (False) is not ilora's (auto)."""
+
+    def _get_help_string(self, action):
+        if set(action.option_strings) & set(PRECISION_FLAGS):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(HfArgumentParser):
     """argparse errors become ILoRAError: one line, exit code 2, like every other bad input."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise ILoRAError(message)
