@@ -38,6 +38,7 @@ STAGING = ".ilora-staging"  # inside output_dir; only ilora ever creates a folde
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 FORMAT_VERSION = 1
+RESUME_LATEST = ("true", "True", "last")  # resume_from_checkpoint values meaning "the newest complete one"
 # What a manifest must hold, with the type of each value: anything else is a damaged file.
 MANIFEST_KEYS = {"task_id": (str, type(None)), "base_model": dict, "lora": dict, "ema_step": int,
                  "global_steps": int, "ilora_args": dict}  # fmt: skip
@@ -146,14 +147,18 @@ def check_compatible(manifest: dict, directory: Path, lora: dict, base: dict, pr
 
 def previous_paths(directory: Path, manifest: dict, ema_adapter_path: str | None) -> tuple[Path, Path | None]:
     """The previous task's plastic and stable adapter directories, each checked to load."""
-    plastic = directory / PLASTIC
-    stable = Path(ema_adapter_path) if ema_adapter_path else _resolve(directory, manifest.get("stable_path"))
+    plastic, stable = directory / PLASTIC, previous_stable_path(directory, manifest, ema_adapter_path)
     for path in (plastic, stable):
-        if path is not None and not (path / ADAPTER_CONFIG).is_file():
-            raise ILoRAError(f"{path}: not a PEFT adapter directory (no {ADAPTER_CONFIG})")
         if path is not None:
+            if not (path / ADAPTER_CONFIG).is_file():
+                raise ILoRAError(f"{path}: not a PEFT adapter directory (no {ADAPTER_CONFIG})")
             check_adapter_dir(path, manifest["lora"])
     return plastic, stable
+
+
+def previous_stable_path(directory: Path, manifest: dict, ema_adapter_path: str | None) -> Path | None:
+    """Where a chained task reads the previous stable adapter: ema_adapter_path, else where it was saved."""
+    return Path(ema_adapter_path) if ema_adapter_path else _resolve(directory, manifest.get("stable_path"))
 
 
 def planned_outputs(output_dir: str | None, args: ILoRAArguments, overwrite: bool,
@@ -168,10 +173,10 @@ def planned_outputs(output_dir: str | None, args: ILoRAArguments, overwrite: boo
         previous = Path(args.previous_task_model)
         manifest = read_manifest(previous)
         reads["previous_task_model"] = previous
-        stable = Path(args.ema_adapter_path) if args.ema_adapter_path else _resolve(previous, manifest.get("stable_path"))
+        stable = previous_stable_path(previous, manifest, args.ema_adapter_path)
         if stable is not None:
             reads["previous stable adapter"] = stable
-    if resume_from and resume_from not in ("true", "True", "last"):
+    if resume_from and resume_from not in RESUME_LATEST:
         reads["resume_from_checkpoint"] = Path(resume_from)
     stable = stable_save_path(output, args) if args.uses_stable and args.save_ema_adapter else None
     outputs = TaskOutputs(output, stable, reads, overwrite)

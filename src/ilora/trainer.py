@@ -141,7 +141,7 @@ class ILoRATrainer(Trainer):
     # ------------------------------------------------------------ checkpoints
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """`resume_from_checkpoint=True` means the newest *complete* checkpoint in output_dir."""
-        if resume_from_checkpoint is True or resume_from_checkpoint in ("true", "True", "last"):
+        if resume_from_checkpoint is True or resume_from_checkpoint in taskdir.RESUME_LATEST:
             resume_from_checkpoint = taskdir.last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ILoRAError(f"no complete checkpoint to resume from in {self.args.output_dir}")
