@@ -453,11 +453,10 @@ def run_demo(full: bool = False, output_dir: Path | None = None, overrides: dict
     plan = FULL if full else DEMO
     root = Path(output_dir or ("runs/full" if full else "runs/demo"))
     check_directory_target(root, "--output_dir")
-    marker = root / DEMO_MARKER
-    if root.is_dir() and any(root.iterdir()) and not marker.is_file():
+    if root.is_dir() and any(root.iterdir()) and not _is_demo_dir(root):
         raise ILoRAError(f"--output_dir {root} already holds files that are not an ilora demo; choose another directory")
     root.mkdir(parents=True, exist_ok=True)
-    taskdir.write_json_atomically(marker, {"full": full})  # says: this directory is the demo's to rewrite
+    taskdir.write_json_atomically(root / DEMO_MARKER, {"full": full})  # says: this directory is the demo's to rewrite
     entries = build_benchmark(root / "data", plan["tasks"], plan["n_train"], plan["n_test"], seed=0)
     base_config = load_yaml_mapping(Path(__file__).parent / "configs" / "demo.yaml")
     if full:
@@ -484,6 +483,17 @@ def run_demo(full: bool = False, output_dir: Path | None = None, overrides: dict
 
 
 DEMO_MARKER = "ilora_demo.json"
+# What a demo directory holds; one written before the marker existed is recognised by these names alone.
+DEMO_ENTRIES = {"data", "config.yaml", "base_eval.json", "compare.md", "compare.png", "summary.md", "summary.json",
+                *FULL["methods"]}  # fmt: skip
+
+
+def _is_demo_dir(root: Path) -> bool:
+    if (root / DEMO_MARKER).is_file():
+        return True
+    names = {p.name for p in root.iterdir()}
+    earlier = {"data", "config.yaml"} <= names or any(n.startswith("seed-") for n in names)
+    return earlier and all(n in DEMO_ENTRIES or n.startswith("seed-") for n in names)
 
 # The full benchmark: a buffer of 5% of the 1,600-row training stream (a generous buffer turns ER into
 # joint training and hides every difference) and an EMA horizon of ~10 steps in a 200-step run. The
