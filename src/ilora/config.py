@@ -11,13 +11,16 @@ import json
 import math
 import re
 from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from . import precision
 from .errors import ILoRAError
 from .suggest import did_you_mean
 
@@ -287,6 +290,9 @@ class ArgumentParser(HfArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
+        for action in self._actions:  # --help tells what ilora does with bf16/fp16
+            for flag in set(action.option_strings) & set(PRECISION_FLAGS):
+                action.help = PRECISION_HELP[flag]
 
     def error(self, message: str):
         raise ILoRAError(message)
@@ -316,10 +322,6 @@ def parse_train_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, IL
 def parse_argv(argv: list[str], classes: tuple[type, ...], prog: str) -> tuple:
     argv, precision_flags = _take_precision_flags(argv)
     parser = ArgumentParser(classes, prog=prog)
-    for action in parser._actions:  # --help tells what ilora does with these flags
-        for flag in PRECISION_FLAGS:
-            if flag in action.option_strings:
-                action.help = PRECISION_HELP[flag]
     try:
         *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ILoRAError:
@@ -363,12 +365,6 @@ def _take_precision_flags(argv: list[str]) -> tuple[list[str], dict[str, str]]:
 
 def _with_precision(args: TrainingArguments, flags: dict[str, str]) -> TrainingArguments:
     """bf16/fp16 resolved: explicit values win, `auto` (the default) follows the hardware."""
-    import dataclasses
-
-    import torch
-
-    from . import precision
-
     device = "cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu"
     hardware = precision.detect(device)
     requested = {k: precision.parse_flag(k, flags.get(k, precision.AUTO)) for k in ("bf16", "fp16")}
