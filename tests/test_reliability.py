@@ -244,6 +244,8 @@ SETTINGS = {
     "run: eval_batch_size 0": (lambda w, t: run_config(w, t, lambda c: c.update(eval_batch_size=0)), BAD_INPUT, "eval_batch_size=0"),
     "run: eval_batch_size negative": (lambda w, t: run_config(w, t, lambda c: c.update(eval_batch_size=-4)), BAD_INPUT,
                                       "eval_batch_size=-4"),
+    "run: eval_max_rows 0": (lambda w, t: run_config(w, t, lambda c: c.update(eval_max_rows=0)), BAD_INPUT, "eval_max_rows=0"),
+    "bf16 maybe": (lambda w, t: train(w, t, "--bf16", "maybe"), BAD_INPUT, "bf16='maybe' must be auto, true or false"),
     "run: max_new_tokens 0": (lambda w, t: run_config(w, t, lambda c: c.update(max_new_tokens=0)), BAD_INPUT, "max_new_tokens=0"),
     "seed negative": (lambda w, t: train(w, t, "--seed", "-1"), BAD_INPUT, "seed=-1 must be in [0, 2**32)"),
     "dataloader workers negative": (lambda w, t: train(w, t, "--dataloader_num_workers", "-1"), BAD_INPUT, "dataloader_num_workers=-1"),
