@@ -6,7 +6,7 @@ after warm-up:
   er          current + replay rows, no stable adapter
   floor       er + a bare no-grad stable forward through the decoder over as many rows as the replay
               batch: the cost I-LoRA cannot avoid (no consistency, no EMA)
-  ilora       er + stable no-grad pass over the replay rows + consistency + EMA   (ilora.method.ILoRA)
+  ilora       er + stable no-grad pass over the replay rows + consistency + EMA   (ilora.methods.ilora)
   selective   ilora with selective_update (stable pass over the whole batch, with the LM head)
   three_pass  the public implementations' step, written out below: plastic pass with grad over
               current + replay, a second plastic pass with grad over the replay rows for the hidden
@@ -39,7 +39,9 @@ from ilora import precision
 from ilora.adapters import PLASTIC, STABLE, AdapterPair, attach_adapters
 from ilora.buffer import ReplayBuffer
 from ilora.config import ILoRAArguments
-from ilora.method import ILoRA, causal_lm_loss, consistency_loss, ema_coefficient
+from ilora import methods
+from ilora.methods.base import causal_lm_loss
+from ilora.methods.ilora import consistency_loss, ema_coefficient
 
 VARIANTS = ("seq_lora", "er", "floor", "ilora", "selective", "three_pass")
 
@@ -103,9 +105,9 @@ class Variant:
     def __init__(self, name: str, model, args: argparse.Namespace, vocab: int):
         self.name, self.model = name, model
         settings = {
-            "seq_lora": dict(use_ilora=False),
-            "er": dict(use_stable_adapter=False),
-            "floor": dict(use_stable_adapter=False),
+            "seq_lora": dict(method="seq_lora"),
+            "er": dict(method="er"),
+            "floor": dict(method="er"),
             "ilora": dict(),
             "selective": dict(selective_update=True, min_update_threshold=0.0),
             "three_pass": dict(),
@@ -114,7 +116,8 @@ class Variant:
         buffer = ReplayBuffer(ilora_args.ilora_buffer_size, seed=1)
         for row in random_rows(ilora_args.ilora_buffer_size, args.length, vocab, seed=2):
             buffer.add(row, row.clone())
-        self.method = ILoRA(model, ilora_args, pad_token_id=0, replay_batch_size=args.batch, buffer=buffer)
+        method = methods.get(ilora_args.method)
+        self.method = method(model, ilora_args, pad_token_id=0, replay_batch_size=args.batch, buffer=buffer)
         if self.method.buffer is not None:
             self.method.buffer.capacity = 0  # keep replay rows fixed-length: the stream is not stored
         self.optimizer = torch.optim.AdamW(self.method.adapters.plastic, lr=1e-4)
@@ -141,14 +144,14 @@ class Variant:
 
 
 @torch.no_grad()
-def bare_stable_forward(method: ILoRA, batch: dict) -> None:
+def bare_stable_forward(method, batch: dict) -> None:
     """The stable adapter's forward over replay-batch-sized rows, its output unused."""
     with method.adapters.active(STABLE):
-        method.decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        method.model.get_base_model().get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
 
 # ------------------------------------------------ the public implementations' step
-def three_pass_loss(method: ILoRA, batch: dict) -> torch.Tensor:
+def three_pass_loss(method, batch: dict) -> torch.Tensor:
     model, pad = method.model, method.pad_token_id
     replay_ids, _ = method.buffer.sample(method.replay_batch_size)
     replay = torch.stack(replay_ids).to(batch["input_ids"].device)

@@ -9,7 +9,8 @@ from ilora.adapters import attach_adapters
 from ilora.buffer import ReplayBuffer
 from ilora.config import ILoRAArguments
 from ilora.data import PadCollator, encode_rows
-from ilora.method import ILoRA
+from ilora import methods
+from ilora.methods.base import Method
 from tiny import sentiment_rows, tiny_llama, tiny_tokenizer, write_jsonl
 
 TOKENIZER = tiny_tokenizer()
@@ -44,17 +45,19 @@ def batches(n_batches: int, batch_size: int = 4, offset: int = 0) -> list[dict]:
     return [collate(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]
 
 
-def method(model=None, replay_batch_size: int = 4, buffer: ReplayBuffer | None = None, **args) -> ILoRA:
+def method(model=None, replay_batch_size: int = 4, buffer: ReplayBuffer | None = None, options=None, **args) -> Method:
+    """The method `args` name (I-LoRA by default) on a tiny model, outside any Trainer."""
     model = model if model is not None else peft_model()
     settings = dict(ilora_buffer_size=16)
     settings.update(args)
     ilora_args = ILoRAArguments(**settings)
-    if buffer is None and ilora_args.uses_replay:
+    cls = methods.get(ilora_args.method)
+    if buffer is None and cls.uses_replay(ilora_args):
         buffer = ReplayBuffer(ilora_args.ilora_buffer_size, seed=0)
-    return ILoRA(model, ilora_args, pad_token_id=PAD, replay_batch_size=replay_batch_size, buffer=buffer)
+    return cls(model, ilora_args, options, pad_token_id=PAD, replay_batch_size=replay_batch_size, buffer=buffer)
 
 
-def train(ilora: ILoRA, data: list[dict], lr: float = 0.05, record=None) -> None:
+def train(ilora: Method, data: list[dict], lr: float = 0.05, record=None) -> None:
     """The loop the Trainer runs: loss, backward, optimizer step, EMA."""
     optimizer = torch.optim.SGD(ilora.adapters.plastic, lr=lr)
     for batch in data:

@@ -99,7 +99,7 @@ CASES = {
                         "--ema_alpha/--ema-alpha: invalid float value: 'fast'"),
     "yaml syntax": (lambda w, t: yaml_train(w, t, "model: [unclosed\n"), "train.yaml: invalid YAML"),
     "yaml not a mapping": (lambda w, t: yaml_train(w, t, "- a\n- b\n"), "expected a mapping"),
-    "run unknown method": (lambda w, t: run_config(w, t, lambda c: c.update(method="ewc")), "method 'ewc' is not one of"),
+    "run unknown method": (lambda w, t: run_config(w, t, lambda c: c.update(method="ewk")), "method 'ewk' is not one of"),
     "run duplicate tasks": (lambda w, t: run_config(w, t, lambda c: c["tasks"].append(dict(c["tasks"][0]))), "duplicate task names in the config: ['a']"),
     "run task missing test": (lambda w, t: run_config(w, t, lambda c: c["tasks"][0].pop("test")), "task 1: missing ['test']"),
     "run bad scoring": (lambda w, t: run_config(w, t, lambda c: c["tasks"][0].update(scoring="bleu")), "scoring must be 'choice' or 'exact_match'"),

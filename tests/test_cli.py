@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from ilora.buffer import ReplayBuffer
 from ilora.cli import main
-from ilora.method import ema_coefficient
+from ilora.methods.ilora import ema_coefficient
 from tiny import sentiment_rows, write_jsonl
 from transformers import AutoModelForCausalLM
 

@@ -5,7 +5,7 @@ from helpers import PAD, batches, method, peft_model, train
 from ilora import ILoRAError
 from ilora.adapters import PLASTIC, STABLE, AdapterPair
 from ilora.data import pad_rows
-from ilora.method import consistency_loss, ema_coefficient
+from ilora.methods.ilora import consistency_loss, ema_coefficient
 
 
 def test_ema_coefficient_warms_up_then_caps_at_ema_alpha():

@@ -39,7 +39,7 @@ class RecordPlastic(TrainerCallback):
         self.snapshots = []
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        self.snapshots.append([t.detach().clone() for t in self.trainer.ilora.adapters.plastic])
+        self.snapshots.append([t.detach().clone() for t in self.trainer.method.adapters.plastic])
 
 
 def test_use_ilora_false_equals_plain_peft_lora_training(tmp_path):
@@ -71,7 +71,7 @@ def test_use_ilora_false_equals_plain_peft_lora_training(tmp_path):
 
     assert losses(ilora) == pytest.approx(losses(plain), rel=1e-5)
     assert len(losses(ilora)) == 6
-    assert "stable" not in ilora.model.peft_config and ilora.ilora.buffer is None
+    assert "stable" not in ilora.model.peft_config and ilora.method.buffer is None
 
 
 def test_trainer_ema_runs_once_per_optimizer_step_with_gradient_accumulation(tmp_path):
@@ -86,14 +86,14 @@ def test_trainer_ema_runs_once_per_optimizer_step_with_gradient_accumulation(tmp
         callbacks=[recorder],
     )
     recorder.trainer = trainer
-    initial = [t.detach().clone() for t in trainer.ilora.adapters.stable]
+    initial = [t.detach().clone() for t in trainer.method.adapters.stable]
     trainer.train()
-    assert len(recorder.snapshots) == 5 and trainer.ilora.step == 5
+    assert len(recorder.snapshots) == 5 and trainer.method.step == 5
     expected = [t.double() for t in initial]
     for step, plastic in enumerate(recorder.snapshots, start=1):
         a = min(1 - 1 / (step + 1), 0.7)
         expected = [a * s + (1 - a) * p.double() for s, p in zip(expected, plastic)]
-    for got, want in zip(trainer.ilora.adapters.stable, expected):
+    for got, want in zip(trainer.method.adapters.stable, expected):
         torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=0)
 
 
@@ -107,7 +107,7 @@ def test_optimizer_holds_exactly_the_plastic_adapter(tmp_path):
     )
     trainer.create_optimizer()
     in_optimizer = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
-    assert in_optimizer == {id(t) for t in trainer.ilora.adapters.plastic}
+    assert in_optimizer == {id(t) for t in trainer.method.adapters.plastic}
 
 
 def test_raw_prompt_response_rows_are_tokenized_and_logs_carry_the_method_losses(tmp_path):
@@ -132,7 +132,7 @@ def test_a_given_peft_model_with_a_plastic_adapter_gets_its_stable_twin(tmp_path
         model=model, args=training_args(tmp_path), train_dataset=examples(8), processing_class=TOKENIZER
     )
     assert set(trainer.model.peft_config) == {"plastic", "stable"}
-    for p, s in zip(trainer.ilora.adapters.plastic, trainer.ilora.adapters.stable):
+    for p, s in zip(trainer.method.adapters.plastic, trainer.method.adapters.stable):
         assert torch.equal(p, s)
 
 

@@ -71,6 +71,12 @@ def load_adapters(model: torch.nn.Module, plastic_dir: Path, stable_dir: Path | 
     return peft_model
 
 
+def load_adapter(peft_model: PeftModel, name: str, directory: Path) -> None:
+    """Load a saved adapter under `name`, frozen: only `plastic` is ever trained."""
+    peft_model.load_adapter(str(directory), adapter_name=name, is_trainable=False)
+    peft_model.set_adapter(PLASTIC)  # PEFT's set_adapter: plastic trainable, every other adapter frozen
+
+
 def add_stable_copy(peft_model: PeftModel) -> None:
     """Give a model that has only a plastic adapter its stable twin, equal to it."""
     peft_model.add_adapter(STABLE, stable_config(peft_model.peft_config[PLASTIC]))
@@ -129,11 +135,13 @@ class AdapterPair:
             tensor.requires_grad_(False)
 
     @contextlib.contextmanager
-    def active(self, name: str) -> Iterator[None]:
-        """Route forwards through adapter `name`; `requires_grad` is left exactly as it was."""
+    def active(self, names: str | list[str]) -> Iterator[None]:
+        """Route forwards through adapter `names` (several are summed, as O-LoRA's); `requires_grad` is
+        left exactly as it was."""
+        names = [names] if isinstance(names, str) else list(names)
         previous = [layer.active_adapters for layer in self.layers]
         for layer in self.layers:
-            layer._active_adapter = [name]
+            layer._active_adapter = names
         try:
             yield
         finally:

@@ -1,7 +1,8 @@
 """Reservoir replay buffer over every training example seen, across tasks.
 
-Examples are stored unpadded (token ids + labels + task id). Saving writes safetensors + JSON
-(no pickle), including the RNG state and `num_seen`, so a chained task continues the same reservoir.
+Examples are stored unpadded (token ids + labels + task id), with optional per-row tensors a method
+keeps beside them (DER++'s logits, `extras`). Saving writes safetensors + JSON (no pickle), including
+the RNG state and `num_seen`, so a chained task continues the same reservoir.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .errors import ILoRAError
 
 TENSORS_FILE = "buffer.safetensors"
 STATE_FILE = "buffer.json"
+EXTRA, EXTRA_LENGTHS = "extra.", "extra_lengths."  # tensor-name prefixes of the per-row extras
 
 
 class ReplayBuffer:
@@ -29,12 +31,14 @@ class ReplayBuffer:
         self.input_ids: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
         self.task_ids: list[str] = []
+        self.extras: list[dict[str, torch.Tensor]] = []  # per row; the same keys in every row, or none
         self._rng = random.Random(seed)
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    def add(self, input_ids: torch.Tensor, labels: torch.Tensor, task_id: str = "") -> None:
+    def add(self, input_ids: torch.Tensor, labels: torch.Tensor, task_id: str = "",
+            extras: dict[str, torch.Tensor] | None = None) -> None:  # fmt: skip
         """Reservoir sampling (Vitter's algorithm R): after n examples each is kept with probability capacity/n."""
         self.num_seen += 1
         if self.capacity == 0:
@@ -43,21 +47,28 @@ class ReplayBuffer:
             self.input_ids.append(input_ids)
             self.labels.append(labels)
             self.task_ids.append(task_id)
+            self.extras.append(extras or {})
             return
         slot = self._rng.randrange(self.num_seen)
         if slot < self.capacity:
             self.input_ids[slot] = input_ids
             self.labels[slot] = labels
             self.task_ids[slot] = task_id
+            self.extras[slot] = extras or {}
+
+    def sample_indices(self, size: int) -> list[int]:
+        """Up to `size` distinct stored rows (without replacement)."""
+        return self._rng.sample(range(len(self)), min(size, len(self)))
 
     def sample(self, size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Up to `size` distinct stored examples (without replacement)."""
-        picks = self._rng.sample(range(len(self)), min(size, len(self)))
+        picks = self.sample_indices(size)
         return [self.input_ids[i] for i in picks], [self.labels[i] for i in picks]
 
     def to(self, device: torch.device | str) -> "ReplayBuffer":
         self.input_ids = [t.to(device) for t in self.input_ids]
         self.labels = [t.to(device) for t in self.labels]
+        self.extras = [{k: v.to(device) for k, v in row.items()} for row in self.extras]
         return self
 
     def save(self, directory: str | Path) -> None:
@@ -70,6 +81,10 @@ class ReplayBuffer:
             "labels": torch.cat([t.cpu() for t in self.labels]) if self.labels else empty,
             "lengths": lengths,
         }
+        for key in self.extras[0] if self.extras else ():
+            rows = [row[key].cpu() for row in self.extras]
+            tensors[f"{EXTRA}{key}"] = torch.cat(rows)
+            tensors[f"{EXTRA_LENGTHS}{key}"] = torch.tensor([len(t) for t in rows], dtype=torch.int64)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / TENSORS_FILE))
         version, internal, gauss = self._rng.getstate()
         state = {
@@ -104,6 +119,9 @@ class ReplayBuffer:
         buffer.input_ids = list(torch.split(tensors["input_ids"], sizes))
         buffer.labels = list(torch.split(tensors["labels"], sizes))
         buffer.task_ids = list(state["task_ids"])
+        keys = [k[len(EXTRA):] for k in tensors if k.startswith(EXTRA)]
+        columns = {k: torch.split(tensors[EXTRA + k], tensors[EXTRA_LENGTHS + k].tolist()) for k in keys}
+        buffer.extras = [{k: columns[k][i] for k in keys} for i in range(len(sizes))]
         buffer.num_seen = state["num_seen"]
         version, internal, gauss = state["rng_state"]
         buffer._rng.setstate((version, tuple(internal), gauss))
@@ -134,5 +152,9 @@ def _check_saved(directory: Path, state, tensors: dict[str, torch.Tensor]) -> No
         raise bad(f"row lengths do not add up to the {tensors['input_ids'].numel()} stored tokens")
     if tensors["labels"].shape != tensors["input_ids"].shape:
         raise bad("labels and input_ids differ in length")
+    for key in [k[len(EXTRA):] for k in tensors if k.startswith(EXTRA)]:
+        sizes = tensors.get(EXTRA_LENGTHS + key)
+        if sizes is None or len(sizes) != rows or int(sizes.sum()) != len(tensors[EXTRA + key]):
+            raise bad(f"the stored '{key}' rows do not match the {rows} examples")
     if not 0 <= rows <= state["capacity"] or state["num_seen"] < rows:
         raise bad(f"{rows} rows with capacity {state['capacity']} after {state['num_seen']} examples seen")

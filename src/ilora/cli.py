@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import ArgumentParser, parse_run_config, parse_train_args
+from .config import ArgumentParser, parse_train_args
 from .errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, ILoRAError
 from .suggest import did_you_mean
 
@@ -21,7 +21,7 @@ USAGE = """usage: ilora COMMAND [ARGS]
 
 commands:
   train     train one task (flags or a YAML file; `ilora train --help` lists every flag)
-  run       train and evaluate a task sequence: ilora run CONFIG.yaml [--method ilora|er|seq_lora|joint]
+  run       train and evaluate a task sequence: ilora run CONFIG.yaml [--method ilora|er|seq_lora|joint|ewc|lwf|derpp|olora]
   eval      score adapters on a config's tasks: ilora eval --model M --adapter DIR --tasks CONFIG.yaml
   compare   one table and plot for several runs: ilora compare RUN_DIR... [--out DIR]
   demo      the offline benchmark on SmolLM2-135M and real text: ilora demo [--full]
@@ -30,22 +30,23 @@ add --debug to any command for full tracebacks."""
 
 
 def command_train(argv: list[str]) -> None:
+    from . import methods
     from .workflow import train_task  # heavy imports only when training
 
-    output_dir = train_task(*parse_train_args(argv))
+    output_dir = train_task(*parse_train_args(argv, methods.argument_classes()))
     print(f"ilora: task written to {output_dir}")
 
 
 def command_run(argv: list[str]) -> None:
-    from .workflow import run_sequence
+    from .workflow import load_run_config, run_sequence
 
     parser = _simple_parser("ilora run", "train and evaluate a task sequence")
     parser.add_argument("config", type=Path, help="run config (YAML)")
-    parser.add_argument("--method", help="override the config's method: ilora, er, seq_lora or joint")
+    parser.add_argument("--method", help="override the config's method (a name in ilora.methods)")
     parser.add_argument("--output_dir", help="override the config's output_dir")
     opts = parser.parse_args(argv)
     overrides = {k: v for k, v in (("method", opts.method), ("output_dir", opts.output_dir)) if v}
-    run_dir = run_sequence(*parse_run_config(opts.config, overrides))
+    run_dir = run_sequence(*load_run_config(opts.config, overrides))
     print(f"ilora: run written to {run_dir} (report.md, metrics.json)")
 
 

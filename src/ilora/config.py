@@ -62,13 +62,20 @@ def in_unit_interval(v: float) -> bool:
     return 0.0 <= v < 1.0
 
 
+METHOD_HELP = "Continual-learning method, by its name in ilora.methods: ilora, er, seq_lora, joint, ewc, lwf, derpp, olora."
+CONSISTENCY_TARGETS = ("stable", "max")
+REPLAY_LOSSES = ("joint", "mean_of_parts")
+
+
 @dataclass
 class ILoRAArguments:
-    """The I-LoRA method: plastic + stable adapters, replay buffer, consistency loss."""
+    """The method and what every method shares (replay buffer, task chaining), with I-LoRA's own settings:
+    plastic + stable adapters, consistency loss."""
 
+    method: str = field(default="ilora", metadata={"help": METHOD_HELP})
     use_ilora: bool = field(
         default=True,
-        metadata={"help": "False = plain sequential LoRA (no buffer, no stable adapter): the baseline."},
+        metadata={"help": "False = plain sequential LoRA (method seq_lora; kept for configs written before 'method')."},
     )
     ema_alpha: float = field(
         default=0.999,
@@ -88,7 +95,17 @@ class ILoRAArguments:
     )
     use_stable_adapter: bool = field(
         default=True,
-        metadata={"help": "False = experience replay only (no stable adapter, no consistency): the ER baseline."},
+        metadata={"help": "False = experience replay only (method er; kept for configs written before 'method')."},
+    )
+    consistency_target: str = field(
+        default="stable",
+        metadata={"help": "I-LoRA's consistency target: 'stable' hidden states (the paper), or 'max', their "
+                  "element-wise maximum with the plastic ones (the official code)."},
+    )
+    replay_loss: str = field(
+        default="joint",
+        metadata={"help": "I-LoRA's CE: 'joint' = one mean over current + replay tokens; 'mean_of_parts' = "
+                  "(CE current + CE replay) / 2 (the official code)."},
     )
     selective_update: bool = field(
         default=False,
@@ -100,9 +117,10 @@ class ILoRAArguments:
     min_update_threshold: float = field(
         default=0.1, metadata={"help": "Margin (absolute, in nats) for selective_update."}
     )
-    hidden_state_layers: list[int] = field(
+    hidden_state_layers: list[str] = field(
         default_factory=lambda: [-1],
-        metadata={"help": "Indices into the HF hidden_states tuple (length layers+1; -1 = final normed output)."},
+        metadata={"help": "Indices into the HF hidden_states tuple (length layers+1; -1 = final normed output), "
+                  "or 'all' (every one, embeddings included: the official code)."},
     )
     save_ema_adapter: bool = field(default=True, metadata={"help": "Save the stable adapter next to the plastic one."})
     ema_adapter_path: str | None = field(
@@ -128,12 +146,12 @@ class ILoRAArguments:
         if self.replay_batch_size is not None:
             check_value("replay_batch_size", self.replay_batch_size, at_least(1), "must be >= 1")
         check_value("min_update_threshold", self.min_update_threshold, at_least(0), "must be a finite number >= 0")
-        if isinstance(self.hidden_state_layers, int):
-            self.hidden_state_layers = [self.hidden_state_layers]
-        if not self.hidden_state_layers:
-            raise ILoRAError("hidden_state_layers must name at least one layer (e.g. [-1])")
-        if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.hidden_state_layers):
-            raise ILoRAError(f"hidden_state_layers={self.hidden_state_layers} must be a list of integers")
+        self.method = self._method_from_switches()
+        for name, value, allowed in (("consistency_target", self.consistency_target, CONSISTENCY_TARGETS),
+                                     ("replay_loss", self.replay_loss, REPLAY_LOSSES)):  # fmt: skip
+            if value not in allowed:
+                raise ILoRAError(f"{name}={value!r} is not one of {allowed}{did_you_mean(str(value), allowed)}")
+        self.hidden_state_layers = _layer_list(self.hidden_state_layers)
         if len(set(self.hidden_state_layers)) != len(self.hidden_state_layers):
             raise ILoRAError(f"hidden_state_layers={self.hidden_state_layers} repeats a layer")
         if self.prev_task_id is not None and self.previous_task_model is None:
@@ -141,13 +159,34 @@ class ILoRAArguments:
         check_task_id("current_task_id", self.current_task_id)
         check_task_id("prev_task_id", self.prev_task_id)
 
-    @property
-    def uses_replay(self) -> bool:
-        return self.use_ilora and self.ilora_buffer_size > 0
+    def _method_from_switches(self) -> str:
+        """`use_ilora: false` is seq_lora and `use_stable_adapter: false` is er, as before `method` existed."""
+        legacy = "seq_lora" if not self.use_ilora else "er" if not self.use_stable_adapter else None
+        if legacy is None or self.method == legacy:
+            return self.method
+        if self.method != "ilora":
+            raise ILoRAError(f"method={self.method!r} contradicts {'use_ilora' if legacy == 'seq_lora' else 'use_stable_adapter'}"
+                             f"=false (which means method {legacy}); set only 'method'")  # fmt: skip
+        return legacy
 
     @property
     def uses_stable(self) -> bool:
-        return self.use_ilora and self.use_stable_adapter
+        return self.method == "ilora"
+
+
+def _layer_list(layers) -> list:
+    """hidden_state_layers as integers, or ['all']. The parser hands over strings, YAML integers."""
+    layers = [layers] if isinstance(layers, (int, str)) else list(layers or [])
+    if not layers:
+        raise ILoRAError("hidden_state_layers must name at least one layer (e.g. [-1]) or be 'all'")
+    if layers == ["all"]:
+        return layers
+    result = []
+    for value in layers:
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).lstrip("-").isdigit():
+            raise ILoRAError(f"hidden_state_layers={layers} must be a list of integers, or 'all'")
+        result.append(int(value))
+    return result
 
 
 @dataclass
@@ -202,9 +241,6 @@ class DataArguments:
         check_value("cutoff_len", self.cutoff_len, at_least(2), "must be >= 2")
 
 
-METHODS = ("ilora", "er", "seq_lora", "joint")
-
-
 @dataclass
 class TaskSpec:
     """One task of a sequence: where its data is and how its test set is scored."""
@@ -246,7 +282,7 @@ def check_choices(choices: Any, where: str) -> list[str]:
 class RunArguments:
     """A task sequence (`ilora run`): the method and the ordered tasks."""
 
-    method: str = field(default="ilora", metadata={"help": f"One of {METHODS}."})
+    method: str = field(default="ilora", metadata={"help": METHOD_HELP})
     tasks: list[TaskSpec] = field(default_factory=list, metadata={"help": "Ordered tasks (YAML list)."})
     eval_batch_size: int = field(default=16, metadata={"help": "Rows per evaluation batch."})
     max_new_tokens: int = field(default=16, metadata={"help": "Generation limit for exact_match scoring."})
@@ -260,8 +296,6 @@ class RunArguments:
     )
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ILoRAError(f"method {self.method!r} is not one of {METHODS}{did_you_mean(str(self.method), METHODS)}")
         check_value("eval_batch_size", self.eval_batch_size, at_least(1), "must be >= 1")
         check_value("max_new_tokens", self.max_new_tokens, at_least(1), "must be >= 1")
         if self.eval_max_rows is not None:
@@ -310,13 +344,23 @@ NOT_PATHS = {"smollm2", "true", "false", "last", "True", "False"}  # names and f
 COMMA_LISTS = ("lora_target",)
 
 
-def parse_train_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, ILoRAArguments, TrainingArguments]:
-    """Flags, or a YAML file of the same keys (LLaMA-Factory style) followed by overriding flags."""
+def parse_train_args(argv: list[str], method_arguments: dict[str, type] | None = None):
+    """Flags, or a YAML file of the same keys (LLaMA-Factory style) followed by overriding flags.
+
+    `method_arguments` are the methods' own dataclasses by method name (`ilora.methods.argument_classes()`).
+    Returns model, data, ILoRA and training arguments, and every method's options by method name."""
+    extra = tuple((method_arguments or {}).values())
     if argv and argv[0].endswith((".yaml", ".yml")):
         path = Path(argv[0])
-        mapping = config_mapping(checked_keys(load_yaml_mapping(path), TRAIN_ARGUMENTS, path), path)
+        mapping = config_mapping(checked_keys(load_yaml_mapping(path), TRAIN_ARGUMENTS + extra, path), path)
         argv = to_argv(mapping) + argv[1:]
-    return parse_argv(argv, TRAIN_ARGUMENTS, "ilora train")
+    return _with_options(parse_argv(argv, TRAIN_ARGUMENTS + extra, "ilora train"), method_arguments)
+
+
+def _with_options(parsed: tuple, method_arguments: dict[str, type] | None) -> tuple:
+    """(model, data, ilora, training, {method name: its options})."""
+    names = list(method_arguments or {})
+    return (*parsed[:4], dict(zip(names, parsed[4:])))
 
 
 def parse_argv(argv: list[str], classes: tuple[type, ...], prog: str) -> tuple:
@@ -421,9 +465,11 @@ def _check_reporting(report_to) -> None:
             raise ILoRAError(f"report_to={name!r}: that logger is not installed (installed: {sorted(available) or 'none'})")
 
 
-def parse_run_config(path: Path, overrides: dict[str, Any] | None = None):
-    """A run config: the train keys, plus `method`, `tasks` and evaluation settings."""
-    mapping = config_mapping(checked_keys(load_yaml_mapping(path), TRAIN_ARGUMENTS + (RunArguments,), path), path)
+def parse_run_config(path: Path, overrides: dict[str, Any] | None = None, method_arguments: dict[str, type] | None = None):
+    """A run config: the train keys, plus `method`, `tasks` and evaluation settings. Returns model, data,
+    ILoRA and training arguments, the run, and every method's options by method name."""
+    extra = tuple((method_arguments or {}).values())
+    mapping = config_mapping(checked_keys(load_yaml_mapping(path), TRAIN_ARGUMENTS + extra + (RunArguments,), path), path)
     mapping.update(overrides or {})
     run_keys = {f.name for f in fields(RunArguments)}
     tasks = mapping.pop("tasks", None)
@@ -432,7 +478,10 @@ def parse_run_config(path: Path, overrides: dict[str, Any] | None = None):
     specs = [task_spec(entry, path, i) for i, entry in enumerate(tasks, start=1)]
     run = RunArguments(tasks=specs, **{k: mapping.pop(k) for k in list(mapping) if k in run_keys})
     mapping.setdefault("output_dir", str(path.parent / "runs" / "ilora"))
-    return (*parse_argv(to_argv(mapping), TRAIN_ARGUMENTS, "ilora run"), run)
+    model, data, ilora, training, options = _with_options(
+        parse_argv(to_argv(mapping), TRAIN_ARGUMENTS + extra, "ilora run"), method_arguments
+    )
+    return model, data, ilora, training, run, options
 
 
 def task_spec(entry: Any, path: Path, index: int) -> TaskSpec:

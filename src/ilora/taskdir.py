@@ -17,13 +17,14 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
 from . import distributed
 from .adapters import PLASTIC, STABLE, AdapterPair, save_adapter
@@ -33,6 +34,8 @@ from .errors import ILoRAError
 from .paths import TaskOutputs, check_directory_target, check_replaceable
 
 MANIFEST = "ilora_task.json"
+METHOD_STATE = "method_state.safetensors"  # a method's tensors (EWC's Fisher), in task directories and checkpoints
+CHECKPOINT_BUFFER = "ilora_buffer"
 CHECKPOINT_MARKER = "ilora_checkpoint.json"  # written last into a Trainer checkpoint: it is complete
 STAGING = ".ilora-staging"  # inside output_dir; only ilora ever creates a folder of this name
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -145,20 +148,88 @@ def check_compatible(manifest: dict, directory: Path, lora: dict, base: dict, pr
         )
 
 
-def previous_paths(directory: Path, manifest: dict, ema_adapter_path: str | None) -> tuple[Path, Path | None]:
-    """The previous task's plastic and stable adapter directories, each checked to load."""
-    plastic, stable = directory / PLASTIC, previous_stable_path(directory, manifest, ema_adapter_path)
-    for path in (plastic, stable):
-        if path is not None:
-            if not (path / ADAPTER_CONFIG).is_file():
-                raise ILoRAError(f"{path}: not a PEFT adapter directory (no {ADAPTER_CONFIG})")
-            check_adapter_dir(path, manifest["lora"])
-    return plastic, stable
+def manifest_method(manifest: dict) -> str:
+    """The method that trained a task (manifests written before `method` existed say it by switches)."""
+    if isinstance(manifest.get("method"), str):
+        return manifest["method"]
+    args = manifest.get("ilora_args", {})
+    return "seq_lora" if args.get("use_ilora") is False else "er" if args.get("use_stable_adapter") is False else "ilora"
+
+
+def saved_adapters(directory: Path, manifest: dict) -> dict[str, Path]:
+    """Every adapter a finished task saved, by name (older manifests list only plastic and stable)."""
+    listed = manifest.get("adapters")
+    if not isinstance(listed, dict):
+        listed = {PLASTIC: PLASTIC, **({STABLE: manifest["stable_path"]} if manifest.get("stable_path") else {})}
+    return {name: _resolve(directory, path) for name, path in listed.items()}
+
+
+def previous_adapters(directory: Path, manifest: dict, ema_adapter_path: str | None) -> dict[str, Path]:
+    """The previous task's adapter directories by name, each checked to load (`ema_adapter_path`, if
+    given, is where its stable adapter is read)."""
+    adapters = saved_adapters(directory, manifest)
+    if ema_adapter_path:
+        adapters[STABLE] = Path(ema_adapter_path)
+    for path in adapters.values():
+        if not (path / ADAPTER_CONFIG).is_file():
+            raise ILoRAError(f"{path}: not a PEFT adapter directory (no {ADAPTER_CONFIG})")
+        check_adapter_dir(path, manifest["lora"])
+    return adapters
 
 
 def previous_stable_path(directory: Path, manifest: dict, ema_adapter_path: str | None) -> Path | None:
     """Where a chained task reads the previous stable adapter: ema_adapter_path, else where it was saved."""
-    return Path(ema_adapter_path) if ema_adapter_path else _resolve(directory, manifest.get("stable_path"))
+    return Path(ema_adapter_path) if ema_adapter_path else saved_adapters(directory, manifest).get(STABLE)
+
+
+@dataclass
+class PreviousTask:
+    """What a chained task continues from, read and checked."""
+
+    directory: Path
+    manifest: dict
+    adapters: dict[str, Path]
+    buffer: ReplayBuffer | None
+    method_state: tuple[dict[str, torch.Tensor], dict]
+
+
+def load_previous(directory: Path, args: ILoRAArguments, lora: dict | None, base: dict, buffer_capacity: int | None,
+                  world_size: int, process_index: int) -> PreviousTask:  # fmt: skip
+    """The previous task's manifest (same method, LoRA and base model), adapters, this rank's buffer
+    (when `buffer_capacity` is given) and method state."""
+    manifest = read_manifest(directory)
+    check_compatible(manifest, directory, lora or manifest["lora"], base, args.prev_task_id)
+    if manifest_method(manifest) != args.method:
+        raise ILoRAError(f"{directory} was trained with method {manifest_method(manifest)!r}; a chained task "
+                         f"continues with the same method, not {args.method!r}")  # fmt: skip
+    adapters = previous_adapters(directory, manifest, args.ema_adapter_path)
+    buffer = None
+    if buffer_capacity is not None:
+        if manifest.get("buffer") is None:
+            raise ILoRAError(f"{directory}: the previous task saved no replay buffer")
+        ranks = manifest["buffer"].get("ranks", 1)
+        if ranks != world_size:
+            raise ILoRAError(f"{directory} kept {ranks} per-rank replay buffers; this run has {world_size} processes")
+        buffer = ReplayBuffer.load(buffer_path(directory / "buffer", ranks, process_index), capacity=buffer_capacity)
+    return PreviousTask(directory, manifest, adapters, buffer, read_method_state(directory, manifest))
+
+
+def read_method_state(directory: Path, manifest: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """A method's saved state: tensors from `method_state.safetensors`, the rest from the manifest."""
+    record = manifest.get("method_state") or {}
+    path = directory / METHOD_STATE
+    if not path.is_file():
+        if record:
+            raise ILoRAError(f"{path}: missing (the method's saved state)")
+        return {}, record
+    return _load_tensors(path, "method state"), record
+
+
+def _load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ILoRAError(f"{path}: damaged {what} ({' '.join(str(err).split())})") from None
 
 
 def planned_outputs(output_dir: str | None, args: ILoRAArguments, overwrite: bool,
@@ -212,10 +283,15 @@ def write_task(
     buffer: ReplayBuffer | None,
     args: ILoRAArguments,
     manifest: dict[str, Any],
+    adapters: list[str] | None = None,
+    method_state: tuple[dict[str, torch.Tensor], dict] = ({}, {}),
 ) -> Path:
-    """Write a finished task: adapters and buffers via a staging directory, the manifest last.
+    """Write a finished task: adapters (`adapters`, by name; default plastic, and stable for I-LoRA),
+    buffers and the method's state via a staging directory, the manifest last.
 
     Called on every rank: each writes its own buffer, rank 0 the rest."""
+    if adapters is None:
+        adapters = [PLASTIC, STABLE] if args.uses_stable and args.save_ema_adapter else [PLASTIC]
     output_dir = Path(output_dir)
     staging = output_dir / STAGING
     if distributed.rank() == 0:
@@ -229,14 +305,22 @@ def write_task(
     distributed.barrier()
     if distributed.rank() == 0:
         try:
-            stable_path = _publish(output_dir, staging, model, args)
+            targets = {name: stable_save_path(output_dir, args) if name == STABLE else output_dir / name
+                       for name in adapters}  # fmt: skip
+            if method_state[0]:
+                save_file({k: v.detach().cpu().contiguous() for k, v in method_state[0].items()},
+                          str(staging / METHOD_STATE))  # fmt: skip
+            _publish(output_dir, staging, model, targets)
         except OSError as err:  # disk full, permissions: say so in one line; nothing is marked finished
             raise ILoRAError(f"could not write the task to {output_dir}: {err}; it is not marked finished") from None
         manifest = {
             **manifest,
             "format_version": FORMAT_VERSION,
+            "method": args.method,
             "ilora_args": asdict(args),
-            "stable_path": _relative(stable_path, output_dir),
+            "adapters": {name: _relative(path, output_dir) for name, path in targets.items()},
+            "stable_path": _relative(targets.get(STABLE), output_dir),
+            "method_state": method_state[1],
             "stable_checksum_per_rank": checksums,
             "buffer": None
             if buffer is None
@@ -249,21 +333,20 @@ def write_task(
     return output_dir
 
 
-def _publish(output_dir: Path, staging: Path, model: PeftModel, args: ILoRAArguments) -> Path | None:
+def _publish(output_dir: Path, staging: Path, model: PeftModel, targets: dict[str, Path]) -> None:
     """Adapters into the staging directory, then everything renamed into place. An earlier manifest
     (with --overwrite_output_dir) goes first, so a crash half-way leaves a task that is not finished."""
-    save_adapter(model, PLASTIC, staging / PLASTIC)
+    for name in targets:
+        save_adapter(model, name, staging / name)
     (output_dir / MANIFEST).unlink(missing_ok=True)
-    stable_path = None
-    if args.uses_stable and args.save_ema_adapter:
-        save_adapter(model, STABLE, staging / STABLE)
-        stable_path = stable_save_path(output_dir, args)
-    _replace(staging / PLASTIC, output_dir / PLASTIC, "adapter")
+    for name, target in targets.items():
+        _replace(staging / name, target, "adapter")
     _replace(staging / "buffer", output_dir / "buffer", "buffer")
-    if stable_path is not None:
-        _replace(staging / STABLE, stable_path, "adapter")
+    if (staging / METHOD_STATE).exists():
+        os.replace(staging / METHOD_STATE, output_dir / METHOD_STATE)
+    else:
+        (output_dir / METHOD_STATE).unlink(missing_ok=True)  # an earlier task's, when overwriting
     shutil.rmtree(staging)
-    return stable_path
 
 
 def _replace(source: Path, target: Path, kind: str) -> None:
@@ -300,6 +383,35 @@ def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
         if suffix.isdigit() and is_complete_checkpoint(path):
             candidates.append((int(suffix), path))
     return max(candidates)[1] if candidates else None
+
+
+def save_checkpoint_state(folder: Path, step: int, task_id: str | None, buffer: ReplayBuffer | None,
+                          method_state: tuple[dict[str, torch.Tensor], dict]) -> None:  # fmt: skip
+    """What ilora adds to a Trainer checkpoint: every rank's buffer, the method's state, and last the
+    marker that says the checkpoint is complete."""
+    if buffer is not None:  # every rank saves its own buffer
+        buffer.save(buffer_path(folder / CHECKPOINT_BUFFER))
+    distributed.barrier()
+    if distributed.rank() == 0:
+        if method_state[0]:
+            save_file({k: v.detach().cpu().contiguous() for k, v in method_state[0].items()}, str(folder / METHOD_STATE))
+        write_json_atomically(folder / CHECKPOINT_MARKER, {"ema_step": step, "task_id": task_id, "format_version": 1,
+                                                           "method_state": method_state[1]})  # fmt: skip
+
+
+def load_checkpoint_state(folder: Path, with_buffer: bool):
+    """Check a checkpoint before the Trainer reads it; return (step, this rank's buffer, method state)."""
+    if not is_complete_checkpoint(folder):
+        raise ILoRAError(f"{folder}: not a complete ilora checkpoint (no {CHECKPOINT_MARKER})")
+    state = read_json(folder / CHECKPOINT_MARKER, "checkpoint marker")
+    if not isinstance(state, dict) or not isinstance(state.get("ema_step"), int):
+        raise ILoRAError(f"{folder / CHECKPOINT_MARKER}: damaged checkpoint marker (no integer ema_step)")
+    for adapter in folder.iterdir():
+        if (adapter / ADAPTER_CONFIG).is_file():
+            check_adapter_dir(adapter)
+    read_json(folder / "trainer_state.json", "trainer state")
+    buffer = ReplayBuffer.load(buffer_path(folder / CHECKPOINT_BUFFER)) if with_buffer else None
+    return state["ema_step"], buffer, read_method_state(folder, state)
 
 
 def write_json_atomically(path: Path, data: dict) -> None:

@@ -1,14 +1,17 @@
-"""`ILoRATrainer`: a drop-in `transformers.Trainer` that trains with I-LoRA.
+"""`ILoRATrainer`: a drop-in `transformers.Trainer` that trains any ilora method (I-LoRA by default).
 
 The Trainer keeps what it is good at (data loading, optimizer, scheduler, mixed precision,
-gradient accumulation, logging to TensorBoard / W&B, checkpoints, Accelerate). ilora adds:
-the two adapters (set up here), the step's loss (`ILoRA.loss`), the EMA after each optimizer step
-(a callback on `on_optimizer_step`), and the task output directory (`save_task`).
+gradient accumulation, logging to TensorBoard / W&B, checkpoints, Accelerate). ilora adds: the
+adapters (the trainable `plastic` here, whatever else the method needs through its
+`prepare_model`), the method's loss per micro-batch, its hook after each optimizer step (a callback
+on `on_optimizer_step`), its end-of-task hook, and the task output directory (`save_task`). Formats
+(task directories, checkpoints) belong to `taskdir`; the method interface to `ilora.methods.base`.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -17,19 +20,18 @@ import torch
 from peft import LoraConfig, PeftModel
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from . import distributed, precision, taskdir
-from .adapters import PLASTIC, STABLE, add_stable_copy, attach_adapters, load_adapters
+from . import methods, precision, taskdir
+from .adapters import PLASTIC, attach_adapters
 from .buffer import ReplayBuffer
 from .config import ILoRAArguments, check_training_arguments
 from .data import PadCollator, prepare_dataset
 from .errors import ILoRAError
-from .method import ILoRA
 
 logger = logging.getLogger(__name__)
 
 
-class _EMAAfterOptimizerStep(TrainerCallback):
-    def __init__(self, method: ILoRA):
+class _AfterOptimizerStep(TrainerCallback):
+    def __init__(self, method):
         self.method = method
 
     def on_optimizer_step(self, args, state, control, **kwargs):
@@ -48,17 +50,20 @@ class ILoRATrainer(Trainer):
         data_collator=None,
         cutoff_len: int = 1024,
         use_chat_template: bool = True,
+        method_options: Any = None,
         **kwargs: Any,
     ):
         self.ilora_args = ilora_args = ilora_args or ILoRAArguments()
+        method_cls = methods.get(ilora_args.method)
+        self.method_options = _options(method_cls, method_options)
         check_training_arguments(args)
         precision.warn_if_emulated(args.bf16, precision.detect(args.device.type))
         set_seed(args.seed)  # LoRA initialisation below draws random numbers
         self.base_identity = taskdir.base_model_identity(model)
-        self.previous_manifest: dict | None = None
-        # each rank keeps its own reservoir over its own data shard, with its own random stream
-        buffer_seed = args.seed + args.process_index
-        model, self.lora_identity, ema_step, buffer = self._setup_model(model, peft_config, buffer_seed, args)
+        self.previous = self._previous_task(model, peft_config, method_cls, args)
+        model, self.lora_identity = self._attach_plastic(model, peft_config)
+        method_cls.prepare_model(model, self.previous.adapters if self.previous else {}, ilora_args, self.method_options)
+        buffer = self._buffer(method_cls, args)
         pad_token_id = _pad_token_id(processing_class, model)
         if train_dataset is not None:
             train_dataset = prepare_dataset(train_dataset, processing_class, cutoff_len, use_chat_template)
@@ -74,18 +79,20 @@ class ILoRATrainer(Trainer):
         # compute_loss returns a per-micro-batch mean: let the Trainer divide by the accumulation steps
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
-        self.ilora = ILoRA(
+        self.method = method_cls(
             self.model,
             ilora_args,
+            self.method_options,
             pad_token_id=pad_token_id,
             replay_batch_size=ilora_args.replay_batch_size or args.per_device_train_batch_size,
             buffer=buffer,
-            step=ema_step,
+            step=int(self.previous.manifest.get("ema_step", 0)) if self.previous else 0,
             task_id=ilora_args.current_task_id or "",
         )
-        self.add_callback(_EMAAfterOptimizerStep(self.ilora))
+        if self.previous:
+            self.method.load_state(*self.previous.method_state)
+        self.add_callback(_AfterOptimizerStep(self.method))
 
-    # ------------------------------------------------------------------ set-up
     def _refuse_unsupported_parallelism(self) -> None:
         """The EMA needs whole adapter tensors on every process: refuse sharded engines at start-up rather
         than train something that is not I-LoRA."""
@@ -95,101 +102,78 @@ class ILoRATrainer(Trainer):
         if self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3:
             raise ILoRAError("DeepSpeed ZeRO-3 shards the adapter tensors; ilora's EMA needs them whole")
 
-    def _setup_model(self, model, peft_config, seed, training_args):
-        """Plastic (+ stable) adapters: fresh, from the previous task, or as given on a PeftModel."""
-        args = self.ilora_args
-        if args.previous_task_model:
-            return self._continue_previous_task(model, peft_config, training_args)
-        buffer = ReplayBuffer(args.ilora_buffer_size, seed=seed) if args.uses_replay else None
+    def _previous_task(self, model, peft_config, method_cls, args) -> taskdir.PreviousTask | None:
+        ilora_args = self.ilora_args
+        if not ilora_args.previous_task_model:
+            return None
+        if isinstance(model, PeftModel):
+            raise ILoRAError("with previous_task_model, pass the base model: adapters are loaded from the previous task")
+        lora = taskdir.lora_identity(peft_config) if peft_config is not None else None
+        capacity = ilora_args.ilora_buffer_size if method_cls.uses_replay(ilora_args) else None
+        return taskdir.load_previous(Path(ilora_args.previous_task_model), ilora_args, lora, self.base_identity,
+                                     capacity, args.world_size, args.process_index)  # fmt: skip
+
+    def _attach_plastic(self, model, peft_config) -> tuple[PeftModel, dict]:
+        """The trainable adapter: the previous task's, fresh, or as given on a PeftModel."""
+        if self.previous is not None:
+            path = self.previous.adapters[PLASTIC]
+            return PeftModel.from_pretrained(model, str(path), adapter_name=PLASTIC, is_trainable=True), self.previous.manifest["lora"]
         if isinstance(model, PeftModel):
             if PLASTIC not in model.peft_config:
                 raise ILoRAError(f"the PeftModel has adapters {list(model.peft_config)}; ilora needs one named 'plastic'")
-            if args.uses_stable and STABLE not in model.peft_config:
-                add_stable_copy(model)
-            return model, taskdir.lora_identity(model.peft_config[PLASTIC]), 0, buffer
+            return model, taskdir.lora_identity(model.peft_config[PLASTIC])
         if peft_config is None:
             raise ILoRAError("pass peft_config=LoraConfig(...) (or a PeftModel with a 'plastic' adapter)")
-        identity = taskdir.lora_identity(peft_config)
-        return attach_adapters(model, copy.deepcopy(peft_config), with_stable=args.uses_stable), identity, 0, buffer
+        return attach_adapters(model, copy.deepcopy(peft_config), with_stable=False), taskdir.lora_identity(peft_config)
 
-    def _continue_previous_task(self, model, peft_config, training_args):
-        args = self.ilora_args
-        if isinstance(model, PeftModel):
-            raise ILoRAError("with previous_task_model, pass the base model: adapters are loaded from the previous task")
-        directory = Path(args.previous_task_model)
-        manifest = taskdir.read_manifest(directory)
-        lora = taskdir.lora_identity(peft_config) if peft_config is not None else manifest["lora"]
-        taskdir.check_compatible(manifest, directory, lora, self.base_identity, args.prev_task_id)
-        plastic_dir, stable_dir = taskdir.previous_paths(directory, manifest, args.ema_adapter_path)
-        if args.uses_stable and stable_dir is None:
-            raise ILoRAError(f"{directory}: the previous task saved no stable adapter (save_ema_adapter was off)")
-        peft_model = load_adapters(model, plastic_dir, stable_dir if args.uses_stable else None)
-        buffer = None
-        if args.uses_replay:
-            if manifest.get("buffer") is None:
-                raise ILoRAError(f"{directory}: the previous task saved no replay buffer")
-            ranks = manifest["buffer"].get("ranks", 1)
-            if ranks != training_args.world_size:
-                raise ILoRAError(
-                    f"{directory} kept {ranks} per-rank replay buffers; this run has {training_args.world_size} processes"
-                )
-            rank_dir = taskdir.buffer_path(directory / "buffer", ranks, training_args.process_index)
-            buffer = ReplayBuffer.load(rank_dir, capacity=args.ilora_buffer_size)
-        self.previous_manifest = manifest
-        return peft_model, lora, int(manifest.get("ema_step", 0)), buffer
+    def _buffer(self, method_cls, args) -> ReplayBuffer | None:
+        if not method_cls.uses_replay(self.ilora_args):
+            return None
+        if self.previous is not None:
+            return self.previous.buffer
+        # each rank keeps its own reservoir over its own data shard, with its own random stream
+        return ReplayBuffer(self.ilora_args.ilora_buffer_size, seed=args.seed + args.process_index)
 
     # ------------------------------------------------------------ checkpoints
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """`resume_from_checkpoint=True` means the newest *complete* checkpoint in output_dir."""
+        """`resume_from_checkpoint=True` means the newest *complete* checkpoint in output_dir. After the
+        last step the method's end-of-task hook runs (EWC's Fisher) on the task's data."""
         if resume_from_checkpoint is True or resume_from_checkpoint in taskdir.RESUME_LATEST:
             resume_from_checkpoint = taskdir.last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ILoRAError(f"no complete checkpoint to resume from in {self.args.output_dir}")
             resume_from_checkpoint = str(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        self.method.end_of_task(self.get_train_dataloader())
+        return output
 
     def _save_checkpoint(self, model, trial):
-        """The Trainer's checkpoint (both adapters, optimizer, scheduler, RNG) plus the buffer and the EMA
-        step; a marker written last says the checkpoint is complete. A diverged state is never
-        checkpointed: resuming from it would only diverge again."""
-        self.ilora.check_finite(f"by optimizer step {self.state.global_step}", adapters=True)
+        """The Trainer's checkpoint (adapters, optimizer, scheduler, RNG) plus the buffer, the method's
+        state and step; a marker written last says the checkpoint is complete. A diverged state is
+        never checkpointed: resuming from it would only diverge again."""
+        self.method.check_finite(f"by optimizer step {self.state.global_step}", adapters=True)
         super()._save_checkpoint(model, trial)
         folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-        if self.ilora.buffer is not None:  # every rank saves its own buffer
-            self.ilora.buffer.save(taskdir.buffer_path(folder / "ilora_buffer"))
-        distributed.barrier()
-        if self.args.should_save:
-            taskdir.write_json_atomically(
-                folder / taskdir.CHECKPOINT_MARKER,
-                {"ema_step": self.ilora.step, "task_id": self.ilora_args.current_task_id, "format_version": 1},
-            )
+        taskdir.save_checkpoint_state(folder, self.method.step, self.ilora_args.current_task_id, self.method.buffer,
+                                      self.method.state())  # fmt: skip
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         folder = Path(resume_from_checkpoint)
-        if not taskdir.is_complete_checkpoint(folder):
-            raise ILoRAError(f"{folder}: not a complete ilora checkpoint (no {taskdir.CHECKPOINT_MARKER})")
-        state = taskdir.read_json(folder / taskdir.CHECKPOINT_MARKER, "checkpoint marker")
-        if not isinstance(state, dict) or not isinstance(state.get("ema_step"), int):
-            raise ILoRAError(f"{folder / taskdir.CHECKPOINT_MARKER}: damaged checkpoint marker (no integer ema_step)")
-        for name in (PLASTIC, STABLE):
-            if (folder / name).is_dir():
-                taskdir.check_adapter_dir(folder / name)
-        taskdir.read_json(folder / "trainer_state.json", "trainer state")
+        # (an empty buffer is falsy: test for None)
+        step, buffer, method_state = taskdir.load_checkpoint_state(folder, with_buffer=self.method.buffer is not None)
         logger.info("resuming from %s", folder)
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        buffer = None
-        if self.ilora.buffer is not None:  # (an empty buffer is falsy: test for None)
-            buffer = ReplayBuffer.load(taskdir.buffer_path(folder / "ilora_buffer"))
-        self.ilora.restore(state["ema_step"], buffer)
+        self.method.restore(step, buffer)
+        self.method.load_state(*method_state)
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        if any(id(t) in in_optimizer for t in self.ilora.adapters.stable):
-            raise RuntimeError("a stable adapter tensor reached the optimizer")
-        missing = [t for t in self.ilora.adapters.plastic if id(t) not in in_optimizer]
-        if missing:
-            raise RuntimeError(f"{len(missing)} plastic adapter tensors are not in the optimizer")
+        plastic = {id(t) for t in self.method.adapters.plastic}
+        if in_optimizer - plastic:  # the stable adapter, a teacher, an earlier task's LoRA, the base
+            raise RuntimeError(f"{len(in_optimizer - plastic)} tensors besides the plastic adapter reached the optimizer")
+        if plastic - in_optimizer:
+            raise RuntimeError(f"{len(plastic - in_optimizer)} plastic adapter tensors are not in the optimizer")
         return optimizer
 
     # -------------------------------------------------------------- the step
@@ -197,12 +181,12 @@ class ILoRATrainer(Trainer):
         if not model.training:  # evaluation: plain loss, no buffer, no replay
             inputs = {k: v for k, v in inputs.items() if k != "lengths"}
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss = self.ilora.loss(inputs, forward=model)  # `model` may be the DDP wrapper
+        loss = self.method.loss(inputs, forward=model)  # `model` may be the DDP wrapper
         return (loss, None) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: add the method's means since the last one
-            logs.update(self.ilora.pop_logs())
+            logs.update(self.method.pop_logs())
         super().log(logs, start_time)
 
     # ---------------------------------------------------------------- output
@@ -211,26 +195,29 @@ class ILoRATrainer(Trainer):
         calls this: each saves its buffer, rank 0 the rest)."""
         output_dir = Path(output_dir or self.args.output_dir)
         args = self.ilora_args
-        self.ilora.check_finite("by the end of the task", adapters=True, outputs=True)  # nothing diverged is written
+        self.method.check_finite("by the end of the task", adapters=True, outputs=True)  # nothing diverged is written
         last_log = next((e for e in reversed(self.state.log_history) if "loss" in e), {})
         summary = next((e for e in reversed(self.state.log_history) if "train_loss" in e), {})
         # means over the steps since the last log, or that log if nothing came after it
-        final_losses = {k: v for k, v in last_log.items() if k in ("loss", "ce_loss", "consistency_loss", "ema_skipped")}
-        final_losses.update(self.ilora.pop_logs())
+        final_losses = {k: v for k, v in last_log.items() if k == "loss" or k.endswith("_loss") or k == "ema_skipped"}
+        final_losses.update(self.method.pop_logs())
         if "train_loss" in summary:
             final_losses["train_loss"] = summary["train_loss"]
         manifest = {
             "task_id": args.current_task_id,
-            "prev_task_id": self.previous_manifest.get("task_id") if self.previous_manifest else None,
+            "prev_task_id": self.previous.manifest.get("task_id") if self.previous else None,
             "base_model": self.base_identity,
             "lora": self.lora_identity,
-            "ema_step": self.ilora.step,
+            "ema_step": self.method.step,
+            "method_options": dataclasses.asdict(self.method_options) if self.method_options is not None else None,
             "global_steps": self.state.global_step,
             "train_seconds": summary.get("train_runtime"),  # of the session that finished the task
             "hardware": precision.run_record(self.args),  # what trained it, in which precision
             "final_losses": final_losses,
         }
-        return taskdir.write_task(output_dir, self.model, self.ilora.buffer, args, manifest)
+        method = type(self.method)
+        adapters = method.saved_adapters(args) + sorted(n for n in self.model.peft_config if n.startswith(method.saved_prefixes))
+        return taskdir.write_task(output_dir, self.model, self.method.buffer, args, manifest, adapters, self.method.state())
 
 
 def _pad_token_id(tokenizer, model) -> int:
@@ -242,3 +229,16 @@ def _pad_token_id(tokenizer, model) -> int:
             if value is not None:
                 return int(value)
     return 0
+
+
+def _options(method_cls, given):
+    """The method's own options: as given (of its class), or its defaults."""
+    if method_cls.Arguments is None:
+        if given is not None:
+            raise ILoRAError(f"method {method_cls.name} takes no options, got {type(given).__name__}")
+        return None
+    if given is None:
+        return method_cls.Arguments()
+    if not isinstance(given, method_cls.Arguments):
+        raise ILoRAError(f"method {method_cls.name} takes {method_cls.Arguments.__name__}, got {type(given).__name__}")
+    return given

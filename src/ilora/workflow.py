@@ -24,8 +24,8 @@ from peft import LoraConfig
 from tqdm.auto import tqdm
 from transformers import TrainingArguments
 
-from . import distributed, metrics, precision, report, rundir, taskdir
-from .adapters import PLASTIC, STABLE, AdapterPair, check_target_modules, load_adapters
+from . import distributed, methods, metrics, precision, report, rundir, taskdir
+from .adapters import PLASTIC, AdapterPair, check_target_modules, load_adapter
 from .buffer import ReplayBuffer
 from .paths import check_directory_target
 from .config import (
@@ -62,8 +62,10 @@ def train_task(
     data_args: DataArguments,
     ilora_args: ILoRAArguments,
     training_args: TrainingArguments,
+    options: dict | None = None,
 ) -> Path:
     """Train one task, starting from `ilora_args.previous_task_model` if given, and write its outputs."""
+    methods.get(ilora_args.method)  # an unknown method is refused before anything else
     outputs = taskdir.planned_outputs(training_args.output_dir, ilora_args, data_args.overwrite_output_dir,
                                       _resume_path(training_args.resume_from_checkpoint))  # fmt: skip
     output_dir = outputs.output_dir
@@ -75,7 +77,7 @@ def train_task(
     model, tokenizer = load_model_and_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code)
     check_target_modules(model, model_args.target_modules)
     examples = encode_rows(rows, tokenizer, data_args.cutoff_len, data_args.use_chat_template, data_args.dataset)
-    trainer = _train(model, tokenizer, examples, model_args, ilora_args, training_args)
+    trainer = _train(model, tokenizer, examples, model_args, ilora_args, training_args, (options or {}).get(ilora_args.method))
     trainer.save_task(output_dir)
     return output_dir
 
@@ -84,7 +86,7 @@ def _resume_path(value) -> str | None:
     return None if value in (None, False, "", "false", "False") else str(value)
 
 
-def _train(model, tokenizer, examples, model_args, ilora_args, training_args) -> ILoRATrainer:
+def _train(model, tokenizer, examples, model_args, ilora_args, training_args, method_options) -> ILoRATrainer:
     trainer = ILoRATrainer(
         model=model,
         args=training_args,
@@ -92,6 +94,7 @@ def _train(model, tokenizer, examples, model_args, ilora_args, training_args) ->
         peft_config=lora_config(model_args),
         train_dataset=examples,
         processing_class=tokenizer,
+        method_options=method_options,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     return trainer
@@ -99,12 +102,8 @@ def _train(model, tokenizer, examples, model_args, ilora_args, training_args) ->
 
 # --------------------------------------------------------- the sequence
 def method_arguments(method: str, ilora_args: ILoRAArguments) -> ILoRAArguments:
-    """The baselines are I-LoRA with parts switched off, so every method runs the same code path."""
-    if method == "ilora":
-        return dataclasses.replace(ilora_args, use_ilora=True, use_stable_adapter=True)
-    if method == "er":
-        return dataclasses.replace(ilora_args, use_ilora=True, use_stable_adapter=False)
-    return dataclasses.replace(ilora_args, use_ilora=False)  # seq_lora, joint
+    """The run's method wins over the legacy switches (use_ilora, use_stable_adapter)."""
+    return dataclasses.replace(ilora_args, method=method, use_ilora=True, use_stable_adapter=True)
 
 
 def joint_training_arguments(
@@ -129,32 +128,36 @@ def run_sequence(
     ilora_args: ILoRAArguments,
     training_args: TrainingArguments,
     run: RunArguments,
+    options: dict | None = None,
 ) -> Path:
-    """Train the tasks in order (or all at once for `joint`), evaluating every task after each."""
+    """Train the tasks in order (or all at once for `joint`), evaluating every task after each.
+    `options`: the methods' own options by method name (defaults where absent)."""
     started = time.time()
+    method = methods.get(run.method)
     root = Path(training_args.output_dir)
     run_dir = root / run.method
     check_directory_target(root, "output_dir")
     rundir.check_run_dir(run_dir)
     method_args = method_arguments(run.method, ilora_args)
-    adapters = [PLASTIC, STABLE] if method_args.uses_stable else [PLASTIC]
+    method_options = (options or {}).get(run.method)
+    adapters = method.reports(method_args)  # what is scored: plastic, and stable for I-LoRA
 
     train_rows = {t.name: read_jsonl(t.train) for t in run.tasks}  # all data errors before any training
     test_rows = {t.name: subsample(read_jsonl(t.test), run.eval_max_rows) for t in run.tasks}
-    if run.method == "joint":
+    if method.trains_jointly:
         training_args = joint_training_arguments(training_args, ilora_args, [len(train_rows[t.name]) for t in run.tasks])
-    config = _config_record(model_args, data_args, method_args, training_args, run)
+    config = _config_record(model_args, data_args, method_args, training_args, run, method_options)
     base, tokenizer = load_model_and_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code)
     check_target_modules(base, model_args.target_modules)
     tests = [_test_set(t, test_rows[t.name], tokenizer, data_args) for t in run.tasks]
     identity = taskdir.base_model_identity(base)
     settings = {**_settings_record(config), "inputs": rundir.inputs_record(identity["fingerprint"], tokenizer, run.tasks)}
     rundir.check_same_settings(run_dir, settings)
-    stages = [run.tasks] if run.method == "joint" else [[t] for t in run.tasks]
+    stages = [run.tasks] if method.trains_jointly else [[t] for t in run.tasks]
     task_dirs = [run_dir / rundir.TASKS_DIR / f"{k}-{_stage_name(run, stage)}" for k, stage in enumerate(stages, 1)]
     rows = {t.name: len(t) for t in tests}
     for task_dir in task_dirs:  # damaged state is found now, not after hours of training
-        _check_saved_task(task_dir, adapters, rows, method_args.uses_replay)
+        _check_saved_task(task_dir, adapters, rows, method.uses_replay(method_args))
     if distributed.rank() == 0:
         _write_json(run_dir / rundir.SETTINGS_FILE, settings)  # once model and test sets load: bad input leaves nothing
     autocast = precision.autocast_dtype(training_args.bf16, training_args.fp16)  # evaluation as trained
@@ -172,8 +175,8 @@ def run_sequence(
             log.info("task %d/%d %s: finished earlier, skipped", k, len(stages), name)
         else:
             _train_and_evaluate(
-                k, stage, name, task_dir, previous, train_rows, tokenizer, scorer, adapters,
-                model_args, data_args, method_args, training_args,
+                k, stage, name, task_dir, previous, train_rows, tokenizer, scorer, method,
+                model_args, data_args, method_args, training_args, method_options,
             )  # fmt: skip
         previous = (task_dir, name)
         if not evaluates:
@@ -213,6 +216,7 @@ def _settings_record(config: dict) -> dict:
         "model": {key: value for key, value in config["model"].items() if key != "model_name_or_path"},
         "data": {key: config["data"][key] for key in ("cutoff_len", "use_chat_template")},
         "ilora": config["ilora"],
+        "method_options": config["method_options"] or {},
         "training": {key: config["training"][key] for key in TRAINING_SETTINGS},
         "tasks": {"tasks": [{k: v for k, v in task.items() if k not in ("train", "test")} for task in config["run"]["tasks"]]},
         "evaluation": {"eval_max_rows": config["run"]["eval_max_rows"]},
@@ -230,7 +234,7 @@ def subsample(rows: list[dict], limit: int | None, seed: int = 0) -> list[dict]:
 
 
 def _stage_name(run: RunArguments, stage: list[TaskSpec]) -> str:
-    return "joint" if run.method == "joint" else stage[0].name
+    return run.method if len(stage) > 1 else stage[0].name
 
 
 def _check_saved_task(task_dir: Path, adapters: list[str], rows: dict[str, int], replay: bool) -> None:
@@ -238,8 +242,8 @@ def _check_saved_task(task_dir: Path, adapters: list[str], rows: dict[str, int],
     checkpoints, read now: a damaged file is one line naming it before any training starts."""
     if taskdir.is_finished(task_dir):
         manifest = taskdir.read_manifest(task_dir)
-        for adapter in adapters:
-            taskdir.check_adapter_dir(task_dir / adapter, manifest["lora"])
+        for path in taskdir.saved_adapters(task_dir, manifest).values():
+            taskdir.check_adapter_dir(path, manifest["lora"])
         if replay:
             ReplayBuffer.load(taskdir.buffer_path(task_dir / "buffer"))
         if (task_dir / rundir.EVAL_FILE).exists():
@@ -250,15 +254,14 @@ def _check_saved_task(task_dir: Path, adapters: list[str], rows: dict[str, int],
             taskdir.read_json(checkpoint / taskdir.CHECKPOINT_MARKER, "checkpoint marker")
 
 
-def _train_and_evaluate(k, stage, name, task_dir, previous, train_rows, tokenizer, scorer, adapters,
-                        model_args, data_args, method_args, training_args) -> None:  # fmt: skip
+def _train_and_evaluate(k, stage, name, task_dir, previous, train_rows, tokenizer, scorer, method,
+                        model_args, data_args, method_args, training_args, method_options) -> None:  # fmt: skip
     """Train the stage unless its task directory is finished; rank 0 then scores every test set."""
     began = time.time()
     if taskdir.is_finished(task_dir):  # trained, but the evaluation was interrupted
         base, _ = load_model_and_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code)
         manifest = taskdir.read_manifest(task_dir)
-        stable = task_dir / STABLE if STABLE in adapters else None
-        model = load_adapters(base, task_dir / PLASTIC, stable).to(training_args.device)
+        model = load_task_adapters(base, taskdir.saved_adapters(task_dir, manifest)).to(training_args.device)
         train_seconds = manifest.get("train_seconds") or 0.0  # absent in manifests of older ilora
     else:
         rows = [row for task in stage for row in train_rows[task.name]]
@@ -279,13 +282,13 @@ def _train_and_evaluate(k, stage, name, task_dir, previous, train_rows, tokenize
             training_args, output_dir=str(task_dir), resume_from_checkpoint=str(checkpoint) if checkpoint else None
         )
         base, _ = load_model_and_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code)
-        trainer = _train(base, tokenizer, examples, model_args, task_args, task_training)
+        trainer = _train(base, tokenizer, examples, model_args, task_args, task_training, method_options)
         train_seconds = time.time() - began
         trainer.save_task(task_dir)
         model = trainer.model
     if distributed.rank() == 0:
         eval_began = time.time()
-        scores = {adapter: scorer.score(model, adapter) for adapter in adapters}
+        scores = {report: scorer.score(model, names) for report, names in method.evaluated(model, method_args).items()}
         timings = {"train_seconds": train_seconds, "eval_seconds": time.time() - eval_began}
         _write_json(task_dir / rundir.EVAL_FILE, {"scores": scores, "timings": timings})
     distributed.barrier()
@@ -300,13 +303,15 @@ class _Scorer:
         self.batch_size, self.max_new_tokens, self.autocast = batch_size, max_new_tokens, autocast
         self.quiet = quiet  # the Trainer's disable_tqdm: no progress bars at all
 
-    def score(self, model, adapter: str | None) -> dict[str, dict]:
+    def score(self, model, adapters: list[str] | None) -> dict[str, dict]:
+        """Every test set, with `adapters` summed in the forward (the base model when None)."""
         results = {}
-        for test in tqdm(self.tests, desc=f"eval {adapter or 'base'}", leave=False, disable=self.quiet):
-            if adapter is None:
+        label = "+".join(adapters) if adapters else "base"
+        for test in tqdm(self.tests, desc=f"eval {label}", leave=False, disable=self.quiet):
+            if adapters is None:
                 results[test.name] = self._evaluate(model, test)
             else:
-                with AdapterPair(model).active(adapter):
+                with AdapterPair(model).active(adapters):
                     results[test.name] = self._evaluate(model, test)
         return results
 
@@ -348,7 +353,7 @@ def _summarise(run, adapters, base_row, results, timings, seconds, tests) -> dic
         rows = [base_row] + [r["scores"][adapter] for r in results]
         R = [[row[name]["accuracy"] for name in names] for row in rows]
         matrices[adapter] = R
-        if run.method == "joint":
+        if methods.get(run.method).trains_jointly:
             metric_table[adapter] = {"AP": sum(R[-1]) / len(names)}  # one training stage: no transfer metrics
         else:
             metric_table[adapter] = metrics.all_metrics(R)
@@ -381,11 +386,12 @@ def _summary_line(k, count, name, saved, adapters, names) -> str:
     )
 
 
-def _config_record(model_args, data_args, method_args, training_args, run) -> dict:
+def _config_record(model_args, data_args, method_args, training_args, run, method_options) -> dict:
     return {
         "model": dataclasses.asdict(model_args),
         "data": dataclasses.asdict(data_args),
         "ilora": dataclasses.asdict(method_args),
+        "method_options": dataclasses.asdict(method_options) if method_options is not None else None,
         "training": {k: v for k, v in training_args.to_dict().items() if not k.startswith("_")},
         "run": dataclasses.asdict(run),
     }
@@ -401,6 +407,17 @@ def _versions() -> dict:
             "peft": peft.__version__, "cpu_threads": torch.get_num_threads()}  # fmt: skip
 
 
+def load_task_adapters(base, adapters: dict[str, Path]):
+    """A base model with every adapter a task saved (plastic first: the PeftModel is built on it)."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base, str(adapters[PLASTIC]), adapter_name=PLASTIC)
+    for name, path in adapters.items():
+        if name != PLASTIC:
+            load_adapter(model, name, path)
+    return model
+
+
 def _write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     taskdir.write_json_atomically(path, data)
@@ -408,19 +425,21 @@ def _write_json(path: Path, data: dict) -> None:
 
 # ------------------------------------------------------------ ilora eval
 def evaluate_adapters(model_name: str, adapter_dir: Path, config: Path) -> dict:
-    """Accuracy per task of a PEFT adapter directory, or of both adapters of an ilora task directory."""
-    _, data_args, _, training_args, run = parse_run_config(config)
-    if (adapter_dir / "adapter_config.json").is_file():
-        plastic, stable = adapter_dir, None
-    elif (adapter_dir / PLASTIC / "adapter_config.json").is_file():
-        plastic = adapter_dir / PLASTIC
-        stable = adapter_dir / STABLE if (adapter_dir / STABLE / "adapter_config.json").is_file() else None
+    """Accuracy per task of a PEFT adapter directory, or of what an ilora task directory's method
+    evaluates (plastic and stable for I-LoRA; every task's LoRA summed for O-LoRA)."""
+    _, data_args, ilora_args, training_args, run, _ = load_run_config(config)
+    manifest = None
+    if (adapter_dir / taskdir.ADAPTER_CONFIG).is_file():
+        adapters = {PLASTIC: adapter_dir}
+    elif taskdir.is_finished(adapter_dir):
+        manifest = taskdir.read_manifest(adapter_dir)
+        adapters = taskdir.saved_adapters(adapter_dir, manifest)
+    elif (adapter_dir / PLASTIC / taskdir.ADAPTER_CONFIG).is_file():  # adapters without a manifest
+        adapters = {p.name: p for p in sorted(adapter_dir.iterdir()) if (p / taskdir.ADAPTER_CONFIG).is_file()}
     else:
         raise ILoRAError(f"{adapter_dir}: neither a PEFT adapter directory nor an ilora task directory")
-    manifest = taskdir.read_manifest(plastic.parent) if taskdir.is_finished(plastic.parent) else None
-    for directory in (plastic, stable):
-        if directory is not None:
-            taskdir.check_adapter_dir(directory, manifest["lora"] if manifest else None)
+    for directory in adapters.values():
+        taskdir.check_adapter_dir(directory, manifest["lora"] if manifest else None)
     test_rows = {t.name: subsample(read_jsonl(t.test), run.eval_max_rows) for t in run.tasks}
     base, tokenizer = load_model_and_tokenizer(model_name)
     if manifest is not None and taskdir.base_model_identity(base)["fingerprint"] != manifest["base_model"]["fingerprint"]:
@@ -430,13 +449,22 @@ def evaluate_adapters(model_name: str, adapter_dir: Path, config: Path) -> dict:
     scorer = _Scorer(tokenizer, tests, run.eval_batch_size, run.max_new_tokens,
                      precision.autocast_dtype(training_args.bf16, training_args.fp16))  # fmt: skip
     try:
-        model = load_adapters(base, plastic, stable).to(training_args.device)
+        model = load_task_adapters(base, adapters).to(training_args.device)
     except RuntimeError as err:  # PEFT's state-dict load: the adapter was made for another architecture
         if "size mismatch" not in str(err):
             raise
         raise ILoRAError(f"{adapter_dir}: its tensors do not fit model {model_name!r} (trained on another base)") from None
-    adapters = [PLASTIC, STABLE] if stable else [PLASTIC]
-    return {a: {name: r["accuracy"] for name, r in scorer.score(model, a).items()} for a in adapters}
+    if manifest is not None:
+        evaluated = methods.get(taskdir.manifest_method(manifest)).evaluated(model, ilora_args)
+    else:
+        evaluated = {name: [name] for name in adapters}
+    return {report: {name: r["accuracy"] for name, r in scorer.score(model, names).items()}
+            for report, names in evaluated.items() if all(n in model.peft_config for n in names)}  # fmt: skip
+
+
+def load_run_config(path: Path, overrides: dict | None = None):
+    """`parse_run_config` with every registered method's options."""
+    return parse_run_config(path, overrides, methods.argument_classes())
 
 
 # ----------------------------------------------------------------- demo
@@ -473,7 +501,7 @@ def run_demo(full: bool = False, output_dir: Path | None = None, overrides: dict
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         for method in plan["methods"]:
             log.info("== %s, seed %d ==", method, seed)
-            run_sequence(*parse_run_config(config_path, {"method": method}))
+            run_sequence(*load_run_config(config_path, {"method": method}))
         runs = [seed_root / m for m in plan["methods"]]
         times = report.time_table([report.load_summary(r) for r in runs])
         tables.append(f"{report.compare(runs, seed_root)}\n\nWhere the time went (seed {seed}):\n\n{times}")

@@ -1,0 +1,208 @@
+"""The interface every continual-learning method keeps, and what the methods share.
+
+A method is one class in one module of `ilora.methods`, registered by one line in its `__init__`.
+`ILoRATrainer` (any method; the name is the library's) calls it in this order:
+
+  prepare_model(model, previous, args, options)   classmethod, once per task, before training: the
+        trainer has put the trainable `plastic` adapter on the model (fresh, or the previous task's);
+        the method adds what else it needs (a stable copy, a frozen teacher, frozen earlier LoRAs).
+        `previous` maps adapter names to the previous task's saved adapter directories ({} at first).
+  Method(model, args, options, ...)                 the trainer's model, after `prepare_model`
+  load_state(tensors, record)                       the previous task's saved method state, if any
+  loss(batch, forward)                              every micro-batch: the loss to backpropagate
+  after_optimizer_step()                            after every optimizer step
+  end_of_task(batches)                              once, after the last step (EWC's Fisher)
+  state() -> (tensors, record)                      what goes into the task directory and checkpoints
+                                                    (safetensors + JSON; never pickle)
+  evaluated(model, args) -> {report: [adapters]}    classmethod: what evaluation scores, and which
+                                                    adapters are summed in that forward
+  saved_adapters(args) -> [names] / saved_prefixes  classmethod: adapters written as PEFT directories
+
+The optimizer trains the plastic adapter and nothing else (the trainer checks it); every other
+adapter a method adds is frozen. Shared here: the reservoir buffer (for methods that replay), the
+finite flag that watches for divergence without a host sync per step, and logging means.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+
+from .. import distributed
+from ..adapters import PLASTIC, AdapterPair
+from ..buffer import ReplayBuffer
+from ..config import ILoRAArguments
+from ..data import IGNORE_INDEX, pad_rows
+from ..errors import ILoRAError, TrainingDiverged
+
+
+class Method:
+    name: ClassVar[str] = ""
+    Arguments: ClassVar[type | None] = None  # the method's own hyperparameters (a dataclass), if any
+    replays: ClassVar[bool] = False  # draws rows from the reservoir buffer (with ilora_buffer_size > 0)
+    trains_jointly: ClassVar[bool] = False  # one stage over every task's data (the upper bound)
+
+    # ----------------------------------------------------------- set-up
+    @classmethod
+    def uses_replay(cls, args: ILoRAArguments) -> bool:
+        return cls.replays and args.ilora_buffer_size > 0
+
+    @classmethod
+    def prepare_model(cls, model: PeftModel, previous: dict, args: ILoRAArguments, options) -> None:
+        """Add the adapters the method needs besides `plastic` (none by default)."""
+
+    @classmethod
+    def evaluated(cls, model: PeftModel | None, args: ILoRAArguments) -> dict[str, list[str]]:
+        return {PLASTIC: [PLASTIC]}
+
+    @classmethod
+    def reports(cls, args: ILoRAArguments) -> list[str]:
+        """The names evaluation reports under (known before any model exists)."""
+        return list(cls.evaluated(None, args))
+
+    @classmethod
+    def saved_adapters(cls, args: ILoRAArguments) -> list[str]:
+        return [PLASTIC]
+
+    saved_prefixes: ClassVar[tuple[str, ...]] = ()  # more saved adapters, named by prefix (O-LoRA's)
+
+    def __init__(self, model: PeftModel, args: ILoRAArguments, options=None, pad_token_id: int = 0,
+                 replay_batch_size: int = 1, buffer: ReplayBuffer | None = None, step: int = 0,
+                 task_id: str = ""):  # fmt: skip
+        self.model = model
+        self.args = args
+        self.options = options if options is not None else (self.Arguments() if self.Arguments else None)
+        self.pad_token_id = pad_token_id
+        self.replay_batch_size = replay_batch_size
+        self.task_id = task_id
+        self.step = step  # optimizer steps since the first task began, carried across tasks
+        self.adapters = AdapterPair(model)
+        if self.uses_replay(args) and buffer is None:
+            raise ILoRAError(f"method {self.name} with ilora_buffer_size > 0 needs a ReplayBuffer")
+        self.buffer = buffer if self.uses_replay(args) else None
+        self.device = self.adapters.plastic[0].device
+        self._finite = torch.ones((), dtype=torch.bool, device=self.device)
+        self._last_batch: tuple[torch.Tensor, torch.Tensor] | None = None  # for the end-of-task output check
+        self._reset_stats()
+
+    def restore(self, step: int, buffer: ReplayBuffer | None) -> None:
+        """Continue from a checkpoint: the Trainer has reloaded the adapters, so pair them again."""
+        if self.uses_replay(self.args) and buffer is None:
+            raise ILoRAError("the checkpoint holds no replay buffer, but this run uses one")
+        self.step = step
+        self.buffer = buffer
+        self.adapters = AdapterPair(self.model)
+
+    # ------------------------------------------------------------ hooks
+    def loss(self, batch: dict, forward: torch.nn.Module | None = None) -> torch.Tensor:
+        """Loss of one micro-batch. `forward` is the module the trained pass goes through: the model,
+        or its DDP wrapper (whose forward prepares the gradient all-reduce)."""
+        raise NotImplementedError
+
+    def after_optimizer_step(self) -> None:
+        self.step += 1
+
+    def end_of_task(self, batches) -> None:
+        """After the last optimizer step, before the task is written."""
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return {}, {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], record: dict) -> None:
+        """The previous task's `state()`."""
+
+    # ------------------------------------------------------ shared parts
+    def forward_rows(self, forward, ids, labels, **kwargs):
+        """Pad rows, run the trained forward, remember the batch for the end-of-task output check."""
+        input_ids, padded_labels, attention_mask = pad_rows(ids, labels, self.pad_token_id)
+        self._last_batch = (input_ids, attention_mask)
+        outputs = (forward or self.model)(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return outputs, padded_labels, attention_mask
+
+    def draw_replay(self, device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        if self.buffer is None or len(self.buffer) == 0:
+            return [], []
+        ids, labels = self.buffer.sample(self.replay_batch_size)
+        return [t.to(device, non_blocking=True) for t in ids], [t.to(device, non_blocking=True) for t in labels]
+
+    def remember(self, ids: list[torch.Tensor], labels: list[torch.Tensor], extras: list[dict] | None = None) -> None:
+        if self.buffer is None:
+            return
+        for i, (row_ids, row_labels) in enumerate(zip(ids, labels)):
+            # clone: a view would keep the whole padded batch alive in the buffer
+            extra = {k: v.detach().clone() for k, v in extras[i].items()} if extras else None
+            self.buffer.add(row_ids.detach().clone(), row_labels.detach().clone(), self.task_id, extra)
+
+    def record(self, name: str, value: torch.Tensor) -> None:
+        """Add a loss term to the logged means (on the device; read at the log interval only)."""
+        self._stats[name] = self._stats.get(name, 0.0) + value.detach()
+
+    def watch(self, loss: torch.Tensor) -> torch.Tensor:
+        """And the loss into the finite flag (no host sync) and count the micro-batch."""
+        self._finite &= torch.isfinite(loss.detach())
+        self._micro_batches += 1
+        return loss
+
+    # ------------------------------------------------------------ divergence
+    def check_finite(self, when: str, adapters: bool = False, outputs: bool = False) -> None:
+        """Raise `TrainingDiverged` if a loss since the start was NaN or inf (with `adapters`, if an
+        adapter weight is; with `outputs`, if an evaluated model's logits on the last micro-batch are:
+        weights blown up to 1e25 are finite, their logits are not). Reads back to the host, agreed by
+        every rank: call at the log interval, at checkpoints and at the end of a task, never per step."""
+        flags = [self._finite]
+        if adapters:
+            flags += [torch.isfinite(t).all() for t in self.adapters.plastic + self.adapters.stable]
+        if outputs and self._last_batch is not None:
+            flags += self._outputs_finite(*self._last_batch)
+        ok = distributed.mean_(torch.stack(flags).all().float())  # every rank takes the same decision
+        if ok.item() < 1.0:
+            raise TrainingDiverged(
+                f"training diverged {when}: a loss or adapter weight became NaN or inf (lower learning_rate, "
+                "set max_grad_norm, check the method's loss weights); the task is not marked finished"
+            )
+
+    @torch.no_grad()
+    def _outputs_finite(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+        flags = []
+        for names in self.evaluated(self.model, self.args).values():
+            with self.adapters.active(names):
+                logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            flags.append(torch.isfinite(logits).all())
+        return flags
+
+    # ------------------------------------------------------------- logging
+    def _reset_stats(self) -> None:
+        self._stats: dict[str, torch.Tensor | float] = {}
+        self._micro_batches = 0
+
+    def pop_logs(self) -> dict[str, float]:
+        """Means per micro-batch since the last call. Reads back to the host: the log interval only."""
+        self.check_finite(f"by optimizer step {self.step}")
+        logs = {}
+        if self._micro_batches:
+            logs = {k: float(v / self._micro_batches) for k, v in self._stats.items()}
+        self._reset_stats()
+        return logs
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over labelled tokens (the same reduction as transformers)."""
+    labels = shift_labels(labels)
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Labels aligned with the logits that predict them (position i predicts token i + 1)."""
+    return F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+
+
+def split_rows(batch: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The unpadded rows of a right-padded batch. `lengths` (host ints from the collator) avoids a sync."""
+    lengths = batch.get("lengths")
+    if lengths is None:
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+    ids, labels = batch["input_ids"], batch["labels"]
+    return [ids[i, :n] for i, n in enumerate(lengths)], [labels[i, :n] for i, n in enumerate(lengths)]

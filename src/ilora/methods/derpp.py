@@ -1,0 +1,105 @@
+"""DER++ (Buzzega et al. 2020, "Dark Experience for General Continual Learning").
+
+A reservoir buffer keeps each row with the model's logits at the time it was inserted. Per step:
+loss = CE(current) + alpha * MSE(logits on replayed rows, stored logits) + beta * CE(other replayed rows),
+all in one forward pass over current + both replay draws.
+
+A 49k-word vocabulary makes whole logit rows expensive (49,152 x 4 bytes per token), so only what
+the loss needs is stored: the response tokens' `derpp_top_k` largest logits and their vocabulary
+indices (float16 values, int32 indices: 6 bytes per kept logit). The MSE is taken on those entries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..config import at_least, check_value
+from ..data import IGNORE_INDEX
+from .base import Method, causal_lm_loss, shift_labels, split_rows
+
+VALUES, INDICES = "logit_values", "logit_indices"
+
+
+@dataclass
+class DERppArguments:
+    """DER++ (method: derpp)."""
+
+    derpp_alpha: float = field(default=0.1, metadata={"help": "Weight of the logit MSE on replayed rows (DER++ paper grid)."})
+    derpp_beta: float = field(default=0.5, metadata={"help": "Weight of the CE on replayed rows (DER++ paper grid)."})
+    derpp_top_k: int = field(
+        default=64, metadata={"help": "Largest logits kept per response token in the buffer (the MSE runs on them)."}
+    )
+
+    def __post_init__(self) -> None:
+        check_value("derpp_alpha", self.derpp_alpha, at_least(0), "must be a finite number >= 0")
+        check_value("derpp_beta", self.derpp_beta, at_least(0), "must be a finite number >= 0")
+        check_value("derpp_top_k", self.derpp_top_k, at_least(1), "must be >= 1")
+
+
+class DERpp(Method):
+    name = "derpp"
+    Arguments = DERppArguments
+    replays = True
+
+    def loss(self, batch, forward=None):
+        ids, labels = split_rows(batch)
+        device = batch["input_ids"].device
+        logit_rows = self._draw(device)  # rows for the logit MSE, with their stored logits
+        ce_rows = self._draw(device)  # an independent draw for the replay CE
+        n, m = len(ids), len(logit_rows[0])
+        outputs, padded, _ = self.forward_rows(forward, ids + logit_rows[0] + ce_rows[0],
+                                               labels + logit_rows[1] + ce_rows[1])  # fmt: skip
+        logits = outputs.logits
+        ce = causal_lm_loss(logits[:n], padded[:n])
+        self.record("ce_loss", ce)
+        loss = ce
+        if m:
+            stored = logit_rows[2]
+            mse = logit_mse(logits[n : n + m], padded[n : n + m], stored)
+            self.record("logit_mse", mse)
+            loss = loss + self.options.derpp_alpha * mse
+        if ce_rows[0]:
+            replay_ce = causal_lm_loss(logits[n + m :], padded[n + m :])
+            self.record("replay_ce_loss", replay_ce)
+            loss = loss + self.options.derpp_beta * replay_ce
+        self.remember(ids, labels, [top_logits(logits[i], padded[i], self.options.derpp_top_k) for i in range(n)])
+        return self.watch(loss)
+
+    def _draw(self, device):
+        if self.buffer is None or len(self.buffer) == 0:
+            return [], [], []
+        picks = self.buffer.sample_indices(self.replay_batch_size)
+        rows = [(self.buffer.input_ids[i], self.buffer.labels[i], self.buffer.extras[i]) for i in picks]
+        return ([r[0].to(device, non_blocking=True) for r in rows], [r[1].to(device, non_blocking=True) for r in rows],
+                [{k: v.to(device, non_blocking=True) for k, v in r[2].items()} for r in rows])  # fmt: skip
+
+
+def response_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Positions of a row whose logits predict a labelled (response) token."""
+    return shift_labels(labels[None])[0] != IGNORE_INDEX
+
+
+@torch.no_grad()
+def top_logits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """What the buffer keeps of one row's logits: the k largest per response token, and where."""
+    kept = logits[response_positions(labels)].float()
+    values, indices = kept.topk(min(k, kept.shape[-1]), dim=-1)
+    return {VALUES: values.half(), INDICES: indices.int()}
+
+
+def logit_mse(logits: torch.Tensor, labels: torch.Tensor, stored: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Mean squared error between the current logits and the stored ones, on the stored entries."""
+    current, target = [], []
+    for row_logits, row_labels, row in zip(logits, labels, stored):
+        now = row_logits[response_positions(row_labels)].float()
+        current.append(now.gather(-1, row[INDICES].long()).flatten())
+        target.append(row[VALUES].float().flatten())
+    return F.mse_loss(torch.cat(current), torch.cat(target))
+
+
+def bytes_per_row(response_tokens: int, top_k: int) -> int:
+    """Buffer memory the stored logits add per row: float16 value + int32 index per kept logit."""
+    return response_tokens * top_k * (2 + 4)

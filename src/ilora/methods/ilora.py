@@ -1,0 +1,198 @@
+"""I-LoRA, one training step at a time (Ren et al., arXiv 2402.18865).
+
+Per micro-batch:
+  1. draw replay rows from the reservoir buffer, then add the current rows to it;
+  2. stable pass, no grad: hidden states of the replay rows (and, with selective update, the stable
+     adapter's loss on the whole batch);
+  3. plastic pass, with grad, over current + replay rows: cross-entropy and the same hidden states;
+  4. loss = CE + consistency_weight * MSE(plastic hidden, target) over non-padding replay tokens,
+     target = the stable hidden states (`consistency_target: stable`) or their element-wise maximum
+     with the plastic ones (`max`, as the official code does).
+After each optimizer step:
+  5. stable <- a * stable + (1 - a) * plastic,  a = min(1 - 1/(t+1), ema_alpha),  t = optimizer steps
+     since the first task began (carried across tasks).
+
+Two forward passes, one of them without grad and without the LM head. Nothing here reads a value
+back to the host: statistics stay on the device until `pop_logs()` is called at the log interval.
+The options live in `ILoRAArguments` (the library's own arguments).
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import PeftModel
+
+from .. import distributed
+from ..adapters import PLASTIC, STABLE, add_stable_copy, load_adapter
+from ..config import ILoRAArguments
+from ..data import pad_rows
+from ..errors import ILoRAError
+from .base import Method, causal_lm_loss, split_rows
+
+
+class ILoRA(Method):
+    name = "ilora"
+    replays = True
+
+    @classmethod
+    def prepare_model(cls, model: PeftModel, previous: dict, args: ILoRAArguments, options) -> None:
+        if STABLE in model.peft_config:  # a PeftModel handed over with both adapters
+            return
+        if not previous:
+            add_stable_copy(model)
+        elif STABLE in previous:
+            load_adapter(model, STABLE, previous[STABLE])
+        else:
+            raise ILoRAError("the previous task saved no stable adapter (save_ema_adapter was off)")
+
+    @classmethod
+    def evaluated(cls, model, args):
+        return {PLASTIC: [PLASTIC], STABLE: [STABLE]}
+
+    @classmethod
+    def saved_adapters(cls, args):
+        return [PLASTIC, STABLE] if args.save_ema_adapter else [PLASTIC]
+
+    def __init__(self, model: PeftModel, args: ILoRAArguments, *rest, **kwargs):
+        super().__init__(model, args, *rest, **kwargs)
+        if not self.adapters.has_stable:
+            raise ILoRAError("I-LoRA needs a stable adapter on the model (see ilora.adapters.attach_adapters)")
+        self.layers = check_hidden_state_layers(model, args.hidden_state_layers)
+        self.decoder = model.get_base_model().get_decoder()
+        # selective update: plastic and stable losses summed over the micro-batches of one optimizer step
+        self._selective_plastic = torch.zeros((), device=self.device)
+        self._selective_stable = torch.zeros((), device=self.device)
+        self._selective_micro = 0
+        self._ema_skipped = torch.zeros((), device=self.device)
+        self._ema_decisions = 0
+
+    # ---------------------------------------------------------------- the step
+    def loss(self, batch: dict, forward: torch.nn.Module | None = None) -> torch.Tensor:
+        current_ids, current_labels = split_rows(batch)
+        replay_ids, replay_labels = self.draw_replay(device=batch["input_ids"].device)
+        self.remember(current_ids, current_labels)
+
+        input_ids, labels, attention_mask = pad_rows(
+            current_ids + replay_ids, current_labels + replay_labels, self.pad_token_id
+        )
+        self._last_batch = (input_ids, attention_mask)
+        num_current = len(current_ids)
+        replay_len = max((len(row) for row in replay_ids), default=0)
+        wants_consistency = bool(replay_ids) and self.args.consistency_weight > 0
+        selective = self.args.selective_update
+
+        stable_hidden = None
+        if selective:
+            stable_hidden = self._stable_pass_full(input_ids, labels, attention_mask, num_current, replay_len)
+        elif wants_consistency:
+            stable_hidden = self._stable_pass_replay(input_ids, attention_mask, num_current, replay_len)
+
+        outputs = (forward or self.model)(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_hidden_states=self.layers if wants_consistency else False,
+        )
+        ce = self._cross_entropy(outputs.logits, labels, num_current, bool(replay_ids))
+        loss = ce
+        if wants_consistency:
+            plastic_hidden = [outputs.hidden_states[i][num_current:, :replay_len] for i in self.layers]
+            if self.args.consistency_target == "max":
+                stable_hidden = [torch.where(p > s, p, s) for p, s in zip(plastic_hidden, stable_hidden)]
+            mask = attention_mask[num_current:, :replay_len]
+            consistency = consistency_loss(plastic_hidden, stable_hidden, mask)
+            loss = ce + self.args.consistency_weight * consistency
+            self.record("consistency_loss", consistency)
+        elif self.buffer is not None:  # no replay rows yet: a zero keeps the logged curve's shape
+            self.record("consistency_loss", torch.zeros((), device=ce.device))
+        self.record("ce_loss", ce)
+        if selective:
+            self._selective_plastic += ce.detach()
+            self._selective_micro += 1
+        return self.watch(loss)
+
+    def _cross_entropy(self, logits, labels, num_current: int, has_replay: bool) -> torch.Tensor:
+        """`joint`: one mean over every labelled token; `mean_of_parts`: the mean of the current rows'
+        loss and the replay rows' loss, as the official code computes it."""
+        if self.args.replay_loss == "joint" or not has_replay:
+            return causal_lm_loss(logits, labels)
+        current = causal_lm_loss(logits[:num_current], labels[:num_current])
+        replay = causal_lm_loss(logits[num_current:], labels[num_current:])
+        return (current + replay) / 2
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """The EMA step. Call once per optimizer step, after `optimizer.step()`."""
+        self.step += 1
+        weight = 1.0 - ema_coefficient(self.step, self.args.ema_alpha)
+        if self.args.selective_update and self._selective_micro:
+            # every rank takes the same decision, or the stable adapters would drift apart
+            losses = distributed.mean_(torch.stack([self._selective_plastic, self._selective_stable]))
+            plastic, stable = losses / self._selective_micro
+            apply = (stable - plastic >= self.args.min_update_threshold).to(self.adapters.plastic[0].dtype)
+            self._ema_skipped += 1.0 - apply
+            self._ema_decisions += 1
+            self.adapters.ema_(apply * weight)
+            self._selective_plastic.zero_()
+            self._selective_stable.zero_()
+            self._selective_micro = 0
+        else:
+            self.adapters.ema_(weight)
+
+    def pop_logs(self) -> dict[str, float]:
+        logs = super().pop_logs()
+        if self._ema_decisions:
+            logs["ema_skipped"] = (self._ema_skipped / self._ema_decisions).item()
+            self._ema_skipped.zero_()
+            self._ema_decisions = 0
+        return logs
+
+    # ----------------------------------------------------------- the passes
+    @torch.no_grad()
+    def _stable_pass_replay(self, input_ids, attention_mask, num_current, replay_len) -> list[torch.Tensor]:
+        """Stable hidden states of the replay rows only, through the decoder (no LM head)."""
+        with self.adapters.active(STABLE):
+            out = self.decoder(
+                input_ids=input_ids[num_current:, :replay_len],
+                attention_mask=attention_mask[num_current:, :replay_len],
+                output_hidden_states=self.layers,
+            )
+        return [out.hidden_states[i] for i in self.layers]
+
+    @torch.no_grad()
+    def _stable_pass_full(self, input_ids, labels, attention_mask, num_current, replay_len):
+        """Selective update: the stable loss on the whole batch, and the replay rows' hidden states."""
+        with self.adapters.active(STABLE):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=self.layers)
+        self._selective_stable += causal_lm_loss(out.logits, labels)
+        return [out.hidden_states[i][num_current:, :replay_len] for i in self.layers]
+
+
+def ema_coefficient(step: int, ema_alpha: float) -> float:
+    """Weight kept on the stable adapter at optimizer step `step` (1-based): warm-up, then ema_alpha."""
+    return min(1.0 - 1.0 / (step + 1), ema_alpha)
+
+
+def consistency_loss(plastic: list[torch.Tensor], stable: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per hidden unit over non-padding tokens, averaged over the selected layers."""
+    weights = mask.unsqueeze(-1).float()
+    hidden_size = plastic[0].shape[-1]
+    total = sum((((p.float() - s.float()) ** 2) * weights).sum() for p, s in zip(plastic, stable))
+    return total / (weights.sum().clamp_min(1.0) * hidden_size * len(plastic))
+
+
+def check_hidden_state_layers(model: PeftModel, layers: list[int] | list[str]) -> list[int]:
+    """Indices into the HF hidden_states tuple (num_hidden_layers + 1 long; `all` = every one of them);
+    out of range is an error."""
+    config = model.get_base_model().config
+    count = getattr(config, "num_hidden_layers", None)
+    if count is None:
+        raise ILoRAError(f"cannot check hidden_state_layers: {type(config).__name__} has no num_hidden_layers")
+    size = count + 1
+    if list(layers) == ["all"]:
+        return list(range(size))
+    bad = [i for i in layers if not -size <= i < size]
+    if bad:
+        raise ILoRAError(
+            f"hidden_state_layers {bad} out of range: this model has {size} hidden states (indices {-size}..{size - 1})"
+        )
+    return sorted({i % size for i in layers})
