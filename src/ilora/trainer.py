@@ -144,8 +144,14 @@ class ILoRATrainer(Trainer):
                 raise ILoRAError(f"no complete checkpoint to resume from in {self.args.output_dir}")
             resume_from_checkpoint = str(resume_from_checkpoint)
         output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-        self.method.end_of_task(self.get_train_dataloader())
+        self.method.end_of_task(self._task_batches())
         return output
+
+    def _task_batches(self) -> torch.utils.data.DataLoader:
+        """The task's rows in file order, unshuffled: the end-of-task hook sees the same rows on every
+        rank and after a resume (the Trainer's own loader is shuffled and sharded)."""
+        return torch.utils.data.DataLoader(self.train_dataset, batch_size=self.args.per_device_train_batch_size,
+                                           collate_fn=self.data_collator)  # fmt: skip
 
     def _save_checkpoint(self, model, trial):
         """The Trainer's checkpoint (adapters, optimizer, scheduler, RNG) plus the buffer, the method's

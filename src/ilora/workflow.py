@@ -65,7 +65,7 @@ def train_task(
     options: dict | None = None,
 ) -> Path:
     """Train one task, starting from `ilora_args.previous_task_model` if given, and write its outputs."""
-    methods.get(ilora_args.method)  # an unknown method is refused before anything else
+    method_options = chosen_options(ilora_args.method, options, refuse_others=True)  # before anything else
     outputs = taskdir.planned_outputs(training_args.output_dir, ilora_args, data_args.overwrite_output_dir,
                                       _resume_path(training_args.resume_from_checkpoint))  # fmt: skip
     output_dir = outputs.output_dir
@@ -77,9 +77,26 @@ def train_task(
     model, tokenizer = load_model_and_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code)
     check_target_modules(model, model_args.target_modules)
     examples = encode_rows(rows, tokenizer, data_args.cutoff_len, data_args.use_chat_template, data_args.dataset)
-    trainer = _train(model, tokenizer, examples, model_args, ilora_args, training_args, (options or {}).get(ilora_args.method))
+    trainer = _train(model, tokenizer, examples, model_args, ilora_args, training_args, method_options)
     trainer.save_task(output_dir)
     return output_dir
+
+
+def chosen_options(method: str, options: dict | None, refuse_others: bool):
+    """The chosen method's options. An option set for another method does nothing: `ilora train`
+    refuses it; `ilora run` (one config, run with several methods) says so in the log."""
+    methods.get(method)  # an unknown method is refused here, before anything is read or written
+    for name, given in (options or {}).items():
+        if name == method:
+            continue
+        default = type(given)()
+        changed = [f.name for f in dataclasses.fields(given) if getattr(given, f.name) != getattr(default, f.name)]
+        if changed:
+            message = f"{changed[0]}={getattr(given, changed[0])} applies to method {name}, not {method}"
+            if refuse_others:
+                raise ILoRAError(f"{message}: drop it, or train with --method {name}")
+            log.warning("%s: ignored in this run", message)
+    return (options or {}).get(method)
 
 
 def _resume_path(value) -> str | None:
@@ -139,7 +156,7 @@ def run_sequence(
     check_directory_target(root, "output_dir")
     rundir.check_run_dir(run_dir)
     method_args = method_arguments(run.method, ilora_args)
-    method_options = (options or {}).get(run.method)
+    method_options = chosen_options(run.method, options, refuse_others=False)  # one config may serve several methods
     adapters = method.reports(method_args)  # what is scored: plastic, and stable for I-LoRA
 
     train_rows = {t.name: read_jsonl(t.train) for t in run.tasks}  # all data errors before any training

@@ -69,8 +69,8 @@ class EWC(Method):
         self.anchor = [t.detach().clone() for t in self.adapters.plastic]
 
     def estimate_fisher(self, batches) -> list[torch.Tensor]:
-        """Mean squared per-example gradient of the row's log-likelihood, over up to `ewc_fisher_samples`
-        rows (each rank over its own rows, then averaged over ranks)."""
+        """Mean squared per-example gradient of the row's log-likelihood over the first
+        `ewc_fisher_samples` rows (the same rows on every rank; the mean over ranks keeps them equal)."""
         plastic = self.adapters.plastic
         fisher = [torch.zeros_like(t) for t in plastic]
         seen = 0
