@@ -1,5 +1,6 @@
 """The full continual-learning benchmark (same as `ilora demo --full`): four real-text tasks on
-SmolLM2-135M-Instruct, methods seq_lora, er, ilora (stable and plastic) and joint, three seeds.
+SmolLM2-135M-Instruct, every registered method (ilora's stable and plastic adapters, ewc, lwf, derpp,
+olora, seq_lora, er, joint), three seeds; seed 0 of every method first.
 
     python benchmarks/cl_benchmark.py [--output_dir runs/full]
 

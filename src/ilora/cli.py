@@ -76,7 +76,7 @@ def command_demo(argv: list[str]) -> None:
     from .workflow import run_demo
 
     parser = _simple_parser("ilora demo", "offline continual-learning benchmark on SmolLM2-135M-Instruct")
-    parser.add_argument("--full", action="store_true", help="the full benchmark: 4 tasks, 4 methods, 3 seeds")
+    parser.add_argument("--full", action="store_true", help="the full benchmark: 4 tasks, every method, 3 seeds")
     parser.add_argument("--output_dir", type=Path, help="default runs/demo (runs/full with --full)")
     opts = parser.parse_args(argv)
     print(run_demo(opts.full, opts.output_dir))
