@@ -615,14 +615,14 @@ def test_a_run_directory_moved_with_its_files_continues_without_retraining(world
 
 
 def test_a_demo_directory_from_before_the_marker_is_still_the_demos(tmp_path):
-    from ilora import workflow
+    from ilora import demo
 
     for name in ("data", "seq_lora", "er"):
         (tmp_path / name).mkdir()
     (tmp_path / "config.yaml").write_text("seed: 0\n")
-    assert workflow._is_demo_dir(tmp_path)
+    assert demo._is_demo_dir(tmp_path)
     (tmp_path / "thesis.txt").write_text("mine")
-    assert not workflow._is_demo_dir(tmp_path)
+    assert not demo._is_demo_dir(tmp_path)
     (tmp_path / "thesis.txt").unlink()
     (tmp_path / "config.yaml").unlink()
-    assert not workflow._is_demo_dir(tmp_path)  # method folders alone could be anyone's
+    assert not demo._is_demo_dir(tmp_path)  # method folders alone could be anyone's

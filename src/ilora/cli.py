@@ -73,7 +73,7 @@ def command_compare(argv: list[str]) -> None:
 
 
 def command_demo(argv: list[str]) -> None:
-    from .workflow import run_demo
+    from .demo import run_demo
 
     parser = _simple_parser("ilora demo", "offline continual-learning benchmark on SmolLM2-135M-Instruct")
     parser.add_argument("--full", action="store_true", help="the full benchmark: 4 tasks, every method, 3 seeds")

@@ -13,13 +13,15 @@ that never trained anything may be restarted under new settings.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from . import taskdir
+from . import metrics, taskdir
 from .errors import ILoRAError
 
 SETTINGS_FILE = "settings.json"
@@ -166,3 +168,86 @@ def _damaged(path: Path, what: str) -> ILoRAError:
 
 def _finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ------------------------------------------------------- records and summary
+# What decides the trained weights besides the method's and model's arguments. A run directory is
+# continued only under the settings it was started with: finished tasks are skipped, so reusing them
+# under a changed learning rate would silently mix two experiments in one accuracy matrix.
+TRAINING_SETTINGS = (
+    "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "num_train_epochs", "max_steps", "seed", "data_seed", "optim",
+    "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "bf16", "fp16",
+)  # fmt: skip
+
+
+def settings_record(config: dict) -> dict:
+    """The part of the run's config record (`config_record`) that decides the trained weights. Paths
+    are left out: the inputs are recorded by content (`rundir.inputs_record`), so a run directory
+    moved with its files continues, and a file changed at the same path does not."""
+    record = {
+        "model": {key: value for key, value in config["model"].items() if key != "model_name_or_path"},
+        "data": {key: config["data"][key] for key in ("cutoff_len", "use_chat_template")},
+        "ilora": config["ilora"],
+        "method_options": config["method_options"] or {},
+        "training": {key: config["training"][key] for key in TRAINING_SETTINGS},
+        "tasks": {"tasks": [{k: v for k, v in task.items() if k not in ("train", "test")} for task in config["run"]["tasks"]]},
+        "evaluation": {"eval_max_rows": config["run"]["eval_max_rows"]},
+    }
+    return json.loads(json.dumps(record))  # as it reads back from the file
+
+
+def summary(run, adapters, base_row, results, timings, seconds, tests, joint: bool) -> dict:
+    """metrics.json: accuracy matrices, CL metrics (AP only for one joint stage), prediction counts, times."""
+    names = [t.name for t in run.tasks]
+    matrices, metric_table, distributions = {}, {}, {}
+    for adapter in adapters:
+        rows = [base_row] + [r["scores"][adapter] for r in results]
+        R = [[row[name]["accuracy"] for name in names] for row in rows]
+        matrices[adapter] = R
+        if joint:
+            metric_table[adapter] = {"AP": sum(R[-1]) / len(names)}  # one training stage: no transfer metrics
+        else:
+            metric_table[adapter] = metrics.all_metrics(R)
+        distributions[adapter] = [
+            {name: dict(Counter(row[name]["predictions"]).most_common()) for name in names} for row in rows
+        ]
+    return {
+        "method": run.method,
+        "tasks": names,
+        "test_rows": {t.name: len(t) for t in tests},
+        "eval_max_rows": run.eval_max_rows,
+        "gold_distribution": {t.name: dict(Counter(t.answers).most_common()) for t in tests},
+        "matrices": matrices,
+        "metrics": metric_table,
+        "prediction_distribution": distributions,
+        "timings": {"per_task": timings, "total_seconds": seconds},
+        "versions": versions(),
+    }
+
+
+def config_record(model_args, data_args, method_args, training_args, run, method_options) -> dict:
+    return {
+        "model": dataclasses.asdict(model_args),
+        "data": dataclasses.asdict(data_args),
+        "ilora": dataclasses.asdict(method_args),
+        "method_options": dataclasses.asdict(method_options) if method_options is not None else None,
+        "training": {k: v for k, v in training_args.to_dict().items() if not k.startswith("_")},
+        "run": dataclasses.asdict(run),
+    }
+
+
+def versions() -> dict:
+    import peft
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"ilora": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "cpu_threads": torch.get_num_threads()}  # fmt: skip
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    taskdir.write_json_atomically(path, data)

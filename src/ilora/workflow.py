@@ -10,21 +10,17 @@ file it continues from is checked before training starts.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import random
 import time
-from collections import Counter
 from pathlib import Path
 
-import torch
-import yaml
 from peft import LoraConfig
 from tqdm.auto import tqdm
 from transformers import TrainingArguments
 
-from . import distributed, methods, metrics, precision, report, rundir, taskdir
+from . import distributed, methods, precision, report, rundir, taskdir
 from .adapters import PLASTIC, AdapterPair, check_target_modules, load_adapter
 from .buffer import ReplayBuffer
 from .paths import check_directory_target
@@ -34,7 +30,6 @@ from .config import (
     ModelArguments,
     RunArguments,
     TaskSpec,
-    load_yaml_mapping,
     parse_run_config,
 )
 from .data import encode_rows, read_jsonl
@@ -163,12 +158,12 @@ def run_sequence(
     test_rows = {t.name: subsample(read_jsonl(t.test), run.eval_max_rows) for t in run.tasks}
     if method.trains_jointly:
         training_args = joint_training_arguments(training_args, ilora_args, [len(train_rows[t.name]) for t in run.tasks])
-    config = _config_record(model_args, data_args, method_args, training_args, run, method_options)
+    config = rundir.config_record(model_args, data_args, method_args, training_args, run, method_options)
     base, tokenizer = load_model_and_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code)
     check_target_modules(base, model_args.target_modules)
     tests = [_test_set(t, test_rows[t.name], tokenizer, data_args) for t in run.tasks]
     identity = taskdir.base_model_identity(base)
-    settings = {**_settings_record(config), "inputs": rundir.inputs_record(identity["fingerprint"], tokenizer, run.tasks)}
+    settings = {**rundir.settings_record(config), "inputs": rundir.inputs_record(identity["fingerprint"], tokenizer, run.tasks)}
     rundir.check_same_settings(run_dir, settings)
     stages = [run.tasks] if method.trains_jointly else [[t] for t in run.tasks]
     task_dirs = [run_dir / rundir.TASKS_DIR / f"{k}-{_stage_name(run, stage)}" for k, stage in enumerate(stages, 1)]
@@ -176,7 +171,7 @@ def run_sequence(
     for task_dir in task_dirs:  # damaged state is found now, not after hours of training
         _check_saved_task(task_dir, adapters, rows, method.uses_replay(method_args))
     if distributed.rank() == 0:
-        _write_json(run_dir / rundir.SETTINGS_FILE, settings)  # once model and test sets load: bad input leaves nothing
+        rundir.write_json(run_dir / rundir.SETTINGS_FILE, settings)  # once model and test sets load: bad input leaves nothing
     autocast = precision.autocast_dtype(training_args.bf16, training_args.fp16)  # evaluation as trained
     scorer = _Scorer(tokenizer, tests, run.eval_batch_size, run.max_new_tokens, autocast, training_args.disable_tqdm)
     evaluates = distributed.rank() == 0  # the other ranks train, then wait
@@ -205,40 +200,14 @@ def run_sequence(
 
     if not evaluates:
         return run_dir
-    summary = _summarise(run, adapters, base_row, results, timings, time.time() - started, tests)
+    summary = rundir.summary(run, adapters, base_row, results, timings, time.time() - started, tests, method.trains_jointly)
     summary["config"] = config
     summary["hardware"] = precision.run_record(training_args)
     summary["inputs"] = settings["inputs"]  # lets `ilora compare` refuse runs scored on other test files
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(run_dir / rundir.METRICS_FILE, summary)
+    rundir.write_json(run_dir / rundir.METRICS_FILE, summary)
     report.write_report(run_dir, summary)
     return run_dir
-
-
-# What decides the trained weights besides the method's and model's arguments. A run directory is
-# continued only under the settings it was started with: finished tasks are skipped, so reusing them
-# under a changed learning rate would silently mix two experiments in one accuracy matrix.
-TRAINING_SETTINGS = (
-    "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "per_device_train_batch_size",
-    "gradient_accumulation_steps", "num_train_epochs", "max_steps", "seed", "data_seed", "optim",
-    "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "bf16", "fp16",
-)  # fmt: skip
-
-
-def _settings_record(config: dict) -> dict:
-    """The part of the run's config record (`_config_record`) that decides the trained weights. Paths
-    are left out: the inputs are recorded by content (`rundir.inputs_record`), so a run directory
-    moved with its files continues, and a file changed at the same path does not."""
-    record = {
-        "model": {key: value for key, value in config["model"].items() if key != "model_name_or_path"},
-        "data": {key: config["data"][key] for key in ("cutoff_len", "use_chat_template")},
-        "ilora": config["ilora"],
-        "method_options": config["method_options"] or {},
-        "training": {key: config["training"][key] for key in TRAINING_SETTINGS},
-        "tasks": {"tasks": [{k: v for k, v in task.items() if k not in ("train", "test")} for task in config["run"]["tasks"]]},
-        "evaluation": {"eval_max_rows": config["run"]["eval_max_rows"]},
-    }
-    return json.loads(json.dumps(record))  # as it reads back from the file
 
 
 def subsample(rows: list[dict], limit: int | None, seed: int = 0) -> list[dict]:
@@ -307,7 +276,7 @@ def _train_and_evaluate(k, stage, name, task_dir, previous, train_rows, tokenize
         eval_began = time.time()
         scores = {report: scorer.score(model, names) for report, names in method.evaluated(model, method_args).items()}
         timings = {"train_seconds": train_seconds, "eval_seconds": time.time() - eval_began}
-        _write_json(task_dir / rundir.EVAL_FILE, {"scores": scores, "timings": timings})
+        rundir.write_json(task_dir / rundir.EVAL_FILE, {"scores": scores, "timings": timings})
     distributed.barrier()
 
 
@@ -359,36 +328,8 @@ def _base_evaluation(root: Path, base, identity: dict, scorer: _Scorer, tasks: l
         return cached
     scores = scorer.score(base, None)
     root.mkdir(parents=True, exist_ok=True)
-    _write_json(path, {"key": key, "scores": scores})
+    rundir.write_json(path, {"key": key, "scores": scores})
     return scores
-
-
-def _summarise(run, adapters, base_row, results, timings, seconds, tests) -> dict:
-    names = [t.name for t in run.tasks]
-    matrices, metric_table, distributions = {}, {}, {}
-    for adapter in adapters:
-        rows = [base_row] + [r["scores"][adapter] for r in results]
-        R = [[row[name]["accuracy"] for name in names] for row in rows]
-        matrices[adapter] = R
-        if methods.get(run.method).trains_jointly:
-            metric_table[adapter] = {"AP": sum(R[-1]) / len(names)}  # one training stage: no transfer metrics
-        else:
-            metric_table[adapter] = metrics.all_metrics(R)
-        distributions[adapter] = [
-            {name: dict(Counter(row[name]["predictions"]).most_common()) for name in names} for row in rows
-        ]
-    return {
-        "method": run.method,
-        "tasks": names,
-        "test_rows": {t.name: len(t) for t in tests},
-        "eval_max_rows": run.eval_max_rows,
-        "gold_distribution": {t.name: dict(Counter(t.answers).most_common()) for t in tests},
-        "matrices": matrices,
-        "metrics": metric_table,
-        "prediction_distribution": distributions,
-        "timings": {"per_task": timings, "total_seconds": seconds},
-        "versions": _versions(),
-    }
 
 
 def _summary_line(k, count, name, saved, adapters, names) -> str:
@@ -403,27 +344,6 @@ def _summary_line(k, count, name, saved, adapters, names) -> str:
     )
 
 
-def _config_record(model_args, data_args, method_args, training_args, run, method_options) -> dict:
-    return {
-        "model": dataclasses.asdict(model_args),
-        "data": dataclasses.asdict(data_args),
-        "ilora": dataclasses.asdict(method_args),
-        "method_options": dataclasses.asdict(method_options) if method_options is not None else None,
-        "training": {k: v for k, v in training_args.to_dict().items() if not k.startswith("_")},
-        "run": dataclasses.asdict(run),
-    }
-
-
-def _versions() -> dict:
-    import peft
-    import transformers
-
-    from . import __version__
-
-    return {"ilora": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "cpu_threads": torch.get_num_threads()}  # fmt: skip
-
-
 def load_task_adapters(base, adapters: dict[str, Path]):
     """A base model with every adapter a task saved (plastic first: the PeftModel is built on it)."""
     from peft import PeftModel
@@ -433,11 +353,6 @@ def load_task_adapters(base, adapters: dict[str, Path]):
         if name != PLASTIC:
             load_adapter(model, name, path)
     return model
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    taskdir.write_json_atomically(path, data)
 
 
 # ------------------------------------------------------------ ilora eval
@@ -482,68 +397,3 @@ def evaluate_adapters(model_name: str, adapter_dir: Path, config: Path) -> dict:
 def load_run_config(path: Path, overrides: dict | None = None):
     """`parse_run_config` with every registered method's options."""
     return parse_run_config(path, overrides, methods.argument_classes())
-
-
-# ----------------------------------------------------------------- demo
-DEMO = {"tasks": ["tweets", "debate", "reviews"], "n_train": 200, "n_test": 100,
-        "methods": ["seq_lora", "er", "ilora"], "seeds": [0]}  # fmt: skip
-# Every registered method. I-LoRA and the baselines added with the plug-in interface come first: when a
-# session cannot finish a seed, what is missing is what earlier figures already cover.
-FULL = {"tasks": ["tweets", "debate", "reviews", "kind"], "n_train": 400, "n_test": 300,
-        "methods": ["ilora", "ewc", "lwf", "derpp", "olora", "seq_lora", "er", "joint"], "seeds": [0, 1, 2]}  # fmt: skip
-
-
-def run_demo(full: bool = False, output_dir: Path | None = None, overrides: dict | None = None) -> str:
-    """Build the offline benchmark, run every method on it, and return the comparison table."""
-    from .corpora import build_benchmark
-
-    plan = FULL if full else DEMO
-    root = Path(output_dir or ("runs/full" if full else "runs/demo"))
-    check_directory_target(root, "--output_dir")
-    if root.is_dir() and any(root.iterdir()) and not _is_demo_dir(root):
-        raise ILoRAError(f"--output_dir {root} already holds files that are not an ilora demo; choose another directory")
-    root.mkdir(parents=True, exist_ok=True)
-    taskdir.write_json_atomically(root / DEMO_MARKER, {"full": full})  # says: this directory is the demo's to rewrite
-    entries = build_benchmark(root / "data", plan["tasks"], plan["n_train"], plan["n_test"], seed=0)
-    base_config = load_yaml_mapping(Path(__file__).parent / "configs" / "demo.yaml")
-    if full:
-        base_config.update(FULL_SETTINGS)
-    base_config.update(overrides or {})
-    tables = []
-    for seed in plan["seeds"]:
-        seed_root = root if len(plan["seeds"]) == 1 else root / f"seed-{seed}"
-        config = {**base_config, "seed": seed, "output_dir": str(seed_root.resolve()),
-                  "tasks": [{**e, "train": str((root / "data" / e["train"]).resolve()),
-                             "test": str((root / "data" / e["test"]).resolve())} for e in entries]}  # fmt: skip
-        seed_root.mkdir(parents=True, exist_ok=True)
-        config_path = seed_root / "config.yaml"
-        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        for method in plan["methods"]:
-            log.info("== %s, seed %d ==", method, seed)
-            run_sequence(*load_run_config(config_path, {"method": method}))
-        runs = [seed_root / m for m in plan["methods"]]
-        times = report.time_table([report.load_summary(r) for r in runs])
-        tables.append(f"{report.compare(runs, seed_root)}\n\nWhere the time went (seed {seed}):\n\n{times}")
-    if len(plan["seeds"]) > 1:
-        return "\n\n".join([report.aggregate([root / f"seed-{s}" for s in plan["seeds"]], plan["methods"], root), *tables])
-    return tables[0]
-
-
-DEMO_MARKER = "ilora_demo.json"
-# What a demo directory holds; one written before the marker existed is recognised by these names alone.
-DEMO_ENTRIES = {"data", "config.yaml", "base_eval.json", "compare.md", "compare.png", "summary.md", "summary.json",
-                *FULL["methods"]}  # fmt: skip
-
-
-def _is_demo_dir(root: Path) -> bool:
-    if (root / DEMO_MARKER).is_file():
-        return True
-    names = {p.name for p in root.iterdir()}
-    earlier = {"data", "config.yaml"} <= names or any(n.startswith("seed-") for n in names)
-    return earlier and all(n in DEMO_ENTRIES or n.startswith("seed-") for n in names)
-
-# The full benchmark: a buffer of 5% of the 1,600-row training stream (a generous buffer turns ER into
-# joint training and hides every difference) and an EMA horizon of ~10 steps in a 200-step run. The
-# learning rate warms up and decays within each task: at a constant 1e-3, joint training ended on
-# whatever label its last batches favoured (all "rotten" in one seed) and learned no task to chance + 15.
-FULL_SETTINGS = {"ilora_buffer_size": 80, "ema_alpha": 0.9, "lr_scheduler_type": "cosine", "warmup_steps": 0.1}
