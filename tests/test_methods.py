@@ -228,3 +228,14 @@ def test_load_adapter_freezes_what_it_loads(tmp_path):
     save_adapter(model, PLASTIC, tmp_path / "a")
     load_adapter(model, "other", tmp_path / "a")
     assert all(p.requires_grad == (".plastic." in n) for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_pure_modules_import_nothing_heavy():
+    """`import ilora.metrics` (and the method registry) must not pull in torch, transformers or peft."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ilora.metrics, ilora.methods, ilora.paths, ilora.suggest; "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -192,6 +192,19 @@ class PreviousTask:
     buffer: ReplayBuffer | None
     method_state: tuple[dict[str, torch.Tensor], dict]
 
+    @property
+    def step(self) -> int:
+        """Optimizer steps since the first task began (I-LoRA's EMA counts from there)."""
+        return int(self.manifest.get("ema_step", 0))
+
+    @property
+    def lora(self) -> dict:
+        return self.manifest["lora"]
+
+    @property
+    def task_id(self) -> str | None:
+        return self.manifest.get("task_id")
+
 
 def load_previous(directory: Path, args: ILoRAArguments, lora: dict | None, base: dict, buffer_capacity: int | None,
                   world_size: int, process_index: int) -> PreviousTask:  # fmt: skip

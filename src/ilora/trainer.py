@@ -86,7 +86,7 @@ class ILoRATrainer(Trainer):
             pad_token_id=pad_token_id,
             replay_batch_size=ilora_args.replay_batch_size or args.per_device_train_batch_size,
             buffer=buffer,
-            step=int(self.previous.manifest.get("ema_step", 0)) if self.previous else 0,
+            step=self.previous.step if self.previous else 0,
             task_id=ilora_args.current_task_id or "",
         )
         if self.previous:
@@ -117,7 +117,7 @@ class ILoRATrainer(Trainer):
         """The trainable adapter: the previous task's, fresh, or as given on a PeftModel."""
         if self.previous is not None:
             path = self.previous.adapters[PLASTIC]
-            return PeftModel.from_pretrained(model, str(path), adapter_name=PLASTIC, is_trainable=True), self.previous.manifest["lora"]
+            return PeftModel.from_pretrained(model, str(path), adapter_name=PLASTIC, is_trainable=True), self.previous.lora
         if isinstance(model, PeftModel):
             if PLASTIC not in model.peft_config:
                 raise ILoRAError(f"the PeftModel has adapters {list(model.peft_config)}; ilora needs one named 'plastic'")
@@ -211,7 +211,7 @@ class ILoRATrainer(Trainer):
             final_losses["train_loss"] = summary["train_loss"]
         manifest = {
             "task_id": args.current_task_id,
-            "prev_task_id": self.previous.manifest.get("task_id") if self.previous else None,
+            "prev_task_id": self.previous.task_id if self.previous else None,
             "base_model": self.base_identity,
             "lora": self.lora_identity,
             "ema_step": self.method.step,
