@@ -37,7 +37,9 @@ def test_a_task_directory_holds_loadable_adapters_buffer_and_manifest(task1, tin
     manifest = json.loads((task1 / "ilora_task.json").read_text())
     assert manifest["task_id"] == "t1" and manifest["ema_step"] == 4
     assert manifest["lora"]["r"] == 4
+    sizes = manifest["buffer"].pop("bytes_per_row")
     assert manifest["buffer"] == {"size": 6, "num_seen": 16, "ranks": 1, "num_seen_per_rank": [16]}
+    assert sizes["tokens"] > 0 and sizes["extras"] == 0  # I-LoRA keeps token ids and labels, nothing else
     assert len(manifest["stable_checksum_per_rank"]) == 1
     assert {"ce_loss", "consistency_loss", "train_loss"} <= manifest["final_losses"].keys()
     for name in ("plastic", "stable"):

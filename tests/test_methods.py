@@ -121,6 +121,8 @@ def test_derpp_logit_mse_is_zero_on_the_stored_logits_and_the_loss_has_all_three
     logs = derpp.pop_logs()
     assert {"ce_loss", "logit_mse", "replay_ce_loss"} <= logs.keys()
     assert all(row["logit_values"].shape[-1] == 5 for row in derpp.buffer.extras)
+    kept = sum(row["logit_values"].shape[0] for row in derpp.buffer.extras) / len(derpp.buffer)
+    assert derpp.buffer.bytes_per_row()["extras"] == pytest.approx(bytes_per_row(kept, 5))
 
 
 # ----------------------------------------------------------------- O-LoRA

@@ -56,6 +56,14 @@ class ReplayBuffer:
             self.task_ids[slot] = task_id
             self.extras[slot] = extras or {}
 
+    def bytes_per_row(self) -> dict[str, float]:
+        """Mean bytes a stored row takes: its tokens and labels, and what methods keep beside them."""
+        if not self.input_ids:
+            return {"tokens": 0.0, "extras": 0.0}
+        tokens = sum(t.nbytes + l.nbytes for t, l in zip(self.input_ids, self.labels))
+        extras = sum(v.nbytes for row in self.extras for v in row.values())
+        return {"tokens": tokens / len(self), "extras": extras / len(self)}
+
     def sample_indices(self, size: int) -> list[int]:
         """Up to `size` distinct stored rows (without replacement)."""
         return self._rng.sample(range(len(self)), min(size, len(self)))

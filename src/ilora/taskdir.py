@@ -338,7 +338,7 @@ def write_task(
             "buffer": None
             if buffer is None
             else {"size": len(buffer), "num_seen": buffer.num_seen, "ranks": distributed.world_size(),
-                  "num_seen_per_rank": [int(n) for n in buffers]},  # fmt: skip
+                  "num_seen_per_rank": [int(n) for n in buffers], "bytes_per_row": buffer.bytes_per_row()},  # fmt: skip
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         write_json_atomically(output_dir / MANIFEST, manifest)
