@@ -77,6 +77,16 @@ def load_adapter(peft_model: PeftModel, name: str, directory: Path) -> None:
     peft_model.set_adapter(PLASTIC)  # PEFT's set_adapter: plastic trainable, every other adapter frozen
 
 
+def load_saved_adapters(base: torch.nn.Module, adapters: dict[str, Path]) -> PeftModel:
+    """A base model with every adapter a task saved, by name, all frozen (plastic first: the PeftModel
+    is built on it)."""
+    model = PeftModel.from_pretrained(base, str(adapters[PLASTIC]), adapter_name=PLASTIC)
+    for name, path in adapters.items():
+        if name != PLASTIC:
+            load_adapter(model, name, path)
+    return model
+
+
 def add_stable_copy(peft_model: PeftModel) -> None:
     """Give a model that has only a plastic adapter its stable twin, equal to it."""
     peft_model.add_adapter(STABLE, stable_config(peft_model.peft_config[PLASTIC]))

@@ -24,6 +24,7 @@ commands:
   run       train and evaluate a task sequence: ilora run CONFIG.yaml [--method ilora|er|seq_lora|joint|ewc|lwf|derpp|olora]
   eval      score adapters on a config's tasks: ilora eval --model M --adapter DIR --tasks CONFIG.yaml
   compare   one table and plot for several runs: ilora compare RUN_DIR... [--out DIR]
+  export    a merged model or a clean PEFT adapter: ilora export TASK_OR_RUN_DIR --output DIR [--merge]
   demo      the offline benchmark on SmolLM2-135M and real text: ilora demo [--full]
 
 add --debug to any command for full tracebacks."""
@@ -62,6 +63,20 @@ def command_eval(argv: list[str]) -> None:
     print(json.dumps(scores, indent=2))
 
 
+def command_export(argv: list[str]) -> None:
+    from .export import export
+
+    parser = _simple_parser("ilora export", "a task's or a run's adapter as a merged model or a clean PEFT adapter")
+    parser.add_argument("source", type=Path, help="ilora task directory, or run directory (<output_dir>/<method>)")
+    parser.add_argument("--output", required=True, type=Path, help="a new (or empty) directory")
+    parser.add_argument("--adapter", help="plastic or stable (default: a run's best; a task's stable where it has one)")
+    parser.add_argument("--merge", action="store_true", help="fold the adapter into the base weights: a plain HF model")
+    parser.add_argument("--model", help="the base model (default: the one the task recorded)")
+    opts = parser.parse_args(argv)
+    output = export(opts.source, opts.output, opts.adapter, opts.merge, opts.model)
+    print(f"ilora: exported to {output} ({'merged model' if opts.merge else 'PEFT adapter'})")
+
+
 def command_compare(argv: list[str]) -> None:
     from .report import compare
 
@@ -98,6 +113,7 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "run": command_run,
     "eval": command_eval,
     "compare": command_compare,
+    "export": command_export,
     "demo": command_demo,
 }
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers import TrainingArguments
 
 from . import distributed, methods, precision, report, rundir, taskdir
-from .adapters import PLASTIC, AdapterPair, check_target_modules, load_adapter
+from .adapters import PLASTIC, AdapterPair, check_target_modules, load_saved_adapters
 from .buffer import ReplayBuffer
 from .paths import check_directory_target
 from .config import (
@@ -247,7 +247,7 @@ def _train_and_evaluate(k, stage, name, task_dir, previous, train_rows, tokenize
     if taskdir.is_finished(task_dir):  # trained, but the evaluation was interrupted
         base, _ = load_model_and_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code)
         manifest = taskdir.read_manifest(task_dir)
-        model = load_task_adapters(base, taskdir.saved_adapters(task_dir, manifest)).to(training_args.device)
+        model = load_saved_adapters(base, taskdir.saved_adapters(task_dir, manifest)).to(training_args.device)
         train_seconds = manifest.get("train_seconds") or 0.0  # absent in manifests of older ilora
     else:
         rows = [row for task in stage for row in train_rows[task.name]]
@@ -344,17 +344,6 @@ def _summary_line(k, count, name, saved, adapters, names) -> str:
     )
 
 
-def load_task_adapters(base, adapters: dict[str, Path]):
-    """A base model with every adapter a task saved (plastic first: the PeftModel is built on it)."""
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(base, str(adapters[PLASTIC]), adapter_name=PLASTIC)
-    for name, path in adapters.items():
-        if name != PLASTIC:
-            load_adapter(model, name, path)
-    return model
-
-
 # ------------------------------------------------------------ ilora eval
 def evaluate_adapters(model_name: str, adapter_dir: Path, config: Path) -> dict:
     """Accuracy per task of a PEFT adapter directory, or of what an ilora task directory's method
@@ -381,7 +370,7 @@ def evaluate_adapters(model_name: str, adapter_dir: Path, config: Path) -> dict:
     scorer = _Scorer(tokenizer, tests, run.eval_batch_size, run.max_new_tokens,
                      precision.autocast_dtype(training_args.bf16, training_args.fp16))  # fmt: skip
     try:
-        model = load_task_adapters(base, adapters).to(training_args.device)
+        model = load_saved_adapters(base, adapters).to(training_args.device)
     except RuntimeError as err:  # PEFT's state-dict load: the adapter was made for another architecture
         if "size mismatch" not in str(err):
             raise

@@ -1,0 +1,142 @@
+"""`ilora export`: take a trained model away, as a merged Hugging Face model or as one clean PEFT adapter.
+
+    ilora export TASK_OR_RUN_DIR --output DIR [--adapter stable|plastic] [--merge] [--model M]
+
+From a task directory the adapter defaults to I-LoRA's stable one (the other methods have one); from a
+run directory (`<output_dir>/<method>`), the last task's, and the adapter with the best average accuracy
+in its metrics.json. What a method evaluates as the sum of several LoRAs (O-LoRA) is exported as that
+sum: merged into the weights, or concatenated into one LoRA of the summed rank (exact: sum_i B_i A_i =
+[B_1 ... B_k][A_1; ...; A_k]). `ilora_export.json` beside the export records where it came from.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+from . import __version__, methods, rundir, taskdir
+from .adapters import AdapterPair, load_saved_adapters, save_adapter
+from .errors import ILoRAError
+from .loader import load_model_and_tokenizer
+from .paths import check_directory_target
+from .suggest import did_you_mean
+
+PROVENANCE = "ilora_export.json"
+EXPORTED = "exported"  # the adapter name an unmerged export is built under
+
+
+def export(source: Path, output: Path, adapter: str | None = None, merge: bool = False, model: str | None = None) -> Path:
+    """Write the export into `output` (new or empty) and return it."""
+    check_directory_target(output, "--output")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise ILoRAError(f"--output {output} exists and is not empty; export into a new directory")
+    task_dir, summary = _task_of(source)
+    manifest = taskdir.read_manifest(task_dir)
+    method = methods.get(taskdir.manifest_method(manifest))
+    report = adapter or _default_report(method, summary, taskdir.saved_adapters(task_dir, manifest))
+    base_name = model or manifest["base_model"]["name_or_path"]
+    base, tokenizer = load_model_and_tokenizer(base_name)
+    if taskdir.base_model_identity(base)["fingerprint"] != manifest["base_model"]["fingerprint"]:
+        raise ILoRAError(f"{task_dir} was trained on another base model than {base_name!r} (pass the right --model)")
+    saved = taskdir.saved_adapters(task_dir, manifest)
+    for path in saved.values():
+        taskdir.check_adapter_dir(path, manifest["lora"])
+    peft_model = load_saved_adapters(base, saved)
+    evaluated = method.evaluated(peft_model, None)
+    if report not in evaluated or not all(n in peft_model.peft_config for n in evaluated[report]):
+        available = [r for r, names in evaluated.items() if all(n in peft_model.peft_config for n in names)]
+        raise ILoRAError(f"--adapter {report!r}: {task_dir} offers {available}{did_you_mean(report, available)}")
+    names = evaluated[report]
+    output.mkdir(parents=True, exist_ok=True)
+    if merge:
+        _write_merged(peft_model, names, tokenizer, output)
+    else:
+        _write_adapter(peft_model, names, output, _base_path(base_name))
+    record = {
+        "source": str(source.resolve()), "task_dir": str(task_dir.resolve()), "task_id": manifest.get("task_id"),
+        "method": method.name, "adapter": report, "adapters_summed": names, "merged": merge,
+        "base_model": {"name_or_path": base_name, "fingerprint": manifest["base_model"]["fingerprint"]},
+        "metrics": _metrics_of(summary, report), "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "ilora_version": __version__,
+    }  # fmt: skip
+    taskdir.write_json_atomically(output / PROVENANCE, record)
+    return output
+
+
+def _task_of(source: Path) -> tuple[Path, dict | None]:
+    """A task directory as given; for a run directory, its last task and its summary."""
+    if taskdir.is_finished(source):
+        return source, None
+    if (source / rundir.METRICS_FILE).is_file():
+        from .report import load_summary
+
+        summary = load_summary(source)
+        tasks = sorted((source / rundir.TASKS_DIR).glob("*-*"), key=lambda p: int(p.name.split("-", 1)[0]))
+        if not tasks or not taskdir.is_finished(tasks[-1]):
+            raise ILoRAError(f"{source}: its last task directory is missing or unfinished")
+        return tasks[-1], summary
+    raise ILoRAError(f"{source}: neither a finished ilora task directory nor a finished run directory (no metrics.json)")
+
+
+def _default_report(method, summary: dict | None, saved: dict[str, Path]) -> str:
+    """A run's best adapter by average accuracy after the last task (a tie goes to stable); a task
+    directory's stable adapter where it saved one, else plastic."""
+    reports = method.reports(None)  # plastic, then stable for I-LoRA
+    if summary is not None:
+        aps = {r: summary["metrics"][r]["AP"] for r in reports if r in summary.get("metrics", {})}
+        if aps:
+            return max(aps, key=lambda r: (aps[r], reports.index(r)))
+    return reports[-1] if reports[-1] in saved else reports[0]
+
+
+def _metrics_of(summary: dict | None, report: str) -> dict | None:
+    if summary is None:
+        return None
+    return {"run_metrics": summary["metrics"].get(report), "final_accuracy": summary["matrices"][report][-1],
+            "tasks": summary["tasks"]}  # fmt: skip
+
+
+def _write_merged(model: PeftModel, names: list[str], tokenizer, output: Path) -> None:
+    """Base + the adapters folded into the weights: a plain transformers model directory."""
+    merged = model.merge_and_unload(adapter_names=names)
+    merged.save_pretrained(str(output), safe_serialization=True)
+    tokenizer.save_pretrained(str(output))
+
+
+def _write_adapter(model: PeftModel, names: list[str], output: Path, base_path: str) -> None:
+    """One standard LoRA adapter (no modules_to_save): the adapter itself, or the concatenation of several."""
+    config = copy.deepcopy(model.peft_config[names[0]])
+    if len(names) > 1:
+        configs = [model.peft_config[n] for n in names]
+        if any(c.use_rslora or c.use_dora or c.r != config.r or c.lora_alpha != config.lora_alpha for c in configs):
+            raise ILoRAError(f"adapters {names} differ in rank, alpha, rsLoRA or DoRA: export them with --merge")
+        config.r, config.lora_alpha = config.r * len(names), config.lora_alpha * len(names)  # same alpha / r
+    config.base_model_name_or_path = base_path
+    config.inference_mode = True
+    config.modules_to_save = None
+    model.add_adapter(EXPORTED, config)
+    _fill_concatenated(model, names)
+    save_adapter(model, EXPORTED, output / ".adapter")
+    for path in (output / ".adapter").iterdir():
+        path.rename(output / path.name)
+    (output / ".adapter").rmdir()
+
+
+@torch.no_grad()
+def _fill_concatenated(model: PeftModel, names: list[str]) -> None:
+    for layer in AdapterPair(model).layers:
+        if EXPORTED not in layer.lora_A:
+            continue
+        layer.lora_A[EXPORTED].weight.copy_(torch.cat([layer.lora_A[n].weight for n in names], dim=0))
+        layer.lora_B[EXPORTED].weight.copy_(torch.cat([layer.lora_B[n].weight for n in names], dim=1))
+
+
+def _base_path(name: str) -> str:
+    """Where a loader finds the base: an absolute local path (the SmolLM2 cache for `smollm2`)."""
+    from .loader import SMOLLM2, smollm2_dir
+
+    return str(smollm2_dir() if name == SMOLLM2 else Path(name).resolve())
