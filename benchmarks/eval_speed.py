@@ -45,12 +45,12 @@ def tiny_setup(rows: int):
 
 def smollm2_setup(rows: int, data_dir: Path):
     from ilora.corpora import build_benchmark
-    from ilora.data import read_jsonl
+    from ilora.formats import read_rows
     from ilora.loader import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer("smollm2")
     entries = build_benchmark(data_dir, ["tweets", "debate"], 30, rows, seed=0)
-    return model.eval(), tokenizer, [(e["name"], read_jsonl(data_dir / e["test"]), e["choices"]) for e in entries]
+    return model.eval(), tokenizer, [(e["name"], read_rows(data_dir / e["test"]).to_list(), e["choices"]) for e in entries]
 
 
 def main() -> None:

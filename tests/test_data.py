@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from ilora import ILoRAError
-from ilora.data import IGNORE_INDEX, PadCollator, encode_example, format_prompt, read_jsonl
+from ilora.data import IGNORE_INDEX, PadCollator, encode_example, format_context
+from ilora.formats import read_rows
 from tiny import tiny_tokenizer, write_jsonl
 
 TOK = tiny_tokenizer()
@@ -24,7 +25,7 @@ def test_chat_template_is_applied_when_present_and_can_be_turned_off():
     without = encode_example(CHAT, "hi", "yes", cutoff_len=64, use_chat_template=False)
     assert CHAT.decode(with_template["input_ids"]).startswith("<s>user: hi\nassistant: ")
     assert len(with_template["input_ids"]) > len(without["input_ids"])
-    assert format_prompt(TOK, "hi", use_chat_template=True) == "hi"  # no template: prompt as is
+    assert format_context(TOK, [{"role": "user", "content": "hi"}], use_chat_template=True) == "hi"  # no template
 
 
 def test_truncation_cuts_the_prompt_start_and_keeps_the_response():
@@ -38,7 +39,7 @@ def test_truncation_cuts_the_prompt_start_and_keeps_the_response():
 
 def test_alpaca_keys_are_accepted(tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Classify", "input": "great", "output": "positive"}])
-    [row] = read_jsonl(path)
+    [row] = read_rows(path).to_list()
     assert row["prompt"] == "Classify\ngreat" and row["response"] == "positive"
 
 
@@ -46,13 +47,13 @@ def test_non_utf8_and_missing_files_are_clear_errors(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"prompt": "caf\xe9", "response": "x"}\n')
     with pytest.raises(ILoRAError, match="bad.jsonl: not UTF-8"):
-        read_jsonl(bad)
+        read_rows(bad)
     with pytest.raises(ILoRAError, match="nope.jsonl: no such file"):
-        read_jsonl(tmp_path / "nope.jsonl")
+        read_rows(tmp_path / "nope.jsonl")
     arr = tmp_path / "arr.jsonl"
     arr.write_text("[1, 2]\n")
     with pytest.raises(ILoRAError, match="arr.jsonl:1: expected a JSON object"):
-        read_jsonl(arr)
+        read_rows(arr)
 
 
 def test_collator_right_pads_with_pad_id_and_ignore_labels():

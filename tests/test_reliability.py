@@ -316,7 +316,7 @@ COMMON_MISTAKES = {
                                BAD_INPUT, "alpaca.jsonl:1: 'input' must be a string"),
     "model without tokenizer files": (lambda w, t: ["train", "--model", str(model_without_tokenizer(w, t)), *train(w, t)[3:]],
                                       BAD_INPUT, "has no tokenizer files"),
-    "dataset is a directory": (lambda w, t: train(w, t, data=w["thesis"]), BAD_INPUT, "thesis: a directory, not a JSONL file"),
+    "dataset is a directory": (lambda w, t: train(w, t, data=w["thesis"]), BAD_INPUT, "thesis: a directory, but not one written by Dataset.save_to_disk"),
     "run config without a model": (lambda w, t: run_config(w, t, lambda c: c.pop("model_name_or_path")), BAD_INPUT,
                                    "no model: set model_name_or_path"),
     "damaged model weights": (lambda w, t: ["train", "--model", str(then(lambda: None, damaged_model(w, t))), *train(w, t)[3:]],

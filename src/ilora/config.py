@@ -228,7 +228,14 @@ class ModelArguments:
 class DataArguments:
     """Training data: JSONL rows with prompt/response (or alpaca instruction/input/output)."""
 
-    dataset: str | None = field(default=None, metadata={"help": "Path of the training JSONL file."})
+    dataset: str | None = field(
+        default=None,
+        metadata={"help": "Training data: a file (jsonl, json, csv, parquet) or a save_to_disk directory; with "
+                  "dataset_dir, comma-separated dataset names from its dataset_info.json."},
+    )
+    dataset_dir: str | None = field(
+        default=None, metadata={"help": "A LLaMA-Factory data directory with dataset_info.json (dataset = names in it)."}
+    )
     cutoff_len: int = field(default=1024, metadata={"help": "Maximum tokens per example (prompt is cut first)."})
     use_chat_template: bool = field(
         default=True, metadata={"help": "Wrap prompts in the tokenizer's chat template when it has one."}
@@ -250,6 +257,7 @@ class TaskSpec:
     test: str
     scoring: str = "choice"
     choices: list[str] | None = None
+    dataset_dir: str | None = None  # then train and test name datasets of its dataset_info.json
 
     def __post_init__(self) -> None:
         check_task_id("task name", self.name)
@@ -337,8 +345,8 @@ TRAIN_ARGUMENTS = (ModelArguments, DataArguments, ILoRAArguments, TrainingArgume
 # Keys whose value is a path. In a config file a relative path is read from the config file's
 # directory (the rule for every path in a config, tasks' files included); on the command line, from
 # the working directory, as with any command.
-PATH_KEYS = ("model_name_or_path", "model", "dataset", "output_dir", "previous_task_model", "ema_adapter_path",
-             "logging_dir", "resume_from_checkpoint")  # fmt: skip
+PATH_KEYS = ("model_name_or_path", "model", "dataset", "dataset_dir", "output_dir", "previous_task_model",
+             "ema_adapter_path", "logging_dir", "resume_from_checkpoint")  # fmt: skip
 NOT_PATHS = {"smollm2", "true", "false", "last", "True", "False"}  # names and flags those keys also accept
 # Keys that LLaMA-Factory writes as comma-separated strings and YAML users write as lists.
 COMMA_LISTS = ("lora_target",)
@@ -494,7 +502,8 @@ def task_spec(entry: Any, path: Path, index: int) -> TaskSpec:
     missing = [k for k in ("name", "train", "test") if k not in entry]
     if missing:
         raise ILoRAError(f"{path}: task {index}: missing {missing}")
-    resolved = {k: resolve_path(v, path) if k in ("train", "test") else v for k, v in entry.items()}
+    paths = ("dataset_dir",) if entry.get("dataset_dir") else ("train", "test")  # names in a dataset_dir are not paths
+    resolved = {k: resolve_path(v, path) if k in paths else v for k, v in entry.items()}
     return TaskSpec(**resolved)
 
 
@@ -517,6 +526,8 @@ def config_mapping(mapping: dict, path: Path) -> dict:
                 raise ILoRAError(f"{path}: {key} must be a list of module names, got {value!r}")
             result[key] = ",".join(value)
     for key in PATH_KEYS:
+        if key == "dataset" and result.get("dataset_dir"):
+            continue  # names of datasets in dataset_dir's dataset_info.json, not paths
         if isinstance(result.get(key), str) and result[key] not in NOT_PATHS:
             result[key] = resolve_path(result[key], path)
     return result

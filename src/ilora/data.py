@@ -1,14 +1,14 @@
-"""Reading JSONL tasks, turning rows into token ids with response-only labels, and padding.
+"""Turning rows into token ids with labels on the assistant's tokens only, and padding.
 
-Rows carry `prompt` and `response`, or the alpaca keys `instruction` / `input` / `output`.
-Every problem with a file is an `ILoRAError` naming the file and line.
+Rows come from `ilora.formats` as `messages` (an optional system turn, then user and assistant turns
+alternating). The loss is on every assistant turn (its tokens and the end-of-sequence token), never on
+user or system text. With a chat template the context before each answer is the template's rendering
+(its generation prompt included); without one, the turns' texts joined by newlines.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -19,104 +19,118 @@ from .errors import ILoRAError
 IGNORE_INDEX = -100
 
 
-# ------------------------------------------------------------------ reading
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file, each normalised to have `prompt` and `response` (other keys kept)."""
-    path = Path(path)
-    if path.is_dir():
-        raise ILoRAError(f"{path}: a directory, not a JSONL file")
-    if not path.is_file():
-        raise ILoRAError(f"{path}: no such file")
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # a UTF-8 byte-order mark is fine
-    except UnicodeDecodeError as err:
-        raise ILoRAError(f"{path}: not UTF-8 text (byte {err.start})") from None
-    rows = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ILoRAError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise ILoRAError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-        rows.append(normalise_row(row, f"{path}:{line_no}"))
-    if not rows:
-        raise ILoRAError(f"{path}: no examples (the file is empty)")
-    return rows
+def uses_template(tokenizer, use_chat_template: bool) -> bool:
+    return use_chat_template and bool(getattr(tokenizer, "chat_template", None))
 
 
-def normalise_row(row: dict[str, Any], where: str) -> dict[str, Any]:
-    """`prompt`/`response`, or alpaca `instruction` (+ `input`) / `output`."""
-    if "prompt" not in row and "instruction" in row:
-        for key in ("instruction", "input"):
-            if row.get(key) is not None and not isinstance(row[key], str):
-                raise ILoRAError(f"{where}: '{key}' must be a string, got {type(row[key]).__name__}")
-        extra = row.get("input") or ""
-        row = {**row, "prompt": row["instruction"] + (f"\n{extra}" if extra else ""), "response": row.get("output")}
-    for key in ("prompt", "response"):
-        if key not in row or row[key] is None:
-            raise ILoRAError(f"{where}: missing '{key}' (rows need prompt/response or instruction/output)")
-        if not isinstance(row[key], str):
-            raise ILoRAError(f"{where}: '{key}' must be a string, got {type(row[key]).__name__}")
-    if not row["response"].strip():
-        raise ILoRAError(f"{where}: 'response' is empty")
-    return row
+def format_context(tokenizer, messages: list[dict], use_chat_template: bool) -> str:
+    """The conversation before an assistant answer, as the model sees it."""
+    if uses_template(tokenizer, use_chat_template):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "\n".join(m["content"] for m in messages)
 
 
-# --------------------------------------------------------------- tokenizing
-def format_prompt(tokenizer, prompt: str, use_chat_template: bool) -> str:
-    """The prompt text as the model sees it: the chat template's user turn when there is one."""
-    if use_chat_template and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    return prompt
-
-
-def encode_prompt(tokenizer, prompt: str, use_chat_template: bool) -> list[int]:
-    chat = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
-    text = format_prompt(tokenizer, prompt, use_chat_template)
+def encode_context(tokenizer, messages: list[dict], use_chat_template: bool) -> list[int]:
+    """Token ids of turns that precede any answer (a system and a user turn)."""
+    chat = uses_template(tokenizer, use_chat_template)
     # a chat template already carries its special tokens
-    return tokenizer(text, add_special_tokens=not chat)["input_ids"]
+    return tokenizer(format_context(tokenizer, messages, use_chat_template), add_special_tokens=not chat)["input_ids"]
 
 
-def encode_example(
-    tokenizer, prompt: str, response: str, cutoff_len: int, use_chat_template: bool, where: str = "row"
-) -> dict[str, list[int]]:
-    """Token ids and labels (-100 on the prompt) for one example, at most `cutoff_len` tokens.
+def encode_messages(tokenizer, messages: list[dict], cutoff_len: int, use_chat_template: bool,
+                    where: str = "row") -> dict[str, list[int]]:  # fmt: skip
+    """Token ids and labels for a conversation, at most `cutoff_len` tokens; labels on every assistant turn.
 
-    Too long: the response keeps at least half the budget (cut at its end); the prompt is cut at its
-    start, so the words next to the answer survive."""
-    prompt_ids = encode_prompt(tokenizer, prompt, use_chat_template)
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        response_ids = response_ids + [tokenizer.eos_token_id]
-    if len(prompt_ids) + len(response_ids) > cutoff_len:
-        response_budget = max(cutoff_len - len(prompt_ids), cutoff_len // 2)
-        response_ids = response_ids[:response_budget]
-        prompt_ids = prompt_ids[len(prompt_ids) - (cutoff_len - len(response_ids)) :]
-    if not response_ids:
-        raise ILoRAError(f"{where}: response is empty after tokenization and truncation (cutoff_len={cutoff_len})")
-    return {"input_ids": prompt_ids + response_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids}
+    Too long: the last answer keeps at least half the budget (cut at its end); what comes before it is
+    cut at its start, so the words next to the answer survive."""
+    ids, labels = context_before_answer(tokenizer, messages, use_chat_template, where)
+    return _fit(ids, labels, answer_ids(tokenizer, messages[-1]["content"]), cutoff_len, where)
 
 
-def encode_rows(
-    rows: Iterable[dict[str, Any]], tokenizer, cutoff_len: int, use_chat_template: bool, source: str = "dataset"
-) -> list[dict[str, list[int]]]:
-    return [
-        encode_example(tokenizer, r["prompt"], r["response"], cutoff_len, use_chat_template, f"{source} row {i + 1}")
-        for i, r in enumerate(rows)
-    ]
+def context_before_answer(tokenizer, messages: list[dict], use_chat_template: bool,
+                          where: str = "row") -> tuple[list[int], list[int]]:  # fmt: skip
+    """Ids and labels of everything before the last assistant answer: what evaluation scores after,
+    token for token what training puts before it."""
+    ids: list[int] = []
+    labels: list[int] = []
+    answered = 0  # messages already in `ids`
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        context = _context_ids(tokenizer, messages, answered, i, use_chat_template)
+        if i == len(messages) - 1:
+            return ids + context, labels + [IGNORE_INDEX] * len(context)
+        answer = answer_ids(tokenizer, message["content"])
+        ids += context + answer
+        labels += [IGNORE_INDEX] * len(context) + answer
+        answered = i + 1
+    raise ILoRAError(f"{where}: the conversation does not end with an assistant turn")
+
+
+def answer_ids(tokenizer, text: str) -> list[int]:
+    """An answer's tokens as training sees them: the text, then end-of-sequence."""
+    answer = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return answer + [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else answer
+
+
+def _context_ids(tokenizer, messages: list[dict], answered: int, i: int, use_chat_template: bool) -> list[int]:
+    """The tokens between the previous answer (or the start) and answer `i`."""
+    if answered == 0:
+        return encode_context(tokenizer, messages[:i], use_chat_template)
+    if uses_template(tokenizer, use_chat_template):
+        full = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        eos = tokenizer.eos_token or ""
+        before = tokenizer.apply_chat_template(messages[: answered - 1], tokenize=False, add_generation_prompt=True)
+        done = before + messages[answered - 1]["content"] + eos  # what `ids` holds, as text
+        if not full.startswith(done):
+            done = tokenizer.apply_chat_template(messages[:answered], tokenize=False)
+        text = full[len(done):] if full.startswith(done) else full
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    text = "\n" + "\n".join(m["content"] for m in messages[answered:i])
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _fit(prompt_ids: list[int], prompt_labels: list[int], answer: list[int], cutoff_len: int, where: str):
+    if len(prompt_ids) + len(answer) > cutoff_len:
+        budget = max(cutoff_len - len(prompt_ids), cutoff_len // 2)
+        answer = answer[:budget]
+        keep = cutoff_len - len(answer)
+        prompt_ids, prompt_labels = prompt_ids[len(prompt_ids) - keep :], prompt_labels[len(prompt_labels) - keep :]
+    if not answer:
+        raise ILoRAError(f"{where}: response is empty after tokenization and truncation")
+    return {"input_ids": prompt_ids + answer, "labels": prompt_labels + answer}
+
+
+def encode_example(tokenizer, prompt: str, response: str, cutoff_len: int, use_chat_template: bool,
+                   where: str = "row") -> dict[str, list[int]]:  # fmt: skip
+    """One prompt and its answer (a one-turn conversation)."""
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    return encode_messages(tokenizer, messages, cutoff_len, use_chat_template, where)
+
+
+def encode_rows(rows, tokenizer, cutoff_len: int, use_chat_template: bool, source: str = "dataset"):
+    """Encode normalised rows: a `datasets.Dataset` stays one (cached, memory-mapped), a list stays a list."""
+    def encode(row: dict, index: int) -> dict[str, list[int]]:
+        messages = row.get("messages") or [{"role": "user", "content": row["prompt"]},
+                                           {"role": "assistant", "content": row["response"]}]  # fmt: skip
+        return encode_messages(tokenizer, messages, cutoff_len, use_chat_template, f"{source} row {index + 1}")
+
+    if isinstance(rows, list):
+        return [encode(row, i) for i, row in enumerate(rows)]
+    from .formats import quiet
+
+    with quiet():
+        return rows.map(encode, with_indices=True, remove_columns=rows.column_names)
 
 
 def prepare_dataset(dataset, tokenizer, cutoff_len: int = 1024, use_chat_template: bool = True):
-    """Accept a tokenized dataset (`input_ids`, optional `labels`) as is; tokenize a raw one."""
+    """Accept a tokenized dataset (`input_ids`, optional `labels`) as is; normalise and tokenize a raw one
+    (any row format `ilora.formats` reads)."""
+    from .formats import normalise_row
+
     if len(dataset) == 0:
         raise ILoRAError("the training dataset is empty")
-    first = dataset[0]
-    if "input_ids" in first:
+    if "input_ids" in dataset[0]:
         return dataset
     rows = [normalise_row(dict(row), f"dataset row {i + 1}") for i, row in enumerate(dataset)]
     return encode_rows(rows, tokenizer, cutoff_len, use_chat_template)

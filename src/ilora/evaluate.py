@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from .config import check_choices
-from .data import encode_prompt
+from .data import answer_ids, context_before_answer
 from .errors import ILoRAError, TrainingDiverged
 
 SCORINGS = ("choice", "exact_match")
@@ -71,7 +71,7 @@ def build_test_set(
                 raise ILoRAError(f"{source}:{line}: answer {answer!r} is not among the choices {choices}")
             answer_ids = [answer_tokens(tokenizer, c) for c in choices]
         budget = cutoff_len - max((len(a) for a in answer_ids), default=0)
-        prompt = encode_prompt(tokenizer, row["prompt"], use_chat_template)
+        prompt = context_before_answer(tokenizer, _messages(row), use_chat_template)[0]
         test.prompts.append(prompt[max(0, len(prompt) - budget) :])
         test.answers.append(answer)
         if scoring == "choice":
@@ -84,8 +84,7 @@ def build_test_set(
 
 def answer_tokens(tokenizer, text: str) -> list[int]:
     """An answer's tokens as training saw them: the text, then end-of-sequence."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    return answer_ids(tokenizer, text)
 
 
 # ------------------------------------------------------------------- choice
@@ -214,3 +213,8 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int) -> list[list
     """Indices sorted by length, cut into batches: rows of similar length share a batch, less padding."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _messages(row: dict) -> list[dict]:
+    """A normalised row's turns (rows built in code may carry prompt and response only)."""
+    return row.get("messages") or [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]

@@ -49,11 +49,17 @@ def tokenizer_digest(tokenizer) -> str:
 
 def inputs_record(model_fingerprint: str, tokenizer, tasks) -> dict[str, Any]:
     """The run's inputs by content: a changed file at the same path is a changed input."""
+    from .formats import source_files
+
+    def digest(spec: str, dataset_dir: str | None) -> str:
+        files = source_files(spec, dataset_dir)
+        return file_digest(files[0]) if len(files) == 1 else hashlib.sha256("".join(map(file_digest, files)).encode()).hexdigest()
+
     return {
         "model": model_fingerprint,
         "tokenizer": tokenizer_digest(tokenizer),
-        "train": {t.name: file_digest(t.train) for t in tasks},
-        "test": {t.name: file_digest(t.test) for t in tasks},
+        "train": {t.name: digest(t.train, t.dataset_dir) for t in tasks},
+        "test": {t.name: digest(t.test, t.dataset_dir) for t in tasks},
     }
 
 

@@ -32,7 +32,8 @@ from .config import (
     TaskSpec,
     parse_run_config,
 )
-from .data import encode_rows, read_jsonl
+from .data import encode_rows
+from .formats import read_data
 from .errors import ILoRAError
 from .evaluate import TestSet, build_test_set, evaluate
 from .loader import load_model_and_tokenizer
@@ -68,7 +69,7 @@ def train_task(
         raise ILoRAError("--model (or --model_name_or_path) is required")
     if not data_args.dataset:
         raise ILoRAError("--dataset is required")
-    rows = read_jsonl(data_args.dataset)  # bad data fails before the model is loaded
+    rows = read_data(data_args.dataset, data_args.dataset_dir)  # bad data fails before the model is loaded
     model, tokenizer = load_model_and_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code)
     check_target_modules(model, model_args.target_modules)
     examples = encode_rows(rows, tokenizer, data_args.cutoff_len, data_args.use_chat_template, data_args.dataset)
@@ -154,8 +155,8 @@ def run_sequence(
     method_options = chosen_options(run.method, options, refuse_others=False)  # one config may serve several methods
     adapters = method.reports(method_args)  # what is scored: plastic, and stable for I-LoRA
 
-    train_rows = {t.name: read_jsonl(t.train) for t in run.tasks}  # all data errors before any training
-    test_rows = {t.name: subsample(read_jsonl(t.test), run.eval_max_rows) for t in run.tasks}
+    train_rows = {t.name: read_data(t.train, t.dataset_dir) for t in run.tasks}  # all data errors before any training
+    test_rows = {t.name: subsample(read_data(t.test, t.dataset_dir).to_list(), run.eval_max_rows) for t in run.tasks}
     if method.trains_jointly:
         training_args = joint_training_arguments(training_args, ilora_args, [len(train_rows[t.name]) for t in run.tasks])
     config = rundir.config_record(model_args, data_args, method_args, training_args, run, method_options)
@@ -223,6 +224,13 @@ def _stage_name(run: RunArguments, stage: list[TaskSpec]) -> str:
     return run.method if len(stage) > 1 else stage[0].name
 
 
+def _stage_rows(parts: list):
+    """A stage's training rows: one task's, or every task's for joint training."""
+    import datasets
+
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
 def _check_saved_task(task_dir: Path, adapters: list[str], rows: dict[str, int], replay: bool) -> None:
     """A finished task's manifest, adapters, buffer and evaluation, and an unfinished one's
     checkpoints, read now: a damaged file is one line naming it before any training starts."""
@@ -250,7 +258,7 @@ def _train_and_evaluate(k, stage, name, task_dir, previous, train_rows, tokenize
         model = load_saved_adapters(base, taskdir.saved_adapters(task_dir, manifest)).to(training_args.device)
         train_seconds = manifest.get("train_seconds") or 0.0  # absent in manifests of older ilora
     else:
-        rows = [row for task in stage for row in train_rows[task.name]]
+        rows = _stage_rows([train_rows[task.name] for task in stage])
         examples = encode_rows(rows, tokenizer, data_args.cutoff_len, data_args.use_chat_template, f"task {name}")
         task_args = dataclasses.replace(
             method_args,
@@ -361,7 +369,7 @@ def evaluate_adapters(model_name: str, adapter_dir: Path, config: Path) -> dict:
         raise ILoRAError(f"{adapter_dir}: neither a PEFT adapter directory nor an ilora task directory")
     for directory in adapters.values():
         taskdir.check_adapter_dir(directory, manifest["lora"] if manifest else None)
-    test_rows = {t.name: subsample(read_jsonl(t.test), run.eval_max_rows) for t in run.tasks}
+    test_rows = {t.name: subsample(read_data(t.test, t.dataset_dir).to_list(), run.eval_max_rows) for t in run.tasks}
     base, tokenizer = load_model_and_tokenizer(model_name)
     if manifest is not None and taskdir.base_model_identity(base)["fingerprint"] != manifest["base_model"]["fingerprint"]:
         raise ILoRAError(f"{adapter_dir} was trained on base model {manifest['base_model']['name_or_path']!r}, "
