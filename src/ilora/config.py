@@ -303,7 +303,17 @@ class RunArguments:
         },
     )
 
+    general: str | None = field(
+        default=None,
+        metadata={"help": "A held-out general text (.txt, or JSON Lines with 'text'): the perplexity of the base "
+                  "model and of each adapter after each task on it is reported (general forgetting)."},
+    )
+    general_windows: int = field(
+        default=32, metadata={"help": "Windows of cutoff_len tokens of the general text that are scored."}
+    )
+
     def __post_init__(self) -> None:
+        check_value("general_windows", self.general_windows, at_least(1), "must be >= 1")
         check_value("eval_batch_size", self.eval_batch_size, at_least(1), "must be >= 1")
         check_value("max_new_tokens", self.max_new_tokens, at_least(1), "must be >= 1")
         if self.eval_max_rows is not None:
@@ -346,7 +356,7 @@ TRAIN_ARGUMENTS = (ModelArguments, DataArguments, ILoRAArguments, TrainingArgume
 # directory (the rule for every path in a config, tasks' files included); on the command line, from
 # the working directory, as with any command.
 PATH_KEYS = ("model_name_or_path", "model", "dataset", "dataset_dir", "output_dir", "previous_task_model",
-             "ema_adapter_path", "logging_dir", "resume_from_checkpoint")  # fmt: skip
+             "ema_adapter_path", "logging_dir", "resume_from_checkpoint", "general")  # fmt: skip
 NOT_PATHS = {"smollm2", "true", "false", "last", "True", "False"}  # names and flags those keys also accept
 # Keys that LLaMA-Factory writes as comma-separated strings and YAML users write as lists.
 COMMA_LISTS = ("lora_target",)

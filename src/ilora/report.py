@@ -45,12 +45,41 @@ def write_report(run_dir: Path, summary: dict) -> None:
         for task in tasks:
             lines.append(f"- {task}: {final[task]} [{summary['gold_distribution'][task]}]")
         lines.append("")
+    if summary.get("general"):
+        lines += general_table(summary) + ["", "![general perplexity](general.png)", ""]
+        _general_plot(run_dir / "general.png", summary)
     timings = summary["timings"]
     lines += [f"Total time: {timings['total_seconds']:.0f} s.", "", "![accuracy matrix](heatmap.png)", "",
               "![accuracy over the sequence](curves.png)", ""]  # fmt: skip
     (run_dir / "report.md").write_text("\n".join(lines))
     _heatmaps(run_dir / "heatmap.png", summary)
     _curves(run_dir / "curves.png", summary)
+
+
+def general_table(summary: dict) -> list[str]:
+    """General forgetting: perplexity on the held-out general text before training and after each task."""
+    general, tasks = summary["general"], summary["tasks"]
+    adapters = list(general["perplexity"])
+    lines = [f"## General ability: perplexity on {Path(general['file']).name} ({general['tokens']} tokens; lower is better)",
+             "", "| after | " + " | ".join(adapters) + " |", "|---" * (len(adapters) + 1) + "|",
+             "| before training | " + " | ".join(f"{general['base']:.2f}" for _ in adapters) + " |"]  # fmt: skip
+    for k in range(len(general["perplexity"][adapters[0]])):
+        label = "all tasks (joint)" if summary["method"] == "joint" else f"{k + 1}. {tasks[k]}"
+        lines.append(f"| {label} | " + " | ".join(f"{general['perplexity'][a][k]:.2f}" for a in adapters) + " |")
+    return lines
+
+
+def _general_plot(path: Path, summary: dict) -> None:
+    general = summary["general"]
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for adapter, values in general["perplexity"].items():
+        ax.plot(range(len(values) + 1), [general["base"], *values], marker="o", label=adapter)
+    ax.set_xlabel("tasks trained")
+    ax.set_ylabel("perplexity")
+    ax.legend(fontsize=8)
+    ax.set_title(f"{summary['method']}: general text perplexity")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
 
 
 def _heatmaps(path: Path, summary: dict) -> None:

@@ -27,6 +27,7 @@ from .errors import ILoRAError
 SETTINGS_FILE = "settings.json"
 EVAL_FILE = "eval.json"
 BASE_EVAL_FILE = "base_eval.json"
+GENERAL_BASE_FILE = "general_base.json"  # the base model's perplexity on a run's general text
 METRICS_FILE = "metrics.json"
 TASKS_DIR = "tasks"
 
@@ -47,7 +48,7 @@ def tokenizer_digest(tokenizer) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def inputs_record(model_fingerprint: str, tokenizer, tasks) -> dict[str, Any]:
+def inputs_record(model_fingerprint: str, tokenizer, tasks, general: str | None = None) -> dict[str, Any]:
     """The run's inputs by content: a changed file at the same path is a changed input."""
     from .formats import source_files
 
@@ -60,6 +61,7 @@ def inputs_record(model_fingerprint: str, tokenizer, tasks) -> dict[str, Any]:
         "tokenizer": tokenizer_digest(tokenizer),
         "train": {t.name: digest(t.train, t.dataset_dir) for t in tasks},
         "test": {t.name: digest(t.test, t.dataset_dir) for t in tasks},
+        "general": file_digest(general) if general else None,
     }
 
 
@@ -121,12 +123,15 @@ def _changed_input(stored: Any, current: dict) -> str | None:
         for task, digest in current[kind].items():
             if (stored.get(kind) or {}).get(task) != digest:
                 return f"the {kind} file of task {task!r}"
+    if stored.get("general") != current.get("general"):
+        return "the general text"
     return None
 
 
 # ------------------------------------------------------------- evaluation files
-def read_eval(path: Path, adapters: list[str], test_rows: dict[str, int]) -> dict:
-    """A task's `eval.json`, checked against the run: every adapter, every task, every row, finite."""
+def read_eval(path: Path, adapters: list[str], test_rows: dict[str, int], general: bool = False) -> dict:
+    """A task's `eval.json`, checked against the run: every adapter, every task, every row, finite
+    (and, with `general`, each adapter's perplexity on the general text)."""
     saved = taskdir.read_json(path, "evaluation file")
     scores = saved.get("scores") if isinstance(saved, dict) else None
     timings = saved.get("timings") if isinstance(saved, dict) else None
@@ -137,7 +142,29 @@ def read_eval(path: Path, adapters: list[str], test_rows: dict[str, int]) -> dic
             raise _damaged(path, f"timing '{key}' is {timings.get(key)!r}")
     for adapter in adapters:
         check_scores(path, scores.get(adapter), test_rows, adapter)
+        if general:
+            value = (saved.get("general") or {}).get(adapter)
+            if not _finite_number(value) or value < 1.0:
+                raise _damaged(path, f"general perplexity of {adapter} is {value!r}")
     return saved
+
+
+def read_general_base(path: Path, key: dict) -> float | None:
+    """The base model's cached general perplexity, or None when computed for other inputs."""
+    if not path.exists():
+        return None
+    cached = taskdir.read_json(path, "base-model general perplexity")
+    if not isinstance(cached, dict) or cached.get("key") != key:
+        return None
+    if not _finite_number(cached.get("perplexity")):
+        raise _damaged(path, f"perplexity is {cached.get('perplexity')!r}")
+    return cached["perplexity"]
+
+
+def general_summary(run, windows: list[list[int]], base: float, results: list[dict], adapters: list[str]) -> dict:
+    """metrics.json's general-forgetting row: perplexity before training and after each task."""
+    return {"file": run.general, "windows": len(windows), "tokens": sum(len(w) for w in windows), "base": base,
+            "perplexity": {a: [r["general"][a] for r in results] for a in adapters}}  # fmt: skip
 
 
 def check_scores(path: Path, scores: Any, test_rows: dict[str, int], label: str) -> None:
@@ -198,7 +225,7 @@ def settings_record(config: dict) -> dict:
         "method_options": config["method_options"] or {},
         "training": {key: config["training"][key] for key in TRAINING_SETTINGS},
         "tasks": {"tasks": [{k: v for k, v in task.items() if k not in ("train", "test")} for task in config["run"]["tasks"]]},
-        "evaluation": {"eval_max_rows": config["run"]["eval_max_rows"]},
+        "evaluation": {key: config["run"][key] for key in ("eval_max_rows", "general_windows")},
     }
     return json.loads(json.dumps(record))  # as it reads back from the file
 

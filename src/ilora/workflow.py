@@ -20,7 +20,7 @@ from peft import LoraConfig
 from tqdm.auto import tqdm
 from transformers import TrainingArguments
 
-from . import distributed, methods, precision, report, rundir, taskdir
+from . import distributed, general, methods, precision, report, rundir, taskdir
 from .adapters import PLASTIC, AdapterPair, check_target_modules, load_saved_adapters
 from .buffer import ReplayBuffer
 from .paths import check_directory_target
@@ -157,6 +157,7 @@ def run_sequence(
 
     train_rows = {t.name: read_data(t.train, t.dataset_dir) for t in run.tasks}  # all data errors before any training
     test_rows = {t.name: subsample(read_data(t.test, t.dataset_dir).to_list(), run.eval_max_rows) for t in run.tasks}
+    general_text = general.read_text(run.general) if run.general else None
     if method.trains_jointly:
         training_args = joint_training_arguments(training_args, ilora_args, [len(train_rows[t.name]) for t in run.tasks])
     config = rundir.config_record(model_args, data_args, method_args, training_args, run, method_options)
@@ -164,7 +165,8 @@ def run_sequence(
     check_target_modules(base, model_args.target_modules)
     tests = [_test_set(t, test_rows[t.name], tokenizer, data_args) for t in run.tasks]
     identity = taskdir.base_model_identity(base)
-    settings = {**rundir.settings_record(config), "inputs": rundir.inputs_record(identity["fingerprint"], tokenizer, run.tasks)}
+    settings = {**rundir.settings_record(config),
+                "inputs": rundir.inputs_record(identity["fingerprint"], tokenizer, run.tasks, run.general)}  # fmt: skip
     rundir.check_same_settings(run_dir, settings)
     stages = [run.tasks] if method.trains_jointly else [[t] for t in run.tasks]
     task_dirs = [run_dir / rundir.TASKS_DIR / f"{k}-{_stage_name(run, stage)}" for k, stage in enumerate(stages, 1)]
@@ -174,11 +176,13 @@ def run_sequence(
     if distributed.rank() == 0:
         rundir.write_json(run_dir / rundir.SETTINGS_FILE, settings)  # once model and test sets load: bad input leaves nothing
     autocast = precision.autocast_dtype(training_args.bf16, training_args.fp16)  # evaluation as trained
-    scorer = _Scorer(tokenizer, tests, run.eval_batch_size, run.max_new_tokens, autocast, training_args.disable_tqdm)
+    windows = general.windows(general_text, tokenizer, data_args.cutoff_len, run.general_windows, f"general: {run.general}") if general_text else None
+    scorer = _Scorer(tokenizer, tests, run.eval_batch_size, run.max_new_tokens, autocast, training_args.disable_tqdm, windows)
     evaluates = distributed.rank() == 0  # the other ranks train, then wait
-    base_row = None
+    base_row, base_general = None, None
     if evaluates:  # scored where the tasks will be scored: the Trainer's device
         base_row = _base_evaluation(root, base.to(training_args.device), identity, scorer, run.tasks, data_args, settings["inputs"])
+        base_general = _base_general(root, base, identity, scorer, settings["inputs"], data_args.cutoff_len)
     distributed.barrier()
 
     results, timings, previous = [], [], None
@@ -194,7 +198,7 @@ def run_sequence(
         previous = (task_dir, name)
         if not evaluates:
             continue
-        saved = rundir.read_eval(task_dir / rundir.EVAL_FILE, adapters, rows)
+        saved = rundir.read_eval(task_dir / rundir.EVAL_FILE, adapters, rows, general=windows is not None)
         results.append(saved)
         timings.append(saved["timings"])
         log.info(_summary_line(k, len(stages), name, saved, adapters, [t.name for t in run.tasks]))
@@ -202,6 +206,8 @@ def run_sequence(
     if not evaluates:
         return run_dir
     summary = rundir.summary(run, adapters, base_row, results, timings, time.time() - started, tests, method.trains_jointly)
+    if windows is not None:
+        summary["general"] = rundir.general_summary(run, windows, base_general, results, adapters)
     summary["config"] = config
     summary["hardware"] = precision.run_record(training_args)
     summary["inputs"] = settings["inputs"]  # lets `ilora compare` refuse runs scored on other test files
@@ -282,9 +288,13 @@ def _train_and_evaluate(k, stage, name, task_dir, previous, train_rows, tokenize
         model = trainer.model
     if distributed.rank() == 0:
         eval_began = time.time()
-        scores = {report: scorer.score(model, names) for report, names in method.evaluated(model, method_args).items()}
-        timings = {"train_seconds": train_seconds, "eval_seconds": time.time() - eval_began}
-        rundir.write_json(task_dir / rundir.EVAL_FILE, {"scores": scores, "timings": timings})
+        evaluated = method.evaluated(model, method_args)
+        scores = {report: scorer.score(model, names) for report, names in evaluated.items()}
+        record = {"scores": scores}
+        if scorer.windows is not None:
+            record["general"] = {report: scorer.perplexity(model, names) for report, names in evaluated.items()}
+        record["timings"] = {"train_seconds": train_seconds, "eval_seconds": time.time() - eval_began}
+        rundir.write_json(task_dir / rundir.EVAL_FILE, record)
     distributed.barrier()
 
 
@@ -292,8 +302,8 @@ class _Scorer:
     """Every test set, scored for one adapter of a model (the base model when `adapter` is None)."""
 
     def __init__(self, tokenizer, tests: list[TestSet], batch_size: int, max_new_tokens: int, autocast,
-                 quiet: bool = False):  # fmt: skip
-        self.tokenizer, self.tests = tokenizer, tests
+                 quiet: bool = False, windows: list[list[int]] | None = None):  # fmt: skip
+        self.tokenizer, self.tests, self.windows = tokenizer, tests, windows
         self.batch_size, self.max_new_tokens, self.autocast = batch_size, max_new_tokens, autocast
         self.quiet = quiet  # the Trainer's disable_tqdm: no progress bars at all
 
@@ -309,6 +319,13 @@ class _Scorer:
                     results[test.name] = self._evaluate(model, test)
         return results
 
+    def perplexity(self, model, adapters: list[str] | None) -> float:
+        """Perplexity on the general text's windows, with `adapters` summed (the base model when None)."""
+        if adapters is None:
+            return general.perplexity(model, self.windows, self.batch_size, self.autocast)
+        with AdapterPair(model).active(adapters):
+            return general.perplexity(model, self.windows, self.batch_size, self.autocast)
+
     def _evaluate(self, model, test):
         return evaluate(model, self.tokenizer, test, self.batch_size, self.max_new_tokens, self.autocast)
 
@@ -317,6 +334,20 @@ def _test_set(task: TaskSpec, rows, tokenizer, data_args: DataArguments) -> Test
     return build_test_set(
         task.name, rows, tokenizer, task.scoring, task.choices, data_args.cutoff_len, data_args.use_chat_template, task.test
     )
+
+
+def _base_general(root: Path, base, identity: dict, scorer: _Scorer, inputs: dict, cutoff_len: int) -> float | None:
+    """The base model's perplexity on the general text, cached beside base_eval.json."""
+    if scorer.windows is None:
+        return None
+    key = {"model": identity, "general": inputs["general"], "windows": len(scorer.windows), "cutoff_len": cutoff_len}
+    path = root / rundir.GENERAL_BASE_FILE
+    cached = rundir.read_general_base(path, key)
+    if cached is not None:
+        return cached
+    value = scorer.perplexity(base, None)
+    rundir.write_json(path, {"key": key, "perplexity": value})
+    return value
 
 
 def _base_evaluation(root: Path, base, identity: dict, scorer: _Scorer, tasks: list[TaskSpec],
