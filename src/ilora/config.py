@@ -248,6 +248,10 @@ class DataArguments:
         check_value("cutoff_len", self.cutoff_len, at_least(2), "must be >= 2")
 
 
+# choice: rank candidate answers; the rest generate greedily and compare with the reference
+SCORINGS = ("choice", "exact_match", "rouge_l", "edit_similarity")
+
+
 @dataclass
 class TaskSpec:
     """One task of a sequence: where its data is and how its test set is scored."""
@@ -258,14 +262,19 @@ class TaskSpec:
     scoring: str = "choice"
     choices: list[str] | None = None
     dataset_dir: str | None = None  # then train and test name datasets of its dataset_info.json
+    columns: dict | None = None  # LLaMA-Factory column names (prompt, response, ...) of the files' rows
 
     def __post_init__(self) -> None:
         check_task_id("task name", self.name)
         for key in ("train", "test"):
             if not isinstance(getattr(self, key), str):
                 raise ILoRAError(f"task {self.name!r}: '{key}' must be a file path, got {getattr(self, key)!r}")
-        if self.scoring not in ("choice", "exact_match"):
-            raise ILoRAError(f"task {self.name!r}: scoring must be 'choice' or 'exact_match', got {self.scoring!r}")
+        if self.scoring not in SCORINGS:
+            raise ILoRAError(f"task {self.name!r}: scoring must be one of {SCORINGS}, got {self.scoring!r}"
+                             f"{did_you_mean(str(self.scoring), SCORINGS)}")  # fmt: skip
+        if self.columns is not None and not (isinstance(self.columns, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.columns.items())):  # fmt: skip
+            raise ILoRAError(f"task {self.name!r}: columns must map names to column names, got {self.columns!r}")
         if self.choices is not None:
             check_choices(self.choices, f"task {self.name!r}")
 
@@ -356,7 +365,7 @@ TRAIN_ARGUMENTS = (ModelArguments, DataArguments, ILoRAArguments, TrainingArgume
 # directory (the rule for every path in a config, tasks' files included); on the command line, from
 # the working directory, as with any command.
 PATH_KEYS = ("model_name_or_path", "model", "dataset", "dataset_dir", "output_dir", "previous_task_model",
-             "ema_adapter_path", "logging_dir", "resume_from_checkpoint", "general")  # fmt: skip
+             "ema_adapter_path", "logging_dir", "resume_from_checkpoint", "general", "data_dir")  # fmt: skip
 NOT_PATHS = {"smollm2", "true", "false", "last", "True", "False"}  # names and flags those keys also accept
 # Keys that LLaMA-Factory writes as comma-separated strings and YAML users write as lists.
 COMMA_LISTS = ("lora_target",)
@@ -487,10 +496,11 @@ def parse_run_config(path: Path, overrides: dict[str, Any] | None = None, method
     """A run config: the train keys, plus `method`, `tasks` and evaluation settings. Returns model, data,
     ILoRA and training arguments, the run, and every method's options by method name."""
     extra = tuple((method_arguments or {}).values())
-    mapping = config_mapping(checked_keys(load_yaml_mapping(path), TRAIN_ARGUMENTS + extra + (RunArguments,), path), path)
+    mapping = config_mapping(checked_keys(load_yaml_mapping(path), TRAIN_ARGUMENTS + extra + (RunArguments,), path,
+                                          BENCHMARK_KEYS), path)  # fmt: skip
     mapping.update(overrides or {})
     run_keys = {f.name for f in fields(RunArguments)}
-    tasks = mapping.pop("tasks", None)
+    tasks = _benchmark_tasks(mapping, path) if "benchmark" in mapping else mapping.pop("tasks", None)
     if not isinstance(tasks, list):
         raise ILoRAError(f"{path}: 'tasks' must be a list of tasks (name, train, test, scoring, choices)")
     specs = [task_spec(entry, path, i) for i, entry in enumerate(tasks, start=1)]
@@ -500,6 +510,23 @@ def parse_run_config(path: Path, overrides: dict[str, Any] | None = None, method
         parse_argv(to_argv(mapping), TRAIN_ARGUMENTS + extra, "ilora run"), method_arguments
     )
     return model, data, ilora, training, run, options
+
+
+BENCHMARK_KEYS = ("benchmark", "data_dir", "order")
+
+
+def _benchmark_tasks(mapping: dict, path: Path) -> list[dict]:
+    """`benchmark`, `data_dir`, `order`: a standard benchmark's tasks from its published layout."""
+    from .layouts import expand
+
+    if "tasks" in mapping:
+        raise ILoRAError(f"{path}: give either 'benchmark' or 'tasks', not both")
+    if not mapping.get("data_dir"):
+        raise ILoRAError(f"{path}: benchmark {mapping['benchmark']!r} needs data_dir (where its data is)")
+    order = mapping.pop("order", None)
+    if order is not None and (isinstance(order, bool) or not isinstance(order, int)):
+        raise ILoRAError(f"{path}: order must be an integer, got {order!r}")
+    return expand(mapping.pop("benchmark"), mapping.pop("data_dir"), order)
 
 
 def task_spec(entry: Any, path: Path, index: int) -> TaskSpec:
@@ -517,8 +544,8 @@ def task_spec(entry: Any, path: Path, index: int) -> TaskSpec:
     return TaskSpec(**resolved)
 
 
-def checked_keys(mapping: dict, classes: tuple[type, ...], path: Path) -> dict:
-    known = {f.name for cls in classes for f in fields(cls)} | {"model"}
+def checked_keys(mapping: dict, classes: tuple[type, ...], path: Path, more: tuple[str, ...] = ()) -> dict:
+    known = {f.name for cls in classes for f in fields(cls)} | {"model", *more}
     for key in mapping:
         if key not in known:
             raise ILoRAError(f"{path}: unknown key '{key}'{did_you_mean(str(key), known)}")

@@ -5,7 +5,10 @@ answer's tokens, end-of-sequence included, exactly as the answer was trained). T
 once; its KV cache is then shared by all candidates (`score_choices`). `score_choices_naive` runs one
 full forward per candidate, as most harnesses do; it is kept as the reference the fast path is
 tested and benchmarked against.
-`exact_match`: greedy generation, normalised string match.
+`exact_match`: greedy generation, normalised string match. `rouge_l` (ROUGE-L F1, Google's rouge-score,
+whitespace tokens so any language counts) and `edit_similarity` (rapidfuzz's `fuzz.ratio` / 100, the
+Levenshtein similarity TRACE uses for code) score the same generations against the reference; a task's
+"accuracy" is then the mean score in [0, 1].
 """
 
 from __future__ import annotations
@@ -21,11 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
-from .config import check_choices
+from .config import SCORINGS, check_choices
 from .data import answer_ids, context_before_answer
 from .errors import ILoRAError, TrainingDiverged
 
-SCORINGS = ("choice", "exact_match")
 
 
 @dataclass
@@ -169,6 +171,33 @@ def generate_answers(model, tokenizer, test: TestSet, max_new_tokens: int = 16, 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
 
+def generation_scores(scoring: str, predictions: list[str], answers: list[str]) -> list[float]:
+    """Per-row score of generated answers: exact match (0/1), ROUGE-L F1 or edit similarity (0..1)."""
+    if scoring == "exact_match":
+        return [float(normalise(p) == normalise(a)) for p, a in zip(predictions, answers)]
+    if scoring == "rouge_l":
+        scorer = _library("rouge_score.rouge_scorer", "rouge-score", scoring).RougeScorer(["rougeL"], tokenizer=_Words())
+        return [scorer.score(a, p)["rougeL"].fmeasure for p, a in zip(predictions, answers)]
+    fuzz = _library("rapidfuzz.fuzz", "rapidfuzz", scoring)
+    return [fuzz.ratio(p, a) / 100.0 for p, a in zip(predictions, answers)]
+
+
+class _Words:
+    """Lower-cased whitespace tokens (rouge-score's own tokenizer drops every non-ASCII letter)."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return text.lower().split()
+
+
+def _library(module: str, package: str, scoring: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ILoRAError(f"scoring {scoring} needs {package}: pip install 'ilora[metrics]'") from None
+
+
 def normalise(text: str) -> str:
     return " ".join(_PUNCT.sub(" ", text.lower()).split())
 
@@ -192,7 +221,7 @@ def evaluate(model, tokenizer, test: TestSet, batch_size: int = 16, max_new_toke
                 correct = [p == g for p, g in zip(picks, test.gold())]
             else:
                 predictions = generate_answers(model, tokenizer, test, max_new_tokens, batch_size)
-                correct = [normalise(p) == normalise(a) for p, a in zip(predictions, test.answers)]
+                correct = generation_scores(test.scoring, predictions, test.answers)
     finally:
         model.train(was_training)
     return {"accuracy": sum(correct) / len(correct), "predictions": predictions}

@@ -276,9 +276,12 @@ def _entry(entry: Any, name: str, dataset_dir: Path) -> tuple[Path, Format]:
     return dataset_dir / entry["file_name"], Format(formatting, entry.get("columns", {}), entry.get("tags", {}))
 
 
-def read_data(spec: str, dataset_dir: str | Path | None = None):
-    """A file path, or (with dataset_dir) names in its dataset_info.json."""
-    return read_named(spec, dataset_dir) if dataset_dir else read_rows(spec)
+def read_data(spec: str, dataset_dir: str | Path | None = None, columns: dict | None = None):
+    """A file path, or (with dataset_dir) names in its dataset_info.json. `columns` maps LLaMA-Factory's
+    column names (prompt, query, response, system, history) to a file's own (alpaca formatting)."""
+    if dataset_dir:
+        return read_named(spec, dataset_dir)
+    return read_rows(spec, Format("alpaca", columns) if columns else Format())
 
 
 def source_files(spec: str, dataset_dir: str | Path | None = None) -> list[Path]:

@@ -155,8 +155,8 @@ def run_sequence(
     method_options = chosen_options(run.method, options, refuse_others=False)  # one config may serve several methods
     adapters = method.reports(method_args)  # what is scored: plastic, and stable for I-LoRA
 
-    train_rows = {t.name: read_data(t.train, t.dataset_dir) for t in run.tasks}  # all data errors before any training
-    test_rows = {t.name: subsample(read_data(t.test, t.dataset_dir).to_list(), run.eval_max_rows) for t in run.tasks}
+    train_rows = {t.name: read_data(t.train, t.dataset_dir, t.columns) for t in run.tasks}  # all data errors first
+    test_rows = {t.name: subsample(read_data(t.test, t.dataset_dir, t.columns).to_list(), run.eval_max_rows) for t in run.tasks}
     general_text = general.read_text(run.general) if run.general else None
     if method.trains_jointly:
         training_args = joint_training_arguments(training_args, ilora_args, [len(train_rows[t.name]) for t in run.tasks])
@@ -400,7 +400,7 @@ def evaluate_adapters(model_name: str, adapter_dir: Path, config: Path) -> dict:
         raise ILoRAError(f"{adapter_dir}: neither a PEFT adapter directory nor an ilora task directory")
     for directory in adapters.values():
         taskdir.check_adapter_dir(directory, manifest["lora"] if manifest else None)
-    test_rows = {t.name: subsample(read_data(t.test, t.dataset_dir).to_list(), run.eval_max_rows) for t in run.tasks}
+    test_rows = {t.name: subsample(read_data(t.test, t.dataset_dir, t.columns).to_list(), run.eval_max_rows) for t in run.tasks}
     base, tokenizer = load_model_and_tokenizer(model_name)
     if manifest is not None and taskdir.base_model_identity(base)["fingerprint"] != manifest["base_model"]["fingerprint"]:
         raise ILoRAError(f"{adapter_dir} was trained on base model {manifest['base_model']['name_or_path']!r}, "
