@@ -207,8 +207,19 @@ class ModelArguments:
         default="all", metadata={"help": "Comma-separated module names (q_proj,v_proj) or 'all' for every linear layer."}
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the model directory."})
+    quantization_bit: int | None = field(
+        default=None,
+        metadata={"help": "Load the base model in 4 or 8 bits through bitsandbytes (QLoRA); the adapters stay in "
+                  "full precision. Needs `pip install 'ilora[qlora]'`."},
+    )
+    quantization_type: str = field(default="nf4", metadata={"help": "4-bit data type: nf4 or fp4."})
+    double_quantization: bool = field(default=True, metadata={"help": "Quantize the 4-bit quantization constants too."})
 
     def __post_init__(self) -> None:
+        if self.quantization_bit is not None and self.quantization_bit not in (4, 8):
+            raise ILoRAError(f"quantization_bit={self.quantization_bit} must be 4 or 8 (or unset: full precision)")
+        if self.quantization_type not in ("nf4", "fp4"):
+            raise ILoRAError(f"quantization_type={self.quantization_type!r} must be 'nf4' or 'fp4'")
         check_value("lora_rank", self.lora_rank, at_least(1), "must be >= 1")
         if self.lora_alpha is None:
             self.lora_alpha = 2 * self.lora_rank
@@ -216,6 +227,15 @@ class ModelArguments:
         check_value("lora_dropout", self.lora_dropout, in_unit_interval, "must be in [0, 1)")
         if not self.target_modules:
             raise ILoRAError("lora_target is empty: name modules (q_proj,v_proj) or use 'all'")
+
+    @property
+    def quantization(self) -> dict | None:
+        """What a chained task and its evaluation must load the base with (None: full precision)."""
+        if self.quantization_bit is None:
+            return None
+        if self.quantization_bit == 8:
+            return {"bits": 8}
+        return {"bits": 4, "type": self.quantization_type, "double": self.double_quantization}
 
     @property
     def target_modules(self) -> list[str] | str:

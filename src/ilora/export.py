@@ -39,7 +39,11 @@ def export(source: Path, output: Path, adapter: str | None = None, merge: bool =
     method = methods.get(taskdir.manifest_method(manifest))
     report = adapter or _default_report(method, summary, taskdir.saved_adapters(task_dir, manifest))
     base_name = model or manifest["base_model"]["name_or_path"]
-    base, tokenizer = load_model_and_tokenizer(base_name)
+    quantization = manifest.get("quantization")
+    if quantization and merge:
+        raise ILoRAError(f"{task_dir} was trained on a {quantization['bits']}-bit base: merging into quantized weights "
+                         "loses the adapter's precision; export the adapter (without --merge)")  # fmt: skip
+    base, tokenizer = load_model_and_tokenizer(base_name, quantization=quantization)
     if taskdir.base_model_identity(base)["fingerprint"] != manifest["base_model"]["fingerprint"]:
         raise ILoRAError(f"{task_dir} was trained on another base model than {base_name!r} (pass the right --model)")
     saved = taskdir.saved_adapters(task_dir, manifest)

@@ -34,7 +34,10 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def load_model_and_tokenizer(name_or_path: str | None, trust_remote_code: bool = False, dtype=torch.float32):
+def load_model_and_tokenizer(name_or_path: str | None, trust_remote_code: bool = False, dtype=torch.float32,
+                             quantization: dict | None = None, compute_dtype=torch.float32):  # fmt: skip
+    """The base model and its tokenizer; with `quantization` ({"bits": 4, "type", "double"} or {"bits": 8}),
+    the base's linear layers loaded through bitsandbytes, computing in `compute_dtype`."""
     if not name_or_path:
         raise ILoRAError("no model: set model_name_or_path (or --model) to a local model directory or 'smollm2'")
     path = smollm2_dir() if name_or_path == SMOLLM2 else Path(name_or_path)
@@ -48,13 +51,44 @@ def load_model_and_tokenizer(name_or_path: str | None, trust_remote_code: bool =
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     try:
         with _quiet_loading():
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code,
+                                                         **_quantized(quantization, compute_dtype))  # fmt: skip
     except SafetensorError as err:  # a truncated or damaged weights file
         raise ILoRAError(f"model {name_or_path!r}: its weights in {path} are damaged ({err})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config._name_or_path = name_or_path
     return model, tokenizer
+
+
+def _quantized(quantization: dict | None, compute_dtype) -> dict:
+    if quantization is None:
+        return {}
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ILoRAError("quantization_bit needs bitsandbytes: pip install 'ilora[qlora]'")
+    from transformers import BitsAndBytesConfig
+
+    if quantization["bits"] == 8:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization["type"],
+                                    bnb_4bit_use_double_quant=quantization["double"],
+                                    bnb_4bit_compute_dtype=compute_dtype)  # fmt: skip
+    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": config, "device_map": {"": device}}
+
+
+def quantization_of(model: torch.nn.Module) -> dict | None:
+    """How a loaded model's base is quantized, in ModelArguments.quantization's terms (None: it is not)."""
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if config is None:
+        return None
+    config = config if isinstance(config, dict) else config.to_dict()
+    if config.get("load_in_8bit"):
+        return {"bits": 8}
+    if config.get("load_in_4bit"):
+        return {"bits": 4, "type": config.get("bnb_4bit_quant_type"), "double": bool(config.get("bnb_4bit_use_double_quant"))}
+    raise ILoRAError(f"the model is quantized by {config.get('quant_method')!r}; ilora trains on bitsandbytes 4/8-bit")
 
 
 @contextlib.contextmanager

@@ -207,10 +207,13 @@ class PreviousTask:
 
 
 def load_previous(directory: Path, args: ILoRAArguments, lora: dict | None, base: dict, buffer_capacity: int | None,
-                  world_size: int, process_index: int) -> PreviousTask:  # fmt: skip
+                  world_size: int, process_index: int, quantization: dict | None = None) -> PreviousTask:  # fmt: skip
     """The previous task's manifest (same method, LoRA and base model), adapters, this rank's buffer
     (when `buffer_capacity` is given) and method state."""
     manifest = read_manifest(directory)
+    if manifest.get("quantization") != quantization:
+        raise ILoRAError(f"{directory} was trained on a base loaded as {_bits(manifest.get('quantization'))}; this task "
+                         f"loads it as {_bits(quantization)}: use the same quantization_bit")  # fmt: skip
     check_compatible(manifest, directory, lora or manifest["lora"], base, args.prev_task_id)
     if manifest_method(manifest) != args.method:
         raise ILoRAError(f"{directory} was trained with method {manifest_method(manifest)!r}; a chained task "
@@ -225,6 +228,11 @@ def load_previous(directory: Path, args: ILoRAArguments, lora: dict | None, base
             raise ILoRAError(f"{directory} kept {ranks} per-rank replay buffers; this run has {world_size} processes")
         buffer = ReplayBuffer.load(buffer_path(directory / "buffer", ranks, process_index), capacity=buffer_capacity)
     return PreviousTask(directory, manifest, adapters, buffer, read_method_state(directory, manifest))
+
+
+def _bits(quantization: dict | None) -> str:
+    return "full precision" if quantization is None else f"{quantization['bits']}-bit" + (
+        f" {quantization['type']}" if quantization.get("type") else "")
 
 
 def read_method_state(directory: Path, manifest: dict) -> tuple[dict[str, torch.Tensor], dict]:

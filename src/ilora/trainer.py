@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from . import methods, precision, taskdir
@@ -26,6 +26,7 @@ from .buffer import ReplayBuffer
 from .config import ILoRAArguments, check_training_arguments
 from .data import PadCollator, prepare_dataset
 from .errors import ILoRAError
+from .loader import quantization_of
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,10 @@ class ILoRATrainer(Trainer):
         precision.warn_if_emulated(args.bf16, precision.detect(args.device.type))
         set_seed(args.seed)  # LoRA initialisation below draws random numbers
         self.base_identity = taskdir.base_model_identity(model)
+        self.quantization = quantization_of(model)  # QLoRA: the base in 4 or 8 bits (None: full precision)
+        if self.quantization and not isinstance(model, PeftModel):
+            # norms and embeddings to fp32, the base frozen, inputs that carry gradients into the adapters
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
         self.previous = self._previous_task(model, peft_config, method_cls, args)
         model, self.lora_identity = self._attach_plastic(model, peft_config)
         method_cls.prepare_model(model, self.previous.adapters if self.previous else {}, ilora_args, self.method_options)
@@ -111,7 +116,7 @@ class ILoRATrainer(Trainer):
         lora = taskdir.lora_identity(peft_config) if peft_config is not None else None
         capacity = ilora_args.ilora_buffer_size if method_cls.uses_replay(ilora_args) else None
         return taskdir.load_previous(Path(ilora_args.previous_task_model), ilora_args, lora, self.base_identity,
-                                     capacity, args.world_size, args.process_index)  # fmt: skip
+                                     capacity, args.world_size, args.process_index, self.quantization)  # fmt: skip
 
     def _attach_plastic(self, model, peft_config) -> tuple[PeftModel, dict]:
         """The trainable adapter: the previous task's, fresh, or as given on a PeftModel."""
@@ -219,6 +224,7 @@ class ILoRATrainer(Trainer):
             "global_steps": self.state.global_step,
             "train_seconds": summary.get("train_runtime"),  # of the session that finished the task
             "hardware": precision.run_record(self.args),  # what trained it, in which precision
+            "quantization": self.quantization,
             "final_losses": final_losses,
         }
         method = type(self.method)

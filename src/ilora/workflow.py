@@ -16,6 +16,7 @@ import random
 import time
 from pathlib import Path
 
+import torch
 from peft import LoraConfig
 from tqdm.auto import tqdm
 from transformers import TrainingArguments
@@ -36,7 +37,7 @@ from .data import encode_rows
 from .formats import read_data
 from .errors import ILoRAError
 from .evaluate import TestSet, build_test_set, evaluate
-from .loader import load_model_and_tokenizer
+from .loader import load_model_and_tokenizer, quantization_of
 from .trainer import ILoRATrainer
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def train_task(
     if not data_args.dataset:
         raise ILoRAError("--dataset is required")
     rows = read_data(data_args.dataset, data_args.dataset_dir)  # bad data fails before the model is loaded
-    model, tokenizer = load_model_and_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code)
+    model, tokenizer = load_base(model_args, training_args)
     check_target_modules(model, model_args.target_modules)
     examples = encode_rows(rows, tokenizer, data_args.cutoff_len, data_args.use_chat_template, data_args.dataset)
     trainer = _train(model, tokenizer, examples, model_args, ilora_args, training_args, method_options)
@@ -93,6 +94,19 @@ def chosen_options(method: str, options: dict | None, refuse_others: bool):
                 raise ILoRAError(f"{message}: drop it, or train with --method {name}")
             log.warning("%s: ignored in this run", message)
     return (options or {}).get(method)
+
+
+def load_base(model_args: ModelArguments, training_args: TrainingArguments):
+    """The base model and tokenizer as the arguments ask: full precision, or quantized (QLoRA), its
+    4-bit layers computing in the training precision."""
+    compute = precision.autocast_dtype(training_args.bf16, training_args.fp16) or torch.float32
+    return load_model_and_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code,
+                                    quantization=model_args.quantization, compute_dtype=compute)  # fmt: skip
+
+
+def on_device(model, device):
+    """A model on `device`; a quantized one stays where bitsandbytes placed it (it cannot be moved)."""
+    return model if quantization_of(model) else model.to(device)
 
 
 def _resume_path(value) -> str | None:
@@ -161,7 +175,7 @@ def run_sequence(
     if method.trains_jointly:
         training_args = joint_training_arguments(training_args, ilora_args, [len(train_rows[t.name]) for t in run.tasks])
     config = rundir.config_record(model_args, data_args, method_args, training_args, run, method_options)
-    base, tokenizer = load_model_and_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code)
+    base, tokenizer = load_base(model_args, training_args)
     check_target_modules(base, model_args.target_modules)
     tests = [_test_set(t, test_rows[t.name], tokenizer, data_args) for t in run.tasks]
     identity = taskdir.base_model_identity(base)
@@ -181,7 +195,7 @@ def run_sequence(
     evaluates = distributed.rank() == 0  # the other ranks train, then wait
     base_row, base_general = None, None
     if evaluates:  # scored where the tasks will be scored: the Trainer's device
-        base_row = _base_evaluation(root, base.to(training_args.device), identity, scorer, run.tasks, data_args, settings["inputs"])
+        base_row = _base_evaluation(root, on_device(base, training_args.device), identity, scorer, run.tasks, data_args, settings["inputs"])
         base_general = _base_general(root, base, identity, scorer, settings["inputs"], data_args.cutoff_len)
     distributed.barrier()
 
@@ -259,9 +273,9 @@ def _train_and_evaluate(k, stage, name, task_dir, previous, train_rows, tokenize
     """Train the stage unless its task directory is finished; rank 0 then scores every test set."""
     began = time.time()
     if taskdir.is_finished(task_dir):  # trained, but the evaluation was interrupted
-        base, _ = load_model_and_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code)
+        base, _ = load_base(model_args, training_args)
         manifest = taskdir.read_manifest(task_dir)
-        model = load_saved_adapters(base, taskdir.saved_adapters(task_dir, manifest)).to(training_args.device)
+        model = on_device(load_saved_adapters(base, taskdir.saved_adapters(task_dir, manifest)), training_args.device)
         train_seconds = manifest.get("train_seconds") or 0.0  # absent in manifests of older ilora
     else:
         rows = _stage_rows([train_rows[task.name] for task in stage])
@@ -281,7 +295,7 @@ def _train_and_evaluate(k, stage, name, task_dir, previous, train_rows, tokenize
         task_training = dataclasses.replace(
             training_args, output_dir=str(task_dir), resume_from_checkpoint=str(checkpoint) if checkpoint else None
         )
-        base, _ = load_model_and_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code)
+        base, _ = load_base(model_args, training_args)
         trainer = _train(base, tokenizer, examples, model_args, task_args, task_training, method_options)
         train_seconds = time.time() - began
         trainer.save_task(task_dir)
@@ -401,7 +415,7 @@ def evaluate_adapters(model_name: str, adapter_dir: Path, config: Path) -> dict:
     for directory in adapters.values():
         taskdir.check_adapter_dir(directory, manifest["lora"] if manifest else None)
     test_rows = {t.name: subsample(read_data(t.test, t.dataset_dir, t.columns).to_list(), run.eval_max_rows) for t in run.tasks}
-    base, tokenizer = load_model_and_tokenizer(model_name)
+    base, tokenizer = load_model_and_tokenizer(model_name, quantization=manifest.get("quantization") if manifest else None)
     if manifest is not None and taskdir.base_model_identity(base)["fingerprint"] != manifest["base_model"]["fingerprint"]:
         raise ILoRAError(f"{adapter_dir} was trained on base model {manifest['base_model']['name_or_path']!r}, "
                          f"not on {model_name!r}: its adapters mean nothing on another base")  # fmt: skip
@@ -409,7 +423,7 @@ def evaluate_adapters(model_name: str, adapter_dir: Path, config: Path) -> dict:
     scorer = _Scorer(tokenizer, tests, run.eval_batch_size, run.max_new_tokens,
                      precision.autocast_dtype(training_args.bf16, training_args.fp16))  # fmt: skip
     try:
-        model = load_saved_adapters(base, adapters).to(training_args.device)
+        model = on_device(load_saved_adapters(base, adapters), training_args.device)
     except RuntimeError as err:  # PEFT's state-dict load: the adapter was made for another architecture
         if "size mismatch" not in str(err):
             raise
