@@ -61,21 +61,40 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--memory", action="store_true", help="also measure peak RSS per variant (one process each)")
     p.add_argument("--gradient_checkpointing", action="store_true",
                    help="recompute the plastic pass's activations in the backward (with --memory: measured beside)")
+    p.add_argument("--quantization_bit", type=int, choices=(4, 8),
+                   help="also time the I-LoRA step and measure its peak memory on a 4/8-bit base (QLoRA, "
+                        "bitsandbytes) against the full-precision base, in one run")
+    p.add_argument("--quantized", action="store_true", help=argparse.SUPPRESS)  # a child on the quantized base
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
-def build_model(name: str):
-    if name == "smollm2":
-        from ilora.loader import load_model_and_tokenizer
+def build_model(name: str, quantization_bit: int | None = None):
+    from ilora.loader import load_model_and_tokenizer
 
-        return load_model_and_tokenizer("smollm2")[0]
+    quantization = None
+    if quantization_bit:
+        quantization = {"bits": 8} if quantization_bit == 8 else {"bits": 4, "type": "nf4", "double": True}
+    if name == "smollm2":
+        return load_model_and_tokenizer("smollm2", quantization=quantization)[0]
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                          num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512)  # fmt: skip
-    return LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config)
+    if quantization is None:
+        return model
+    import tempfile
+
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    with tempfile.TemporaryDirectory() as directory:  # the loader quantizes what it reads from a directory
+        model.save_pretrained(directory)
+        PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")),
+                                eos_token="<unk>").save_pretrained(directory)  # fmt: skip
+        return load_model_and_tokenizer(directory, quantization=quantization)[0]
 
 
 def random_rows(n: int, length: int, vocab: int, seed: int) -> list[torch.Tensor]:
@@ -180,10 +199,16 @@ def three_pass_ema(model, step: int, ema_alpha: float) -> None:
 
 
 # --------------------------------------------------------------------- runs
-def peft_model(args):
-    model = build_model(args.model)
+def peft_model(args, quantization_bit: int | None = None):
+    model = build_model(args.model, quantization_bit)
     config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=args.targets.split(","))
-    peft = attach_adapters(model, config, with_stable=True).to(args.device)
+    if quantization_bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+        peft = attach_adapters(model, config, with_stable=True)  # bitsandbytes placed it
+    else:
+        peft = attach_adapters(model, config, with_stable=True).to(args.device)
     if args.gradient_checkpointing:
         peft.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft.train()
@@ -238,7 +263,7 @@ def _status_mib(field: str) -> float:
 
 def child_peak_rss(args) -> None:
     """One variant alone in this process: its peak resident memory, and the part the steps added."""
-    model, vocab = peft_model(args)
+    model, vocab = peft_model(args, args.quantization_bit if args.quantized else None)
     variant = Variant(args.child, model, args, vocab)
     before = _status_mib("VmRSS")
     with open("/proc/self/clear_refs", "w") as handle:  # reset the high-water mark (Linux)
@@ -249,13 +274,32 @@ def child_peak_rss(args) -> None:
     print(json.dumps({"peak_rss_mib": peak, "step_rss_mib": peak - before}))
 
 
-def peak_rss(args, variant: str, checkpointing: bool = False) -> dict:
+def peak_rss(args, variant: str, checkpointing: bool = False, quantized: bool = False) -> dict:
     argv = [sys.executable, __file__, "--child", variant, "--model", args.model, "--batch", str(args.batch),
             "--length", str(args.length), "--targets", args.targets, "--rank", str(args.rank),
             "--threads", str(args.threads)] + (["--bf16"] if args.bf16 else [])  # fmt: skip
     argv += ["--gradient_checkpointing"] if checkpointing else []
+    argv += ["--quantization_bit", str(args.quantization_bit), "--quantized"] if quantized else []
     out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def time_quantized(args) -> dict:
+    """The I-LoRA step on the full-precision base and on the quantized one, interleaved in one process."""
+    steps = {}
+    for label, bits in (("full", None), (f"{args.quantization_bit}-bit", args.quantization_bit)):
+        model, vocab = peft_model(args, bits)
+        steps[label] = Variant("ilora", model, args, vocab)
+    for _ in range(args.warmup):
+        for v in steps.values():
+            v.step()
+    times = {label: [] for label in steps}
+    for _ in range(args.rounds):
+        for label, v in steps.items():
+            began = time.perf_counter()
+            v.step()
+            times[label].append(time.perf_counter() - began)
+    return {label: statistics.median(t) for label, t in times.items()}
 
 
 def main(argv=None) -> None:
@@ -289,6 +333,16 @@ def main(argv=None) -> None:
     }
     if gpu:
         summary["gpu_peak_mib"] = gpu
+    if args.quantization_bit:
+        quantized = time_quantized(args)
+        label = f"{args.quantization_bit}-bit"
+        print(f"I-LoRA step on the base: full precision {quantized['full']:.4f} s, {label} {quantized[label]:.4f} s "
+              f"({quantized[label] / quantized['full']:.2f}x)")  # fmt: skip
+        summary["quantized_step_s"] = quantized
+        if args.memory:
+            full, low = peak_rss(args, "ilora"), peak_rss(args, "ilora", quantized=True)
+            print(f"I-LoRA peak RSS, MiB: full precision {full['peak_rss_mib']:.0f}, {label} {low['peak_rss_mib']:.0f}")
+            summary["quantized_peak_rss_mib"] = {"full": full["peak_rss_mib"], label: low["peak_rss_mib"]}
     if args.memory:
         measured = {name: peak_rss(args, name) for name in ("seq_lora", "er", "ilora", "three_pass")}
         print("peak RSS, MiB (whole process / added by the steps): "
