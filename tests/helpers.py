@@ -67,3 +67,15 @@ def train(ilora: Method, data: list[dict], lr: float = 0.05, record=None) -> Non
         if record is not None:
             record.append([t.detach().clone() for t in ilora.adapters.plastic])
         ilora.after_optimizer_step()
+
+
+def assert_closed_form_ema(stable, initial, trajectory, ema_alpha: float) -> None:
+    """The stable tensors equal the EMA of the plastic trajectory (one snapshot per optimizer step),
+    started from `initial`, with a = min(1 - 1/(t+1), ema_alpha); and they moved."""
+    expected = [t.double() for t in initial]
+    for step, plastic in enumerate(trajectory, start=1):
+        a = min(1 - 1 / (step + 1), ema_alpha)
+        expected = [a * s + (1 - a) * p.double() for s, p in zip(expected, plastic)]
+    for got, want in zip(stable, expected):
+        torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=0)
+    assert max((s - i).abs().max().item() for s, i in zip(stable, initial)) > 1e-4, "the stable adapter never moved"

@@ -10,6 +10,7 @@ from transformers import TrainingArguments
 from ilora import ILoRAArguments, ILoRATrainer
 from ilora.cli import main
 from ilora.loader import load_model_and_tokenizer
+from helpers import assert_closed_form_ema
 from test_trainer import RecordPlastic, examples, lora
 from tiny import save_tiny_model, sentiment_rows, write_jsonl
 
@@ -66,13 +67,7 @@ def test_on_a_4bit_base_the_stable_adapter_is_the_closed_form_ema(model_dir, tmp
     recorder.trainer = trainer
     initial = [t.detach().clone() for t in trainer.method.adapters.stable]
     trainer.train()
-    expected = [t.double() for t in initial]
-    for step, plastic in enumerate(recorder.snapshots, start=1):
-        a = min(1 - 1 / (step + 1), 0.6)
-        expected = [a * s + (1 - a) * p.double() for s, p in zip(expected, plastic)]
-    for got, want in zip(trainer.method.adapters.stable, expected):
-        torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=0)
-    assert max((s - i).abs().max().item() for s, i in zip(trainer.method.adapters.stable, initial)) > 1e-4
+    assert_closed_form_ema(trainer.method.adapters.stable, initial, recorder.snapshots, 0.6)
 
 
 def test_quantization_settings_and_a_missing_bitsandbytes_are_one_line_errors(model_dir, tmp_path, capsys, monkeypatch):

@@ -398,7 +398,7 @@ CORRUPT_STATE = {
     "run: finished task's buffer damaged": (run_copy_then(lambda r: (r / "out/ilora/tasks/2-beta/buffer/buffer.json").write_text("{}")),
                                             BAD_INPUT, "'capacity' in buffer.json is None"),
     "compare: metrics.json not JSON": (lambda w, t: ["compare", str(damaged_metrics(w, t, None))], BAD_INPUT,
-                                       "metrics.json: damaged, not valid JSON"),
+                                       "metrics.json: damaged run summary, not valid JSON"),
     "compare: metrics.json with NaN": (lambda w, t: ["compare", str(damaged_metrics(w, t, math.nan))], BAD_INPUT,
                                        "metrics.json: damaged (the stable metrics are missing or not finite)"),
     "resume: damaged adapter in a checkpoint": (

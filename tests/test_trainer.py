@@ -3,7 +3,7 @@ import torch
 from peft import get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from helpers import PAD, TOKENIZER, lora, peft_model
+from helpers import PAD, TOKENIZER, assert_closed_form_ema, lora, peft_model
 from ilora import ILoRAArguments, ILoRATrainer
 from ilora.data import PadCollator, encode_rows
 from tiny import sentiment_rows, tiny_llama
@@ -89,12 +89,7 @@ def test_trainer_ema_runs_once_per_optimizer_step_with_gradient_accumulation(tmp
     initial = [t.detach().clone() for t in trainer.method.adapters.stable]
     trainer.train()
     assert len(recorder.snapshots) == 5 and trainer.method.step == 5
-    expected = [t.double() for t in initial]
-    for step, plastic in enumerate(recorder.snapshots, start=1):
-        a = min(1 - 1 / (step + 1), 0.7)
-        expected = [a * s + (1 - a) * p.double() for s, p in zip(expected, plastic)]
-    for got, want in zip(trainer.method.adapters.stable, expected):
-        torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=0)
+    assert_closed_form_ema(trainer.method.adapters.stable, initial, recorder.snapshots, 0.7)
 
 
 def test_optimizer_holds_exactly_the_plastic_adapter(tmp_path):

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ILoRAError
+from .jsonfile import read_json
 from .suggest import did_you_mean
 
 FORMATTINGS = ("auto", "alpaca", "sharegpt")
@@ -247,10 +248,7 @@ def _dataset_info(dataset_dir: Path) -> dict:
     path = dataset_dir / DATASET_INFO
     if not path.is_file():
         raise ILoRAError(f"dataset_dir {dataset_dir}: no {DATASET_INFO}")
-    try:
-        info = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ILoRAError(f"{path}: not valid JSON ({err})") from None
+    info = read_json(path, "dataset description")
     if not isinstance(info, dict):
         raise ILoRAError(f"{path}: expected an object mapping dataset names to their description")
     return info

@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .errors import ILoRAError  # noqa: E402
+from .jsonfile import read_json  # noqa: E402
 from .paths import check_directory_target  # noqa: E402
 
 METRIC_ORDER = ("AP", "AvgAcc", "BWT", "FWT", "forgetting")
@@ -120,10 +121,7 @@ def load_summary(run_dir: Path) -> dict:
     path = Path(run_dir) / "metrics.json"
     if not path.is_file():
         raise ILoRAError(f"{run_dir}: no metrics.json (is it a finished `ilora run` directory?)")
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ILoRAError(f"{path}: damaged, not valid JSON ({err})") from None
+    summary = read_json(path, "run summary")
     problem = _summary_problem(summary)
     if problem:
         raise ILoRAError(f"{path}: damaged ({problem})")

@@ -31,6 +31,7 @@ from .adapters import PLASTIC, STABLE, AdapterPair, save_adapter
 from .buffer import ReplayBuffer
 from .config import ILoRAArguments
 from .errors import ILoRAError
+from .jsonfile import read_json
 from .paths import TaskOutputs, check_directory_target, check_replaceable
 
 MANIFEST = "ilora_task.json"
@@ -50,16 +51,6 @@ LORA_KEYS = {"r": int, "lora_alpha": (int, float), "target_modules": (str, list)
 
 def is_finished(directory: str | Path) -> bool:
     return (Path(directory) / MANIFEST).is_file()
-
-
-def read_json(path: Path, what: str) -> Any:
-    """A JSON file ilora wrote; a damaged one is a one-line error naming it."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ILoRAError(f"{path}: missing ({what})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ILoRAError(f"{path}: damaged {what}, not valid JSON ({err})") from None
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:

@@ -122,6 +122,15 @@ class Method:
         outputs = (forward or self.model)(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         return outputs, padded_labels, attention_mask
 
+    def current_rows_loss(self, batch: dict, forward=None):
+        """Cross-entropy of the micro-batch's own rows through the trained forward, logged as ce_loss.
+        Returns the loss, the model outputs, the padded labels and the attention mask."""
+        ids, labels = split_rows(batch)
+        outputs, labels, attention_mask = self.forward_rows(forward, ids, labels)
+        ce = causal_lm_loss(outputs.logits, labels)
+        self.record("ce_loss", ce)
+        return ce, outputs, labels, attention_mask
+
     def draw_replay(self, device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         if self.buffer is None or len(self.buffer) == 0:
             return [], []

@@ -48,10 +48,7 @@ class EWC(Method):
         self.anchor: list[torch.Tensor] | None = None  # theta*
 
     def loss(self, batch, forward=None):
-        ids, labels = split_rows(batch)
-        outputs, labels, _ = self.forward_rows(forward, ids, labels)
-        ce = causal_lm_loss(outputs.logits, labels)
-        self.record("ce_loss", ce)
+        ce = self.current_rows_loss(batch, forward)[0]
         loss = ce
         if self.fisher is not None:
             penalty = ewc_penalty(self.adapters.plastic, self.fisher, self.anchor)

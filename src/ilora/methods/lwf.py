@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..adapters import load_adapter
 from ..config import above, at_least, check_value
 from ..data import IGNORE_INDEX
-from .base import Method, causal_lm_loss, shift_labels, split_rows
+from .base import Method, shift_labels
 
 TEACHER = "teacher"
 
@@ -44,10 +44,7 @@ class LwF(Method):
             load_adapter(model, TEACHER, previous["plastic"])
 
     def loss(self, batch, forward=None):
-        ids, labels = split_rows(batch)
-        outputs, labels, attention_mask = self.forward_rows(forward, ids, labels)
-        ce = causal_lm_loss(outputs.logits, labels)
-        self.record("ce_loss", ce)
+        ce, outputs, labels, attention_mask = self.current_rows_loss(batch, forward)
         loss = ce
         if TEACHER in self.model.peft_config:
             with torch.no_grad(), self.adapters.active(TEACHER):

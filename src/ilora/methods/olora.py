@@ -16,7 +16,7 @@ from peft.tuners.lora import LoraLayer
 
 from ..adapters import PLASTIC, load_adapter
 from ..config import at_least, check_value
-from .base import Method, causal_lm_loss, split_rows
+from .base import Method
 
 PREFIX = "olora-"
 
@@ -55,11 +55,8 @@ class OLoRA(Method):
         return {PLASTIC: frozen_names(model) + [PLASTIC]}
 
     def loss(self, batch, forward=None):
-        ids, labels = split_rows(batch)
-        with self.adapters.active(self.evaluated(self.model, self.args)[PLASTIC]):
-            outputs, labels, _ = self.forward_rows(forward, ids, labels)
-        ce = causal_lm_loss(outputs.logits, labels)
-        self.record("ce_loss", ce)
+        with self.adapters.active(self.evaluated(self.model, self.args)[PLASTIC]):  # every task's LoRA, summed
+            ce = self.current_rows_loss(batch, forward)[0]
         loss = ce
         old = frozen_names(self.model)
         if old and self.options.olora_lambda1 > 0:

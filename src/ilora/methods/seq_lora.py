@@ -5,15 +5,12 @@ The lower bound every continual-learning method is measured against.
 
 from __future__ import annotations
 
-from .base import Method, causal_lm_loss, split_rows
+from .base import Method
 
 
 class SeqLoRA(Method):
     name = "seq_lora"
 
     def loss(self, batch, forward=None):
-        ids, labels = split_rows(batch)
-        outputs, labels, _ = self.forward_rows(forward, ids, labels)
-        ce = causal_lm_loss(outputs.logits, labels)
-        self.record("ce_loss", ce)
+        ce = self.current_rows_loss(batch, forward)[0]
         return self.watch(ce)
