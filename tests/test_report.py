@@ -40,3 +40,12 @@ def test_report_files_and_comparison_table(tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert "| 1. a | 90.0 | 50.0 |" in text and (tmp_path / "heatmap.png").stat().st_size > 1000
     assert "| ilora (plastic) | 75.0 |" in comparison_table([s])
+
+
+def test_finals_table_aligns_tasks_by_name_and_shows_wall_time():
+    from ilora.report import finals_table
+
+    s = summary("ewc", [[0.5, 0.5], [0.9, 0.5], [0.7, 0.8]])
+    s["timings"] = {"total_seconds": 90.0, "per_task": []}
+    table = finals_table([s], ["b", "a"])  # another run's task order: values follow the names
+    assert "| ewc (plastic) | 80.0 | 70.0 | 1.5 |" in table

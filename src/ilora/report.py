@@ -195,12 +195,23 @@ def comparison_table(summaries: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def finals_table(summaries: list[dict], tasks: list[str]) -> str:
+    """Each method's final accuracy per task and its wall time, a row per method and adapter."""
+    lines = ["| method | " + " | ".join(tasks) + " | wall min |", "|---" * (len(tasks) + 2) + "|"]
+    for summary in summaries:
+        minutes = summary["timings"]["total_seconds"] / 60
+        for adapter in summary["matrices"]:
+            finals = final_accuracy(summary, adapter, tasks)
+            lines.append(f"| {summary['method']} ({adapter}) | " + " | ".join(fmt(v) for v in finals) + f" | {minutes:.1f} |")
+    return "\n".join(lines)
+
+
 def compare(run_dirs: list[Path], out_dir: Path) -> str:
     summaries = [load_summary(d) for d in run_dirs]
     tasks = comparable(summaries, run_dirs)
     check_directory_target(out_dir, "--out")
     _check_compare_outputs(out_dir)
-    table = comparison_table(summaries)
+    table = f"{comparison_table(summaries)}\n\nFinal accuracy per task (%) and wall time:\n\n{finals_table(summaries, tasks)}"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "compare.md").write_text(f"{COMPARE_TITLE}\n\n{table}\n\n![final accuracy per task](compare.png)\n")
     _compare_plot(out_dir / "compare.png", summaries, tasks)
