@@ -210,7 +210,8 @@ class ILoRATrainer(Trainer):
         last_log = next((e for e in reversed(self.state.log_history) if "loss" in e), {})
         summary = next((e for e in reversed(self.state.log_history) if "train_loss" in e), {})
         # means over the steps since the last log, or that log if nothing came after it
-        final_losses = {k: v for k, v in last_log.items() if k == "loss" or k.endswith("_loss") or k == "ema_skipped"}
+        # the loss and every term the method logs (ce_loss, consistency_loss, ewc_penalty, ...), not the Trainer's
+        final_losses = {k: v for k, v in last_log.items() if k not in ("grad_norm", "learning_rate", "epoch", "step")}
         final_losses.update(self.method.pop_logs())
         if "train_loss" in summary:
             final_losses["train_loss"] = summary["train_loss"]
