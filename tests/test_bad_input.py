@@ -102,7 +102,7 @@ CASES = {
     "run unknown method": (lambda w, t: run_config(w, t, lambda c: c.update(method="ewk")), "method 'ewk' is not one of"),
     "run duplicate tasks": (lambda w, t: run_config(w, t, lambda c: c["tasks"].append(dict(c["tasks"][0]))), "duplicate task names in the config: ['a']"),
     "run task missing test": (lambda w, t: run_config(w, t, lambda c: c["tasks"][0].pop("test")), "task 1: missing ['test']"),
-    "run bad scoring": (lambda w, t: run_config(w, t, lambda c: c["tasks"][0].update(scoring="bleu")), "scoring must be 'choice' or 'exact_match'"),
+    "run bad scoring": (lambda w, t: run_config(w, t, lambda c: c["tasks"][0].update(scoring="bleu")), "scoring must be one of ('choice', 'exact_match', 'rouge_l', 'edit_similarity')"),
     "run answer not a choice": (lambda w, t: run_config(w, t, lambda c: c["tasks"][0].update(choices=["yes", "no"])),
                                 "a.test.jsonl:1: answer 'positive' is not among the choices"),
     "run tasks not a list": (lambda w, t: run_config(w, t, lambda c: c.update(tasks="a")), "'tasks' must be a list"),
