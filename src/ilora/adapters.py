@@ -62,15 +62,6 @@ def check_target_modules(model: torch.nn.Module, targets) -> None:
             raise ILoRAError(f"lora_target {target!r} names no module of this model{did_you_mean(target, names)}")
 
 
-def load_adapters(model: torch.nn.Module, plastic_dir: Path, stable_dir: Path | None) -> PeftModel:
-    """Load a previous task's plastic (trainable) and stable adapters onto a base model."""
-    peft_model = PeftModel.from_pretrained(model, str(plastic_dir), adapter_name=PLASTIC, is_trainable=True)
-    if stable_dir is not None:
-        peft_model.load_adapter(str(stable_dir), adapter_name=STABLE, is_trainable=False)
-    peft_model.set_adapter(PLASTIC)
-    return peft_model
-
-
 def load_adapter(peft_model: PeftModel, name: str, directory: Path) -> None:
     """Load a saved adapter under `name`, frozen: only `plastic` is ever trained."""
     peft_model.load_adapter(str(directory), adapter_name=name, is_trainable=False)

@@ -295,15 +295,13 @@ def write_task(
     buffer: ReplayBuffer | None,
     args: ILoRAArguments,
     manifest: dict[str, Any],
-    adapters: list[str] | None = None,
+    adapters: list[str],
     method_state: tuple[dict[str, torch.Tensor], dict] = ({}, {}),
 ) -> Path:
-    """Write a finished task: adapters (`adapters`, by name; default plastic, and stable for I-LoRA),
-    buffers and the method's state via a staging directory, the manifest last.
+    """Write a finished task: the adapters named (as PEFT directories), buffers and the method's state
+    via a staging directory, the manifest last.
 
     Called on every rank: each writes its own buffer, rank 0 the rest."""
-    if adapters is None:
-        adapters = [PLASTIC, STABLE] if args.uses_stable and args.save_ema_adapter else [PLASTIC]
     output_dir = Path(output_dir)
     staging = output_dir / STAGING
     if distributed.rank() == 0:
