@@ -110,7 +110,8 @@ def _alpaca(row: dict, where: str, columns: dict) -> list[dict[str, str]]:
 
 
 def _sharegpt(row: dict, where: str, columns: dict, tags: dict) -> list[dict[str, str]]:
-    key = columns["messages"] if columns["messages"] in row else "messages" if "messages" in row else columns["messages"]
+    # the mapped column; a `messages` column (role/content turns) where the mapped one is absent
+    key = "messages" if columns["messages"] not in row and "messages" in row else columns["messages"]
     turns = row.get(key)
     if not isinstance(turns, list) or not turns:
         raise ILoRAError(f"{where}: '{key}' must be a non-empty list of turns")

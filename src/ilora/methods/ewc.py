@@ -8,6 +8,7 @@ While training later tasks: loss = CE + lambda/2 * sum F* (theta - theta*)^2.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -70,18 +71,14 @@ class EWC(Method):
         `ewc_fisher_samples` rows (the same rows on every rank; the mean over ranks keeps them equal)."""
         plastic = self.adapters.plastic
         fisher = [torch.zeros_like(t) for t in plastic]
+        rows = (row for batch in batches for row in zip(*split_rows(batch)))
         seen = 0
-        for batch in batches:
-            for row_ids, row_labels in zip(*split_rows(batch)):
-                if seen == self.options.ewc_fisher_samples:
-                    break
-                logits = self.model(input_ids=row_ids[None].to(self.device)).logits
-                grads = torch.autograd.grad(causal_lm_loss(logits, row_labels[None].to(self.device)), plastic)
-                for f, g in zip(fisher, grads):
-                    f += g.detach() ** 2
-                seen += 1
-            if seen == self.options.ewc_fisher_samples:
-                break
+        for row_ids, row_labels in itertools.islice(rows, self.options.ewc_fisher_samples):
+            logits = self.model(input_ids=row_ids[None].to(self.device)).logits
+            grads = torch.autograd.grad(causal_lm_loss(logits, row_labels[None].to(self.device)), plastic)
+            for f, g in zip(fisher, grads):
+                f += g.detach() ** 2
+            seen += 1
         if seen == 0:
             raise ILoRAError("EWC: the task has no rows to estimate the Fisher information from")
         return [distributed.mean_(f / seen) for f in fisher]
