@@ -68,20 +68,22 @@ def test_switching_adapters_leaves_requires_grad_alone_and_changes_the_output():
     assert not any(t.requires_grad for t in ilora.adapters.stable)
 
 
-def test_a_step_with_replay_runs_two_decoder_passes_and_one_lm_head():
+def test_a_step_with_replay_runs_two_decoder_passes_and_the_stable_lm_head_on_one_position():
     ilora = method()
     data = batches(2)
     train(ilora, data[:1])
-    calls = {"decoder": 0, "lm_head": 0}
+    decoder_calls, lm_head_positions = [], []
     base = ilora.model.get_base_model()
     hooks = [
-        base.get_decoder().register_forward_hook(lambda *a: calls.__setitem__("decoder", calls["decoder"] + 1)),
-        base.lm_head.register_forward_hook(lambda *a: calls.__setitem__("lm_head", calls["lm_head"] + 1)),
+        base.get_decoder().register_forward_hook(lambda *a: decoder_calls.append(1)),
+        base.lm_head.register_forward_hook(lambda module, inputs, output: lm_head_positions.append(inputs[0].shape[1])),
     ]
     ilora.loss(data[1])
     for hook in hooks:
         hook.remove()
-    assert calls == {"decoder": 2, "lm_head": 1}
+    assert len(decoder_calls) == 2
+    longest = int(data[1]["attention_mask"].sum(dim=1).max())
+    assert lm_head_positions[0] == 1 and lm_head_positions[1] >= longest  # stable pass first, then plastic
 
 
 def _replay_only_method(layers, init_lora_weights=False):

@@ -15,49 +15,7 @@ from safetensors.torch import load_file
 
 from tiny import sentiment_rows, two_task_config, write_jsonl
 
-# Runs the CLI in a child process that kills itself with SIGKILL at a chosen point:
-#   step N        right after optimizer step N (checkpoints are saved after that hook)
-#   checkpoint N  while checkpoint-N is being written (adapters written, buffer and marker not yet)
-#   task N        right after task N of a sequence is finished and evaluated
-KILLER = r"""
-import os, signal, sys
-from transformers import TrainerCallback
-import ilora.trainer as trainer_module
-import ilora.workflow as workflow_module
-from ilora.cli import main
-
-mode, at = sys.argv[1], int(sys.argv[2])
-die = lambda: os.kill(os.getpid(), signal.SIGKILL)
-
-class KillAtStep(TrainerCallback):
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == at:
-            die()
-
-original_init = trainer_module.ILoRATrainer.__init__
-def init(self, *args, **kwargs):
-    original_init(self, *args, **kwargs)
-    if mode == "step":
-        self.add_callback(KillAtStep())
-trainer_module.ILoRATrainer.__init__ = init
-
-original_save = trainer_module.ReplayBuffer.save
-def save(self, directory):
-    if mode == "checkpoint" and f"checkpoint-{at}" in str(directory):
-        die()
-    original_save(self, directory)
-trainer_module.ReplayBuffer.save = save
-
-original_summary = workflow_module._summary_line
-def summary_line(k, *args):
-    line = original_summary(k, *args)
-    if mode == "task" and k == at:
-        die()
-    return line
-workflow_module._summary_line = summary_line
-
-sys.exit(main(sys.argv[3:]))
-"""
+KILLER = Path(__file__).parent / "killer.py"
 
 TRAIN_FLAGS = [
     "--lora_target", "q_proj,v_proj", "--lora_rank", "4", "--per_device_train_batch_size", "4",
@@ -67,7 +25,7 @@ TRAIN_FLAGS = [
 
 
 def run_cli(args, kill=None):
-    argv = [sys.executable, "-c", KILLER, *(kill or ("none", "0")), *args]
+    argv = [sys.executable, str(KILLER), *(kill or ("none", "0")), *args]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
     return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
 

@@ -9,6 +9,9 @@ PEFT's own state dict, and offers the three things the method needs:
   the public I-LoRA codes ended up never moving the stable adapter.
 - `ema_(weight)`: `stable += weight * (plastic - stable)` as one vectorised in-place update.
 - `plastic` / `stable` tensor lists (the optimizer sees only `plastic`).
+
+Under FSDP2 the tensors are sharded DTensors: the updates run on each rank's local slices (sliced
+alike for both adapters), so pair again after the model is sharded.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 
+from . import distributed, sharding
 from .errors import ILoRAError
 from .suggest import did_you_mean
 
@@ -85,10 +89,11 @@ def add_stable_copy(peft_model: PeftModel) -> None:
     AdapterPair(peft_model).copy_plastic_to_stable()
 
 
-def save_adapter(peft_model: PeftModel, name: str, directory: Path) -> None:
-    """Save one adapter as a standard PEFT directory (loadable with `PeftModel.from_pretrained`)."""
+def save_adapter(peft_model: PeftModel, name: str, directory: Path, state_dict: dict | None = None) -> None:
+    """Save one adapter as a standard PEFT directory (loadable with `PeftModel.from_pretrained`);
+    `state_dict`: the model's tensors, whole, when its own are sharded."""
     staging = directory.parent / f".{directory.name}.saving"
-    peft_model.save_pretrained(str(staging), selected_adapters=[name], safe_serialization=True)
+    peft_model.save_pretrained(str(staging), selected_adapters=[name], safe_serialization=True, state_dict=state_dict)
     # PEFT writes a non-default adapter into a sub-directory named after it.
     saved = staging / name if (staging / name).is_dir() else staging
     if directory.exists():
@@ -118,6 +123,8 @@ class AdapterPair:
                     self.stable.extend(_tensors(container[STABLE]))
         self._check_complete()
         self.freeze_stable()
+        self.sharded = sharding.is_sharded(peft_model)
+        self._plastic_local, self._stable_local = sharding.local(self.plastic), sharding.local(self.stable)
 
     def _check_complete(self) -> None:
         expected = len(get_peft_model_state_dict(self.peft_model, adapter_name=PLASTIC))
@@ -154,21 +161,31 @@ class AdapterPair:
         """stable <- stable + weight * (plastic - stable) = (1 - weight) * stable + weight * plastic.
 
         `weight` may be a 0-dim tensor (selective update decides on the device, without a host sync)."""
+        plastic, stable = self._plastic_local, self._stable_local
         if isinstance(weight, torch.Tensor):
-            delta = torch._foreach_sub(self.plastic, self.stable)
+            delta = torch._foreach_sub(plastic, stable)
             torch._foreach_mul_(delta, weight)
-            torch._foreach_add_(self.stable, delta)
+            torch._foreach_add_(stable, delta)
         else:
-            torch._foreach_lerp_(self.stable, self.plastic, weight)
+            torch._foreach_lerp_(stable, plastic, weight)
 
     @torch.no_grad()
     def copy_plastic_to_stable(self) -> None:
-        torch._foreach_copy_(self.stable, self.plastic)
+        torch._foreach_copy_(self._stable_local, self._plastic_local)
+
+    @torch.no_grad()
+    def finite_flags(self) -> list[torch.Tensor]:
+        """One 0-dim bool per tensor (this rank's slice when sharded): is every weight finite?"""
+        return [torch.isfinite(t).all() for t in self._plastic_local + self._stable_local]
 
     @torch.no_grad()
     def stable_checksum(self) -> float:
-        """Sum and sum of squares of every stable weight: equal on ranks holding equal adapters."""
-        return float(sum(t.double().sum() + t.double().pow(2).sum() for t in self.stable))
+        """Sum and sum of squares of every stable weight: equal on ranks holding equal adapters. Sharded,
+        the slices' sums add up over the ranks (a collective), so every rank reports the whole adapter's."""
+        total = sum((t.double().sum() + t.double().pow(2).sum() for t in self._stable_local), torch.zeros((), dtype=torch.float64))
+        if self.sharded:
+            total = distributed.sum_(total)
+        return float(total)
 
     def num_parameters(self) -> int:
         return sum(t.numel() for t in self.plastic)

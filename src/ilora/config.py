@@ -657,6 +657,9 @@ def to_argv(mapping: dict) -> list[str]:
     for key, value in mapping.items():
         if value is None:
             continue
+        if key == "fsdp" and isinstance(value, bool):  # the Trainer's flag takes no value: a bare `--fsdp` is on
+            argv += ["--fsdp"] if value else []
+            continue
         argv.append(f"--{key}")
         if isinstance(value, bool):
             argv.append(str(value).lower())

@@ -36,6 +36,13 @@ def mean_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (a no-op in one process)."""
+    if active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
 def gather(value: float) -> list[float]:
     """Every rank's float, on every rank (as a tensor collective: nothing is pickled)."""
     if not active():

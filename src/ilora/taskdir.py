@@ -26,7 +26,7 @@ from peft import LoraConfig, PeftModel
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from . import distributed
+from . import distributed, sharding
 from .adapters import PLASTIC, STABLE, AdapterPair, save_adapter
 from .buffer import ReplayBuffer
 from .config import ILoRAArguments
@@ -38,6 +38,7 @@ MANIFEST = "ilora_task.json"
 METHOD_STATE = "method_state.safetensors"  # a method's tensors (EWC's Fisher), in task directories and checkpoints
 CHECKPOINT_BUFFER = "ilora_buffer"
 CHECKPOINT_MARKER = "ilora_checkpoint.json"  # written last into a Trainer checkpoint: it is complete
+SHARDED_ADAPTERS = "ilora_adapters_sharded"  # under FSDP2: every adapter's slices (torch.distributed.checkpoint)
 STAGING = ".ilora-staging"  # inside output_dir; only ilora ever creates a folder of this name
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -311,6 +312,7 @@ def write_task(
     if buffer is not None:
         buffer.save(buffer_path(staging / "buffer"))
     checksums = distributed.gather(AdapterPair(model).stable_checksum()) if args.uses_stable else None
+    whole = sharding.full_adapter_state(model) if sharding.is_sharded(model) else None  # a collective: every rank
     buffers = distributed.gather(float(buffer.num_seen)) if buffer is not None else None
     distributed.barrier()
     if distributed.rank() == 0:
@@ -320,7 +322,7 @@ def write_task(
             if method_state[0]:
                 save_file({k: v.detach().cpu().contiguous() for k, v in method_state[0].items()},
                           str(staging / METHOD_STATE))  # fmt: skip
-            _publish(output_dir, staging, model, targets)
+            _publish(output_dir, staging, model, targets, whole)
         except OSError as err:  # disk full, permissions: say so in one line; nothing is marked finished
             raise ILoRAError(f"could not write the task to {output_dir}: {err}; it is not marked finished") from None
         manifest = {
@@ -343,11 +345,13 @@ def write_task(
     return output_dir
 
 
-def _publish(output_dir: Path, staging: Path, model: PeftModel, targets: dict[str, Path]) -> None:
-    """Adapters into the staging directory, then everything renamed into place. An earlier manifest
-    (with --overwrite_output_dir) goes first, so a crash half-way leaves a task that is not finished."""
+def _publish(output_dir: Path, staging: Path, model: PeftModel, targets: dict[str, Path],
+             whole: dict[str, torch.Tensor] | None) -> None:  # fmt: skip
+    """Adapters into the staging directory (from `whole`, the gathered tensors, if the model is
+    sharded), then everything renamed into place. An earlier manifest (with --overwrite_output_dir)
+    goes first, so a crash half-way leaves a task that is not finished."""
     for name in targets:
-        save_adapter(model, name, staging / name)
+        save_adapter(model, name, staging / name, whole)
     (output_dir / MANIFEST).unlink(missing_ok=True)
     for name, target in targets.items():
         _replace(staging / name, target, "adapter")
@@ -407,6 +411,14 @@ def save_checkpoint_state(folder: Path, step: int, task_id: str | None, buffer: 
             save_file({k: v.detach().cpu().contiguous() for k, v in method_state[0].items()}, str(folder / METHOD_STATE))
         write_json_atomically(folder / CHECKPOINT_MARKER, {"ema_step": step, "task_id": task_id, "format_version": 1,
                                                            "method_state": method_state[1]})  # fmt: skip
+
+
+def sharded_adapters(folder: Path) -> Path:
+    """A checkpoint's sharded adapters (written by a run under FSDP2), checked to be there."""
+    path = folder / SHARDED_ADAPTERS
+    if not (path / ".metadata").is_file():
+        raise ILoRAError(f"{folder}: no {SHARDED_ADAPTERS} (written by a run that was not sharded); resume it the way it ran")
+    return path
 
 
 def load_checkpoint_state(folder: Path, with_buffer: bool):

@@ -13,14 +13,16 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from . import methods, precision, taskdir
+from . import methods, precision, sharding, taskdir
 from .adapters import PLASTIC, attach_adapters
 from .buffer import ReplayBuffer
 from .config import ILoRAArguments, check_training_arguments
@@ -31,9 +33,13 @@ from .loader import quantization_of
 logger = logging.getLogger(__name__)
 
 
-class _AfterOptimizerStep(TrainerCallback):
+class _MethodHooks(TrainerCallback):
     def __init__(self, method):
         self.method = method
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # after the Trainer's prepare: FSDP2 has replaced the parameters with sharded ones
+        self.method.pair_adapters()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.method.after_optimizer_step()
@@ -80,7 +86,7 @@ class ILoRATrainer(Trainer):
             data_collator=data_collator or PadCollator(pad_token_id),
             **kwargs,
         )
-        self._refuse_unsupported_parallelism()
+        self._check_parallelism(method_cls)
         # compute_loss returns a per-micro-batch mean: let the Trainer divide by the accumulation steps
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
@@ -96,16 +102,32 @@ class ILoRATrainer(Trainer):
         )
         if self.previous:
             self.method.load_state(*self.previous.method_state)
-        self.add_callback(_AfterOptimizerStep(self.method))
+        self.add_callback(_MethodHooks(self.method))
 
-    def _refuse_unsupported_parallelism(self) -> None:
-        """The EMA needs whole adapter tensors on every process: refuse sharded engines at start-up rather
-        than train something that is not I-LoRA."""
-        if self.is_fsdp_enabled:
-            raise ILoRAError("FSDP shards the adapter tensors; ilora's EMA needs them whole (use DDP)")
+    def create_accelerator_and_postprocess(self) -> None:
+        """Accelerate turns FSDP on only for accelerator devices; on CPU processes (gloo) it would
+        silently train with DDP instead. torch's FSDP2 runs on the CPU too: take Accelerate's FSDP path.
+        Checkpoints are sharded unless fsdp_config says otherwise (which `_check_parallelism` refuses)."""
+        plugin_args = self.args.fsdp_plugin_args
+        if plugin_args is not None and "state_dict_type" not in (self.args.fsdp_config or {}):
+            plugin_args["state_dict_type"] = "SHARDED_STATE_DICT"
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        # `accelerate launch` with an FSDP config file says so through the environment (FSDP_* settings)
+        launched = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+        if (plugin_args is not None or launched) and state.distributed_type == DistributedType.MULTI_CPU:
+            state.distributed_type = DistributedType.FSDP
+            state.fsdp_plugin = FullyShardedDataParallelPlugin(**(plugin_args or {}))
+            self.is_fsdp_enabled = True
+
+    def _check_parallelism(self, method_cls) -> None:
+        """What runs sharded, and how it is checkpointed; one line for what cannot run."""
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3:
-            raise ILoRAError("DeepSpeed ZeRO-3 shards the adapter tensors; ilora's EMA needs them whole")
+            raise ILoRAError("DeepSpeed ZeRO-3 is not supported (not run by ilora's tests); use FSDP2: fsdp_config: {fsdp_version: 2}")
+        if self.is_fsdp_enabled:
+            fsdp = self.accelerator.state.fsdp_plugin
+            check_fsdp(fsdp.fsdp_version, fsdp.state_dict_type.name, method_cls, bool(self.quantization))
 
     def _previous_task(self, model, peft_config, method_cls, args) -> taskdir.PreviousTask | None:
         ilora_args = self.ilora_args
@@ -165,6 +187,8 @@ class ILoRATrainer(Trainer):
         self.method.check_finite(f"by optimizer step {self.state.global_step}", adapters=True)
         super()._save_checkpoint(model, trial)
         folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        if sharding.is_sharded(self.model):
+            sharding.save_adapters(self.model, folder / taskdir.SHARDED_ADAPTERS)
         taskdir.save_checkpoint_state(folder, self.method.step, self.ilora_args.current_task_id, self.method.buffer,
                                       self.method.state())  # fmt: skip
 
@@ -174,6 +198,8 @@ class ILoRATrainer(Trainer):
         step, buffer, method_state = taskdir.load_checkpoint_state(folder, with_buffer=self.method.buffer is not None)
         logger.info("resuming from %s", folder)
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if sharding.is_sharded(self.model):
+            sharding.load_adapters(self.model, taskdir.sharded_adapters(folder))
         self.method.restore(step, buffer)
         self.method.load_state(*method_state)
 
@@ -231,6 +257,27 @@ class ILoRATrainer(Trainer):
         method = type(self.method)
         adapters = method.saved_adapters(args) + sorted(n for n in self.model.peft_config if n.startswith(method.saved_prefixes))
         return taskdir.write_task(output_dir, self.model, self.method.buffer, args, manifest, adapters, self.method.state())
+
+
+def requested_fsdp(args: TrainingArguments) -> tuple[int, str] | None:
+    """(FSDP version, checkpoint state dict type) the Trainer's own FSDP settings ask for, if any."""
+    if args.fsdp_plugin_args is None:
+        return None
+    return args.fsdp_plugin_args["fsdp_version"], (args.fsdp_config or {}).get("state_dict_type", "SHARDED_STATE_DICT")
+
+
+def check_fsdp(version: int, state_dict_type: str, method_cls, quantized: bool) -> None:
+    """One line for an FSDP setting ilora cannot train with."""
+    if version != 2:
+        raise ILoRAError("FSDP1 flattens parameters, so the stable adapter cannot be paired with the plastic one: set fsdp_config: {version: 2}")
+    if not method_cls.runs_sharded:
+        runs = ", ".join(name for name in methods.names() if methods.get(name).runs_sharded)
+        raise ILoRAError(f"method {method_cls.name} does not run under FSDP2 in ilora (these do: {runs}); use DDP")
+    if quantized:
+        raise ILoRAError("a quantized base (quantization_bit) does not run under FSDP2 in ilora; use one process or DDP")
+    if state_dict_type != "SHARDED_STATE_DICT":
+        raise ILoRAError(f"fsdp state_dict_type {state_dict_type}: ilora checkpoints FSDP2 runs as SHARDED_STATE_DICT, "
+                         "its default (every rank writes its slices; task outputs are still whole PEFT adapters)")  # fmt: skip
 
 
 def _pad_token_id(tokenizer, model) -> int:

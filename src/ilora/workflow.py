@@ -21,7 +21,7 @@ from peft import LoraConfig
 from tqdm.auto import tqdm
 from transformers import TrainingArguments
 
-from . import distributed, general, methods, precision, report, rundir, taskdir
+from . import distributed, general, methods, precision, report, rundir, sharding, taskdir
 from .adapters import PLASTIC, AdapterPair, check_target_modules, load_saved_adapters
 from .buffer import ReplayBuffer
 from .paths import check_directory_target
@@ -38,7 +38,7 @@ from .formats import read_data
 from .errors import ILoRAError
 from .evaluate import TestSet, build_test_set, evaluate
 from .loader import load_model_and_tokenizer, quantization_of
-from .trainer import ILoRATrainer
+from .trainer import ILoRATrainer, check_fsdp, requested_fsdp
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ def train_task(
 ) -> Path:
     """Train one task, starting from `ilora_args.previous_task_model` if given, and write its outputs."""
     method_options = chosen_options(ilora_args.method, options, refuse_others=True)  # before anything else
+    _check_fsdp(training_args, methods.get(ilora_args.method), model_args)
     outputs = taskdir.planned_outputs(training_args.output_dir, ilora_args, data_args.overwrite_output_dir,
                                       _resume_path(training_args.resume_from_checkpoint))  # fmt: skip
     output_dir = outputs.output_dir
@@ -94,6 +95,16 @@ def chosen_options(method: str, options: dict | None, refuse_others: bool):
                 raise ILoRAError(f"{message}: drop it, or train with --method {name}")
             log.warning("%s: ignored in this run", message)
     return (options or {}).get(method)
+
+
+def _check_fsdp(training_args: TrainingArguments, method_cls, model_args: ModelArguments) -> None:
+    """FSDP settings ilora cannot train with are refused before anything is read or written."""
+    requested = requested_fsdp(training_args)
+    if requested is None:
+        return
+    check_fsdp(*requested, method_cls, model_args.quantization is not None)
+    if training_args.world_size < 2:
+        raise ILoRAError("fsdp shards over several processes: launch with torchrun --nproc_per_node N (or accelerate launch)")
 
 
 def load_base(model_args: ModelArguments, training_args: TrainingArguments):
@@ -167,6 +178,7 @@ def run_sequence(
     rundir.check_run_dir(run_dir)
     method_args = method_arguments(run.method, ilora_args)
     method_options = chosen_options(run.method, options, refuse_others=False)  # one config may serve several methods
+    _check_fsdp(training_args, method, model_args)
     adapters = method.reports(method_args)  # what is scored: plastic, and stable for I-LoRA
 
     train_rows = {t.name: read_data(t.train, t.dataset_dir, t.columns) for t in run.tasks}  # all data errors first
@@ -272,11 +284,9 @@ def _train_and_evaluate(k, stage, name, task_dir, previous, train_rows, tokenize
                         model_args, data_args, method_args, training_args, method_options) -> None:  # fmt: skip
     """Train the stage unless its task directory is finished; rank 0 then scores every test set."""
     began = time.time()
+    model = None
     if taskdir.is_finished(task_dir):  # trained, but the evaluation was interrupted
-        base, _ = load_base(model_args, training_args)
-        manifest = taskdir.read_manifest(task_dir)
-        model = on_device(load_saved_adapters(base, taskdir.saved_adapters(task_dir, manifest)), training_args.device)
-        train_seconds = manifest.get("train_seconds") or 0.0  # absent in manifests of older ilora
+        train_seconds = taskdir.read_manifest(task_dir).get("train_seconds") or 0.0  # absent in older manifests
     else:
         rows = _stage_rows([train_rows[task.name] for task in stage])
         examples = encode_rows(rows, tokenizer, data_args.cutoff_len, data_args.use_chat_template, f"task {name}")
@@ -299,9 +309,13 @@ def _train_and_evaluate(k, stage, name, task_dir, previous, train_rows, tokenize
         trainer = _train(base, tokenizer, examples, model_args, task_args, task_training, method_options)
         train_seconds = time.time() - began
         trainer.save_task(task_dir)
-        model = trainer.model
+        # a sharded model cannot be scored by rank 0 alone: it is scored whole, read back from the task
+        model = None if sharding.is_sharded(trainer.model) else trainer.model
+        del trainer
     if distributed.rank() == 0:
         eval_began = time.time()
+        if model is None:
+            model = _saved_task_model(task_dir, model_args, training_args)
         evaluated = method.evaluated(model, method_args)
         scores = {report: scorer.score(model, names) for report, names in evaluated.items()}
         record = {"scores": scores}
@@ -310,6 +324,13 @@ def _train_and_evaluate(k, stage, name, task_dir, previous, train_rows, tokenize
         record["timings"] = {"train_seconds": train_seconds, "eval_seconds": time.time() - eval_began}
         rundir.write_json(task_dir / rundir.EVAL_FILE, record)
     distributed.barrier()
+
+
+def _saved_task_model(task_dir: Path, model_args: ModelArguments, training_args: TrainingArguments):
+    """The base model with every adapter the task saved, on the training device."""
+    base, _ = load_base(model_args, training_args)
+    adapters = taskdir.saved_adapters(task_dir, taskdir.read_manifest(task_dir))
+    return on_device(load_saved_adapters(base, adapters), training_args.device)
 
 
 class _Scorer:

@@ -44,6 +44,7 @@ class Method:
     Arguments: ClassVar[type | None] = None  # the method's own hyperparameters (a dataclass), if any
     replays: ClassVar[bool] = False  # draws rows from the reservoir buffer (with ilora_buffer_size > 0)
     trains_jointly: ClassVar[bool] = False  # one stage over every task's data (the upper bound)
+    runs_sharded: ClassVar[bool] = False  # runs under FSDP2 (tested with 2 processes)
 
     # ----------------------------------------------------------- set-up
     @classmethod
@@ -94,6 +95,10 @@ class Method:
             raise ILoRAError("the checkpoint holds no replay buffer, but this run uses one")
         self.step = step
         self.buffer = buffer
+        self.pair_adapters()
+
+    def pair_adapters(self) -> None:
+        """Find the adapter tensors again: the Trainer reloaded them, or FSDP2 sharded them."""
         self.adapters = AdapterPair(self.model)
 
     # ------------------------------------------------------------ hooks
@@ -163,7 +168,7 @@ class Method:
         every rank: call at the log interval, at checkpoints and at the end of a task, never per step."""
         flags = [self._finite]
         if adapters:
-            flags += [torch.isfinite(t).all() for t in self.adapters.plastic + self.adapters.stable]
+            flags += self.adapters.finite_flags()
         if outputs and self._last_batch is not None:
             flags += self._outputs_finite(*self._last_batch)
         ok = distributed.mean_(torch.stack(flags).all().float())  # every rank takes the same decision

@@ -12,12 +12,14 @@ After each optimizer step:
   5. stable <- a * stable + (1 - a) * plastic,  a = min(1 - 1/(t+1), ema_alpha),  t = optimizer steps
      since the first task began (carried across tasks).
 
-Two forward passes, one of them without grad and without the LM head. Nothing here reads a value
+Two forward passes, one of them without grad and with the LM head on one position only. Nothing here reads a value
 back to the host: statistics stay on the device until `pop_logs()` is called at the log interval.
 The options live in `ILoRAArguments` (the library's own arguments).
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from peft import PeftModel
@@ -32,6 +34,7 @@ from .base import Method, causal_lm_loss, split_rows
 
 class ILoRA(Method):
     name = "ilora"
+    runs_sharded = True
     replays = True
 
     @classmethod
@@ -58,7 +61,9 @@ class ILoRA(Method):
         if not self.adapters.has_stable:
             raise ILoRAError("I-LoRA needs a stable adapter on the model (see ilora.adapters.attach_adapters)")
         self.layers = check_hidden_state_layers(model, args.hidden_state_layers)
-        self.decoder = model.get_base_model().get_decoder()
+        # the LM head's output is not needed on the stable side: keep one position where the model allows
+        accepts = "logits_to_keep" in inspect.signature(model.get_base_model().forward).parameters
+        self._one_logit = {"logits_to_keep": 1} if accepts else {}
         # selective update: plastic and stable losses summed over the micro-batches of one optimizer step
         self._selective_plastic = torch.zeros((), device=self.device)
         self._selective_stable = torch.zeros((), device=self.device)
@@ -149,12 +154,15 @@ class ILoRA(Method):
     # ----------------------------------------------------------- the passes
     @torch.no_grad()
     def _stable_pass_replay(self, input_ids, attention_mask, num_current, replay_len) -> list[torch.Tensor]:
-        """Stable hidden states of the replay rows only, through the decoder (no LM head)."""
+        """Stable hidden states of the replay rows only. Through the model's own forward, so a sharded
+        model gathers its parameters as for any forward (FSDP2's root hooks), but with one logit position:
+        the LM head's output is not needed here."""
         with self.adapters.active(STABLE):
-            out = self.decoder(
+            out = self.model(
                 input_ids=input_ids[num_current:, :replay_len],
                 attention_mask=attention_mask[num_current:, :replay_len],
                 output_hidden_states=self.layers,
+                **self._one_logit,
             )
         return [out.hidden_states[i] for i in self.layers]
 

@@ -1,0 +1,63 @@
+"""Run under torchrun (2 CPU processes): train I-LoRA under FSDP2 and check, on rank 0, that the
+stable adapter equals the closed-form EMA of the plastic trajectory, both gathered whole from the
+ranks' slices. `python -m torch.distributed.run --nproc_per_node 2 fsdp_ema.py OUTPUT_DIR`."""
+
+import sys
+from pathlib import Path
+
+import torch
+from torch.distributed.tensor import DTensor
+from transformers import TrainerCallback, TrainingArguments
+
+from helpers import assert_closed_form_ema, lora
+from ilora import ILoRAArguments, ILoRATrainer
+from ilora.adapters import AdapterPair
+from test_trainer import examples
+from tiny import tiny_llama, tiny_tokenizer
+
+EMA_ALPHA = 0.6
+
+
+def whole(tensors):
+    """Every rank's slices gathered (a collective: every rank calls it)."""
+    return [t.full_tensor() if isinstance(t, DTensor) else t.detach().clone() for t in tensors]
+
+
+class RecordWhole(TrainerCallback):
+    """The stable adapter once sharded, and the plastic one after every optimizer step, whole."""
+
+    def __init__(self):
+        self.trainer, self.initial, self.snapshots, self.sharded = None, None, [], False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        pair = AdapterPair(self.trainer.model)  # the sharded parameters (ilora pairs them again too)
+        self.sharded = all(isinstance(t, DTensor) for t in pair.plastic + pair.stable)
+        self.initial = whole(pair.stable)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.snapshots.append(whole(AdapterPair(self.trainer.model).plastic))
+
+
+def main(output_dir: Path) -> None:
+    args = TrainingArguments(
+        output_dir=str(output_dir), per_device_train_batch_size=2, learning_rate=0.05, max_steps=5,
+        save_strategy="no", report_to=[], use_cpu=True, seed=1, disable_tqdm=True, ddp_backend="gloo",
+        fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},
+    )  # fmt: skip
+    recorder = RecordWhole()
+    trainer = ILoRATrainer(
+        model=tiny_llama(), args=args, ilora_args=ILoRAArguments(ema_alpha=EMA_ALPHA, ilora_buffer_size=8),
+        peft_config=lora(), train_dataset=examples(), processing_class=tiny_tokenizer(), callbacks=[recorder],
+    )  # fmt: skip
+    recorder.trainer = trainer
+    trainer.train()
+    stable = whole(trainer.method.adapters.stable)
+    if torch.distributed.get_rank() == 0:
+        assert recorder.sharded, "the adapters were not sharded: FSDP2 did not run"
+        assert len(recorder.snapshots) == 5
+        assert_closed_form_ema(stable, recorder.initial, recorder.snapshots, EMA_ALPHA)
+        (output_dir / "closed-form-ema.ok").write_text("ok\n")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,115 @@
+"""FSDP2 through the Trainer's own settings (`fsdp` + `fsdp_config: {version: 2}`), 2 CPU processes
+(gloo) under torchrun: the adapters are sharded like the base, the EMA runs on each rank's slices, the
+task outputs are whole PEFT adapters written by rank 0, and a killed run resumes from sharded checkpoints."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from test_resume import KILLER
+from tiny import two_task_config
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+FSDP = {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
+TASKS = ("1-alpha", "2-beta")
+
+
+# what `accelerate launch --config_file` exports for an FSDP2 config (accelerate/utils/launch.py)
+ACCELERATE_FSDP2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+                    "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer"}  # fmt: skip
+
+
+def torchrun(script: Path, *args, env=None):
+    with socket.socket() as s:  # a free port: test_parallel's runs may hold theirs
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), **(env or {})}
+    return subprocess.run([*TORCHRUN, "--master_port", str(port), str(script), *args],
+                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+
+
+def ilora_run(config: Path, kill=("none", "0"), env=None):
+    return torchrun(KILLER, *kill, "run", str(config), env=env)
+
+
+def config(tmp_path, model_dir, name, **settings) -> Path:
+    # plain SGD, no dropout: DDP and FSDP2 then differ only by the order of the gradient reduction
+    values = two_task_config(tmp_path, model_dir, per_device_train_batch_size=2, seed=1, num_train_epochs=2,
+                             optim="sgd", learning_rate=0.1, lora_dropout=0.0, save_steps=1, ddp_backend="gloo",
+                             output_dir=str(tmp_path / name), **settings)  # fmt: skip
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def adapter(run: Path, task: str, name: str) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "ilora" / "tasks" / task / name / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp")
+    result = ilora_run(config(root, tiny_model_dir, "fsdp", **FSDP))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "fsdp"
+
+
+def test_a_two_task_fsdp2_run_shards_saves_whole_adapters_and_matches_ddp(fsdp_run, tiny_model_dir, tmp_path):
+    ddp = ilora_run(config(tmp_path, tiny_model_dir, "ddp"))
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    for task in TASKS:
+        directory = fsdp_run / "ilora" / "tasks" / task
+        checkpoint = sorted(directory.glob("checkpoint-*"))[-1]
+        assert (checkpoint / "pytorch_model_fsdp_0").is_dir(), "no sharded checkpoint: FSDP did not run"
+        manifest = json.loads((directory / "ilora_task.json").read_text())
+        first, second = manifest["stable_checksum_per_rank"]  # the slices' sums, added over the ranks
+        assert first == second
+        for name in ("plastic", "stable"):
+            sharded, replicated = adapter(fsdp_run, task, name), adapter(tmp_path / "ddp", task, name)
+            assert sharded.keys() == replicated.keys() and len(sharded) == 8
+            for key in sharded:  # float32 sums in another order, over 16 steps: 1e-5 measured
+                torch.testing.assert_close(sharded[key], replicated[key], atol=1e-4, rtol=0)
+            base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+            assert isinstance(PeftModel.from_pretrained(base, directory / name), PeftModel)
+    metrics = json.loads((fsdp_run / "ilora" / "metrics.json").read_text())
+    assert len(metrics["matrices"]["stable"]) == 3  # base row + one per task: rank 0 scored the saved tasks
+
+
+def test_under_fsdp2_the_stable_adapter_is_the_closed_form_ema_of_the_whole_plastic_one(tmp_path):
+    result = torchrun(Path(__file__).parent / "fsdp_ema.py", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "closed-form-ema.ok").is_file()
+
+
+def test_an_fsdp2_run_killed_mid_task_resumes_bitwise_identical(fsdp_run, tiny_model_dir, tmp_path):
+    path = config(tmp_path, tiny_model_dir, "fsdp", **FSDP)  # the fixture's settings, in another directory
+    assert ilora_run(path, kill=("step", "3")).returncode != 0  # task 1, after checkpoint 2
+    assert ilora_run(path, kill=("step", "2")).returncode != 0  # task 2, after checkpoint 1
+    resumed = ilora_run(path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr
+    for task in TASKS:
+        for name in ("plastic", "stable"):
+            clean, killed = adapter(fsdp_run, task, name), adapter(tmp_path / "fsdp", task, name)
+            assert all(torch.equal(clean[k], killed[k]) for k in clean), f"{task} {name} differs"
+
+
+def test_an_accelerate_fsdp2_config_trains_the_same_run(fsdp_run, tiny_model_dir, tmp_path):
+    """`accelerate launch` with an FSDP2 config file: the settings come through the environment."""
+    result = ilora_run(config(tmp_path, tiny_model_dir, "launched"), env=ACCELERATE_FSDP2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for task in TASKS:
+        assert (tmp_path / "launched" / "ilora" / "tasks" / task / "checkpoint-8" / "pytorch_model_fsdp_0").is_dir()
+        for name in ("plastic", "stable"):
+            clean, launched = adapter(fsdp_run, task, name), adapter(tmp_path / "launched", task, name)
+            assert all(torch.equal(clean[k], launched[k]) for k in clean), f"{task} {name} differs"
