@@ -1,12 +1,13 @@
-"""How much of a long sequence's wall time goes to evaluation, with and without `eval_max_rows`.
+"""How much of a long sequence's wall time goes to evaluation, by `eval_max_rows` and `eval_tasks`.
 
-After task k every task's test set is scored (both adapters for I-LoRA), so evaluation grows with the
-square of the sequence's length while training grows linearly. This runs a 10-task sequence of the
-tiny learning Llama (tests/tiny.py) and prints, per setting, training and evaluation seconds from
+With `eval_tasks: all` every task's test set is scored after every task (both adapters for I-LoRA), so
+evaluation grows with the square of the sequence's length while training grows linearly;
+`seen_and_next` (the default) scores tasks 1..k+1 after task k. This runs a 10-task sequence of the
+tiny learning Llama (tests/tiny.py) per setting and prints training and evaluation seconds from
 metrics.json and the evaluation share of their sum.
 
     python benchmarks/eval_share.py                               # 10 tasks, 64 train / 200 test rows
-    python benchmarks/eval_share.py --tasks 10 --eval_max_rows 0 50 100
+    python benchmarks/eval_share.py --tasks 10 --eval_max_rows 0 50 100 --eval_tasks all seen_and_next
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ilora.cli import main as ilora  # noqa: E402
 from tiny import LEARNER, keyword_rows, save_tiny_model, write_jsonl  # noqa: E402
 
 
-def run(root: Path, args, method: str, max_rows: int | None) -> dict:
+def run(root: Path, args, method: str, max_rows: int | None, eval_tasks: str) -> dict:
     tasks = []
     for k in range(args.tasks):
         name = f"task{k}"
@@ -34,13 +35,13 @@ def run(root: Path, args, method: str, max_rows: int | None) -> dict:
         write_jsonl(root / f"{name}.test.jsonl", keyword_rows(args.test_rows, flipped=k % 2 == 1, offset=1000 * k + 500))
         tasks.append({"name": name, "train": f"{name}.train.jsonl", "test": f"{name}.test.jsonl",
                       "choices": ["positive", "negative"]})  # fmt: skip
-    out = f"runs-{max_rows}"
+    out = f"runs-{max_rows}-{eval_tasks}"
     config = {"model_name_or_path": "model", "output_dir": out, "lora_target": "q_proj,v_proj", "lora_rank": 4,
               "per_device_train_batch_size": 4, "num_train_epochs": 1, "learning_rate": 0.02, "ilora_buffer_size": 16,
               "report_to": "none", "use_cpu": True, "save_strategy": "no", "disable_tqdm": True, "bf16": args.bf16,
-              "eval_batch_size": 32, "eval_max_rows": max_rows or None, "tasks": tasks}  # fmt: skip
-    (root / f"config-{max_rows}.yaml").write_text(yaml.safe_dump(config))
-    assert ilora(["run", str(root / f"config-{max_rows}.yaml"), "--method", method]) == 0
+              "eval_batch_size": 32, "eval_max_rows": max_rows or None, "eval_tasks": eval_tasks, "tasks": tasks}  # fmt: skip
+    (root / f"{out}.yaml").write_text(yaml.safe_dump(config))
+    assert ilora(["run", str(root / f"{out}.yaml"), "--method", method]) == 0
     summary = json.loads((root / out / method / "metrics.json").read_text())
     train = sum(t["train_seconds"] for t in summary["timings"]["per_task"])
     evaluate = sum(t["eval_seconds"] for t in summary["timings"]["per_task"])
@@ -55,6 +56,7 @@ def main() -> None:
     p.add_argument("--test_rows", type=int, default=200)
     p.add_argument("--method", default="ilora")
     p.add_argument("--eval_max_rows", type=int, nargs="+", default=[0, 50], help="0: every row")
+    p.add_argument("--eval_tasks", nargs="+", default=["all", "seen_and_next"], choices=("all", "seen_and_next"))
     p.add_argument("--bf16", action="store_true")
     args = p.parse_args()
     hardware = precision.detect("cpu")
@@ -64,11 +66,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         save_tiny_model(root / "model", **LEARNER)
-        for max_rows in args.eval_max_rows:
-            r = run(root, args, args.method, max_rows)
-            results[str(max_rows or "all")] = r
-            print(f"eval_max_rows={max_rows or 'all':>4}: train {r['train_s']:.1f} s, eval {r['eval_s']:.1f} s, "
-                  f"eval share {100 * r['eval_share']:.0f}%, AP {100 * r['AP']:.1f}")  # fmt: skip
+        for eval_tasks in args.eval_tasks:
+            for max_rows in args.eval_max_rows:
+                r = run(root, args, args.method, max_rows, eval_tasks)
+                results[f"{max_rows or 'all'} rows, {eval_tasks}"] = r
+                print(f"eval_max_rows={max_rows or 'all':>4} eval_tasks={eval_tasks:<13}: train {r['train_s']:.1f} s, "
+                      f"eval {r['eval_s']:.1f} s, eval share {100 * r['eval_share']:.0f}%, AP {100 * r['AP']:.1f}")  # fmt: skip
     print(json.dumps({k: {m: round(v, 3) for m, v in r.items()} for k, r in results.items()}))
 
 

@@ -133,6 +133,7 @@ def worker(args) -> None:
     ranks = [dict(zip(row, values)) for values in zip(*(distributed.gather(v) for v in row.values()))]
     if distributed.rank() == 0:
         Path(args.output).write_text(json.dumps({"ranks": ranks}))
+    torch.distributed.destroy_process_group()  # a clean exit: gloo's threads would abort at interpreter teardown
 
 
 def _rss_mib() -> float:

@@ -116,6 +116,7 @@ CASES = {
     "fsdp full state dict": (lambda w, t: train(w, t, "--fsdp", "--fsdp_config", '{"state_dict_type": "FULL_STATE_DICT"}'),
                              "fsdp state_dict_type FULL_STATE_DICT"),
     "fsdp one process": (lambda w, t: train(w, t, "--fsdp"), "fsdp shards over several processes: launch with torchrun"),
+    "deepspeed": (lambda w, t: run_config(w, t, lambda c: c.update(deepspeed="ds_zero2.json")), "DeepSpeed is not supported yet"),
     "fsdp quantized": (lambda w, t: train(w, t, "--fsdp", "--quantization_bit", "4"), "a quantized base (quantization_bit) does not run under FSDP2"),
 }  # fmt: skip
 

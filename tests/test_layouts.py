@@ -87,7 +87,8 @@ def test_trace_expands_in_order_with_its_scorings_and_runs(tmp_path, tiny_model_
     assert scorings["FOMC"] == "exact_match"
     assert main(["run", str(config), "--method", "seq_lora"]) == 0
     R = json.loads((tmp_path / "out" / "seq_lora" / "metrics.json").read_text())["matrices"]["plastic"]
-    assert len(R) == 9 and all(0.0 <= v <= 1.0 for row in R for v in row)
+    assert len(R) == 9 and all(0.0 <= v <= 1.0 for row in R for v in row if v is not None)
+    assert all(v is not None for v in R[0] + R[-1]) and R[1][2] is None  # seen_and_next: task 3 waits for task 2
 
 
 def test_generation_scores_come_from_the_metric_libraries():

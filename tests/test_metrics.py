@@ -46,3 +46,15 @@ def test_one_task_has_no_transfer_metrics():
 def test_malformed_matrix_is_rejected():
     with pytest.raises(ValueError, match=r"\(N\+1\) x N"):
         average_accuracy([[0.1, 0.2], [0.3, 0.4]])
+
+
+def test_no_metric_reads_a_task_beyond_the_next_one():
+    """Cells after task k for tasks beyond k + 1 may be None (eval_tasks: seen_and_next)."""
+    import random
+
+    rng = random.Random(0)
+    for n in (2, 3, 5):
+        R = [[rng.random() for _ in range(n)] for _ in range(n + 1)]
+        partial = [[None if 0 < k < n and i > k else v for i, v in enumerate(row)] for k, row in enumerate(R)]
+        assert sum(v is None for row in partial for v in row) == (n - 1) * (n - 2) // 2
+        assert all_metrics(partial) == all_metrics(R)

@@ -46,7 +46,8 @@ def test_three_task_run_writes_matrices_reports_and_resumes(config, tmp_path, mo
     for adapter in ("plastic", "stable"):
         R = summary["matrices"][adapter]
         assert len(R) == 4 and all(len(row) == 3 for row in R)
-        assert all(0.0 <= v <= 1.0 for row in R for v in row)
+        assert R[1][2] is None  # after task 1, task 3 is not scored (eval_tasks: seen_and_next)
+        assert all(0.0 <= v <= 1.0 for row in R for v in row if v is not None) and sum(v is None for row in R for v in row) == 1
         assert set(summary["metrics"][adapter]) == {"AP", "AvgAcc", "BWT", "FWT", "forgetting"}
     assert summary["matrices"]["plastic"][0] == summary["matrices"]["stable"][0]  # row 0: the same base model
     for name in ("report.md", "heatmap.png", "curves.png"):
@@ -130,6 +131,22 @@ def test_eval_command_scores_a_task_directory(config, tmp_path, tiny_model_dir, 
     saved = json.loads((task / "eval.json").read_text())["scores"]
     assert scores["stable"]["alpha"] == saved["stable"]["alpha"]["accuracy"]
     assert set(scores["plastic"]) == {"alpha", "beta", "gamma"}
+
+
+def test_scoring_only_seen_and_next_tasks_leaves_every_metric_as_scoring_all(config, tmp_path):
+    """After task k the default scores tasks 1..k+1: no CL metric reads a cell beyond, so the metrics
+    equal those of the full matrix (same training: seq-LoRA, same seed), with fewer test sets scored."""
+    settings = yaml.safe_load(config.read_text())
+    for scope in ("all", "seen_and_next"):
+        config.write_text(yaml.safe_dump({**settings, "eval_tasks": scope, "output_dir": str(tmp_path / scope)}))
+        assert main(["run", str(config), "--method", "seq_lora"]) == 0
+    full, due = (json.loads((tmp_path / s / "seq_lora" / "metrics.json").read_text()) for s in ("all", "seen_and_next"))
+    assert full["metrics"] == due["metrics"] and due["eval_tasks"] == "seen_and_next"
+    R_full, R_due = full["matrices"]["plastic"], due["matrices"]["plastic"]
+    assert R_due[1] == [R_full[1][0], R_full[1][1], None] and R_due[2:] == R_full[2:] and R_due[0] == R_full[0]
+    first = json.loads((tmp_path / "seen_and_next" / "seq_lora" / "tasks" / "1-alpha" / "eval.json").read_text())
+    assert set(first["scores"]["plastic"]) == {"alpha", "beta"}
+    assert "| 1. alpha | " in (tmp_path / "seen_and_next" / "seq_lora" / "report.md").read_text()
 
 
 def test_eval_max_rows_scores_the_same_seeded_subsample_after_every_task(config, tmp_path):

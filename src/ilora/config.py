@@ -315,6 +315,16 @@ def check_choices(choices: Any, where: str) -> list[str]:
     return choices
 
 
+EVAL_TASKS = ("seen_and_next", "all")
+
+
+def scored_tasks(names: list[str], k: int, last: bool, eval_tasks: str) -> list[str]:
+    """The tasks scored after training stage k (1-based); the last stage scores every task."""
+    if eval_tasks == "all" or last:
+        return list(names)
+    return list(names[: k + 1])
+
+
 @dataclass
 class RunArguments:
     """A task sequence (`ilora run`): the method and the ordered tasks."""
@@ -329,6 +339,14 @@ class RunArguments:
             "help": "Score at most this many test rows per task: a fixed subsample (seed 0), the same after every "
             "task, recorded in metrics.json. Every task is scored after every task, so evaluation grows with the "
             "square of the sequence's length; this bounds it. Default: every row."
+        },
+    )
+    eval_tasks: str = field(
+        default="seen_and_next",
+        metadata={
+            "help": "Which test sets are scored after task k: 'seen_and_next' (tasks 1..k+1: every cell AP, AvgAcc, "
+            "BWT, FWT and forgetting use; the base model and the last task score every task) or 'all' (the full "
+            "accuracy matrix, at about 1.6x the evaluation time of a 10-task sequence)."
         },
     )
 
@@ -347,6 +365,7 @@ class RunArguments:
         check_value("max_new_tokens", self.max_new_tokens, at_least(1), "must be >= 1")
         if self.eval_max_rows is not None:
             check_value("eval_max_rows", self.eval_max_rows, at_least(1), "must be >= 1 (or unset: every row)")
+        check_value("eval_tasks", self.eval_tasks, lambda v: v in EVAL_TASKS, f"must be one of {EVAL_TASKS}")
         if not self.tasks:
             raise ILoRAError("the config lists no tasks")
         names = [t.name for t in self.tasks]
@@ -410,7 +429,17 @@ def _with_options(parsed: tuple, method_arguments: dict[str, type] | None) -> tu
     return (*parsed[:4], dict(zip(names, parsed[4:])))
 
 
+# Run here with DeepSpeed 0.19.8 on 2 CPU processes: ZeRO-2 trains, but a resume goes through DeepSpeed's
+# own loader (ilora's buffer, EMA step and the frozen stable adapter are not restored) and its bf16 mode
+# casts the stable adapter to bf16; under ZeRO-3 every model loaded while its config is active is
+# partitioned, rank 0's evaluation model included.
+DEEPSPEED_REFUSED = ("DeepSpeed is not supported yet (a resume would lose ilora's buffer, EMA step and stable "
+                     "adapter); use DDP, or FSDP2 to shard: fsdp: true, fsdp_config: {version: 2}")  # fmt: skip
+
+
 def parse_argv(argv: list[str], classes: tuple[type, ...], prog: str) -> tuple:
+    if any(a.split("=")[0] == "--deepspeed" for a in argv):  # before the Trainer's arguments import it
+        raise ILoRAError(DEEPSPEED_REFUSED)
     argv, precision_flags = _take_precision_flags(argv)
     parser = ArgumentParser(classes, prog=prog)
     try:

@@ -9,7 +9,8 @@ before any training, so R has N + 1 rows.
     FWT         = 1/(N-1) sum_{i>=1}  ( R[i][i] - R[0][i] )           forward transfer (before task i is trained)
     Forgetting  = 1/(N-1) sum_{i<N-1} ( max_{k=i+1..N-1} R[k][i] - R[N][i] )
 
-BWT, FWT and forgetting need N >= 2; with one task they are None.
+BWT, FWT and forgetting need N >= 2; with one task they are None. After task k (0 < k < N) no metric
+reads a task beyond k + 1, so those cells may be None (`eval_tasks: seen_and_next` does not score them).
 """
 
 from __future__ import annotations

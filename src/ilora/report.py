@@ -87,12 +87,13 @@ def _heatmaps(path: Path, summary: dict) -> None:
     tasks, matrices = summary["tasks"], summary["matrices"]
     fig, axes = plt.subplots(1, len(matrices), figsize=(4.5 * len(matrices), 3.8), squeeze=False)
     for ax, (adapter, R) in zip(axes[0], matrices.items()):
-        image = ax.imshow([[100 * v for v in row] for row in R], vmin=0, vmax=100, cmap="viridis")
+        image = ax.imshow([[math.nan if v is None else 100 * v for v in row] for row in R], vmin=0, vmax=100, cmap="viridis")
         ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
         ax.set_yticks(range(len(R)), ["base"] + [f"after {k}" for k in range(1, len(R))])
         for k, row in enumerate(R):
             for i, value in enumerate(row):
-                ax.text(i, k, f"{100 * value:.0f}", ha="center", va="center", color="white", fontsize=8)
+                if value is not None:  # not scored at that point (eval_tasks: seen_and_next)
+                    ax.text(i, k, f"{100 * value:.0f}", ha="center", va="center", color="white", fontsize=8)
         ax.set_title(f"{summary['method']} / {adapter}")
     fig.colorbar(image, ax=axes[0].tolist(), label="accuracy (%)")
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -105,7 +106,8 @@ def _curves(path: Path, summary: dict) -> None:
     for adapter, R in summary["matrices"].items():
         style = "-" if adapter == "plastic" else "--"
         for i, task in enumerate(tasks):
-            ax.plot(range(len(R)), [100 * row[i] for row in R], style, marker="o", label=f"{task} ({adapter})")
+            ax.plot(range(len(R)), [math.nan if row[i] is None else 100 * row[i] for row in R], style, marker="o",
+                    label=f"{task} ({adapter})")  # fmt: skip
     ax.set_xticks(range(len(summary["matrices"]["plastic"])))
     ax.set_xlabel("tasks trained")
     ax.set_ylabel("accuracy (%)")
@@ -141,7 +143,8 @@ def _summary_problem(summary) -> str | None:
     for adapter, R in matrices.items():
         if not isinstance(R, list) or len(R) < 2 or any(not isinstance(row, list) or len(row) != len(tasks) for row in R):
             return f"the {adapter} accuracy matrix does not have one column per task"
-        if not all(_is_accuracy(v) for row in R for v in row):
+        # cells between may be None (not scored); the base row and the final row never are
+        if not all(v is None or _is_accuracy(v) for row in R for v in row) or None in R[0] + R[-1]:
             return f"the {adapter} accuracy matrix holds a value that is not an accuracy"
         metrics = values.get(adapter)
         if not isinstance(metrics, dict) or not all(v is None or _is_finite(v) for v in metrics.values()):

@@ -225,7 +225,7 @@ def settings_record(config: dict) -> dict:
         "method_options": config["method_options"] or {},
         "training": {key: config["training"][key] for key in TRAINING_SETTINGS},
         "tasks": {"tasks": [{k: v for k, v in task.items() if k not in ("train", "test")} for task in config["run"]["tasks"]]},
-        "evaluation": {key: config["run"][key] for key in ("eval_max_rows", "general_windows")},
+        "evaluation": {key: config["run"][key] for key in ("eval_max_rows", "eval_tasks", "general_windows")},
     }
     return json.loads(json.dumps(record))  # as it reads back from the file
 
@@ -236,20 +236,22 @@ def summary(run, adapters, base_row, results, timings, seconds, tests, joint: bo
     matrices, metric_table, distributions = {}, {}, {}
     for adapter in adapters:
         rows = [base_row] + [r["scores"][adapter] for r in results]
-        R = [[row[name]["accuracy"] for name in names] for row in rows]
+        # None: a task not scored at that point (eval_tasks: seen_and_next leaves out cells no metric uses)
+        R = [[row[name]["accuracy"] if name in row else None for name in names] for row in rows]
         matrices[adapter] = R
         if joint:
             metric_table[adapter] = {"AP": sum(R[-1]) / len(names)}  # one training stage: no transfer metrics
         else:
             metric_table[adapter] = metrics.all_metrics(R)
         distributions[adapter] = [
-            {name: dict(Counter(row[name]["predictions"]).most_common()) for name in names} for row in rows
+            {name: dict(Counter(row[name]["predictions"]).most_common()) for name in names if name in row} for row in rows
         ]
     return {
         "method": run.method,
         "tasks": names,
         "test_rows": {t.name: len(t) for t in tests},
         "eval_max_rows": run.eval_max_rows,
+        "eval_tasks": run.eval_tasks,
         "gold_distribution": {t.name: dict(Counter(t.answers).most_common()) for t in tests},
         "matrices": matrices,
         "metrics": metric_table,

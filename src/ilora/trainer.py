@@ -25,7 +25,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from . import methods, precision, sharding, taskdir
 from .adapters import PLASTIC, attach_adapters
 from .buffer import ReplayBuffer
-from .config import ILoRAArguments, check_training_arguments
+from .config import DEEPSPEED_REFUSED, ILoRAArguments, check_training_arguments
 from .data import PadCollator, prepare_dataset
 from .errors import ILoRAError
 from .loader import quantization_of
@@ -122,9 +122,8 @@ class ILoRATrainer(Trainer):
 
     def _check_parallelism(self, method_cls) -> None:
         """What runs sharded, and how it is checkpointed; one line for what cannot run."""
-        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        if self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3:
-            raise ILoRAError("DeepSpeed ZeRO-3 is not supported (not run by ilora's tests); use FSDP2: fsdp_config: {fsdp_version: 2}")
+        if self.is_deepspeed_enabled:
+            raise ILoRAError(DEEPSPEED_REFUSED)
         if self.is_fsdp_enabled:
             fsdp = self.accelerator.state.fsdp_plugin
             check_fsdp(fsdp.fsdp_version, fsdp.state_dict_type.name, method_cls, bool(self.quantization))

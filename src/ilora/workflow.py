@@ -32,6 +32,7 @@ from .config import (
     RunArguments,
     TaskSpec,
     parse_run_config,
+    scored_tasks,
 )
 from .data import encode_rows
 from .formats import read_data
@@ -197,8 +198,10 @@ def run_sequence(
     stages = [run.tasks] if method.trains_jointly else [[t] for t in run.tasks]
     task_dirs = [run_dir / rundir.TASKS_DIR / f"{k}-{_stage_name(run, stage)}" for k, stage in enumerate(stages, 1)]
     rows = {t.name: len(t) for t in tests}
-    for task_dir in task_dirs:  # damaged state is found now, not after hours of training
-        _check_saved_task(task_dir, adapters, rows, method.uses_replay(method_args))
+    # the test sets scored after each stage, and their row counts (what each eval.json must hold)
+    scored = [_rows_of(rows, scored_tasks(list(rows), k, k == len(stages), run.eval_tasks)) for k in range(1, len(stages) + 1)]
+    for task_dir, due in zip(task_dirs, scored):  # damaged state is found now, not after hours of training
+        _check_saved_task(task_dir, adapters, due, method.uses_replay(method_args))
     if distributed.rank() == 0:
         rundir.write_json(run_dir / rundir.SETTINGS_FILE, settings)  # once model and test sets load: bad input leaves nothing
     autocast = precision.autocast_dtype(training_args.bf16, training_args.fp16)  # evaluation as trained
@@ -218,16 +221,16 @@ def run_sequence(
             log.info("task %d/%d %s: finished earlier, skipped", k, len(stages), name)
         else:
             _train_and_evaluate(
-                k, stage, name, task_dir, previous, train_rows, tokenizer, scorer, method,
+                k, stage, name, task_dir, previous, train_rows, tokenizer, scorer, list(scored[k - 1]), method,
                 model_args, data_args, method_args, training_args, method_options,
             )  # fmt: skip
         previous = (task_dir, name)
         if not evaluates:
             continue
-        saved = rundir.read_eval(task_dir / rundir.EVAL_FILE, adapters, rows, general=windows is not None)
+        saved = rundir.read_eval(task_dir / rundir.EVAL_FILE, adapters, scored[k - 1], general=windows is not None)
         results.append(saved)
         timings.append(saved["timings"])
-        log.info(_summary_line(k, len(stages), name, saved, adapters, [t.name for t in run.tasks]))
+        log.info(_summary_line(k, len(stages), name, saved, adapters, list(scored[k - 1])))
 
     if not evaluates:
         return run_dir
@@ -241,6 +244,10 @@ def run_sequence(
     rundir.write_json(run_dir / rundir.METRICS_FILE, summary)
     report.write_report(run_dir, summary)
     return run_dir
+
+
+def _rows_of(rows: dict[str, int], names: list[str]) -> dict[str, int]:
+    return {name: rows[name] for name in names}
 
 
 def subsample(rows: list[dict], limit: int | None, seed: int = 0) -> list[dict]:
@@ -280,9 +287,9 @@ def _check_saved_task(task_dir: Path, adapters: list[str], rows: dict[str, int],
             taskdir.read_json(checkpoint / taskdir.CHECKPOINT_MARKER, "checkpoint marker")
 
 
-def _train_and_evaluate(k, stage, name, task_dir, previous, train_rows, tokenizer, scorer, method,
+def _train_and_evaluate(k, stage, name, task_dir, previous, train_rows, tokenizer, scorer, scored, method,
                         model_args, data_args, method_args, training_args, method_options) -> None:  # fmt: skip
-    """Train the stage unless its task directory is finished; rank 0 then scores every test set."""
+    """Train the stage unless its task directory is finished; rank 0 then scores the test sets `scored`."""
     began = time.time()
     model = None
     if taskdir.is_finished(task_dir):  # trained, but the evaluation was interrupted
@@ -317,7 +324,7 @@ def _train_and_evaluate(k, stage, name, task_dir, previous, train_rows, tokenize
         if model is None:
             model = _saved_task_model(task_dir, model_args, training_args)
         evaluated = method.evaluated(model, method_args)
-        scores = {report: scorer.score(model, names) for report, names in evaluated.items()}
+        scores = {report: scorer.score(model, names, scored) for report, names in evaluated.items()}
         record = {"scores": scores}
         if scorer.windows is not None:
             record["general"] = {report: scorer.perplexity(model, names) for report, names in evaluated.items()}
@@ -342,11 +349,13 @@ class _Scorer:
         self.batch_size, self.max_new_tokens, self.autocast = batch_size, max_new_tokens, autocast
         self.quiet = quiet  # the Trainer's disable_tqdm: no progress bars at all
 
-    def score(self, model, adapters: list[str] | None) -> dict[str, dict]:
-        """Every test set, with `adapters` summed in the forward (the base model when None)."""
+    def score(self, model, adapters: list[str] | None, only: list[str] | None = None) -> dict[str, dict]:
+        """Every test set (or those named in `only`), with `adapters` summed in the forward (the base
+        model when None)."""
         results = {}
         label = "+".join(adapters) if adapters else "base"
-        for test in tqdm(self.tests, desc=f"eval {label}", leave=False, disable=self.quiet):
+        tests = [t for t in self.tests if only is None or t.name in only]
+        for test in tqdm(tests, desc=f"eval {label}", leave=False, disable=self.quiet):
             if adapters is None:
                 results[test.name] = self._evaluate(model, test)
             else:
