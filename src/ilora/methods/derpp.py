@@ -43,6 +43,7 @@ class DERppArguments:
 
 class DERpp(Method):
     name = "derpp"
+    runs_sharded = True
     Arguments = DERppArguments
     replays = True
 

@@ -36,6 +36,7 @@ class LwFArguments:
 
 class LwF(Method):
     name = "lwf"
+    runs_sharded = True
     Arguments = LwFArguments
 
     @classmethod
