@@ -429,10 +429,10 @@ def _with_options(parsed: tuple, method_arguments: dict[str, type] | None) -> tu
     return (*parsed[:4], dict(zip(names, parsed[4:])))
 
 
-# Run here with DeepSpeed 0.19.8 on 2 CPU processes: ZeRO-2 trains, but a resume goes through DeepSpeed's
-# own loader (ilora's buffer, EMA step and the frozen stable adapter are not restored) and its bf16 mode
-# casts the stable adapter to bf16; under ZeRO-3 every model loaded while its config is active is
-# partitioned, rank 0's evaluation model included.
+# Run here with DeepSpeed 0.19.8 on 2 CPU processes: ZeRO-2 trains; ZeRO-3 partitions every model loaded
+# while its config is active, rank 0's evaluation model included. Read in the Trainer: a resume goes
+# through DeepSpeed's own loader (ilora's buffer, EMA step and the frozen stable adapter are not
+# restored), and DeepSpeed's bf16 mode keeps the stable adapter in bf16.
 DEEPSPEED_REFUSED = ("DeepSpeed is not supported yet (a resume would lose ilora's buffer, EMA step and stable "
                      "adapter); use DDP, or FSDP2 to shard: fsdp: true, fsdp_config: {version: 2}")  # fmt: skip
 
