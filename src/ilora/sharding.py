@@ -25,6 +25,12 @@ def local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
 
 
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor whole, differentiably: a sharded one is gathered (its gradient flows back to this
+    rank's slice), any other is itself. For terms computed on the parameters outside the forward."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 @torch.no_grad()
 def full_adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every LoRA tensor whole, on the CPU, keyed as in `model.state_dict()`. A collective: every rank

@@ -16,6 +16,7 @@ from peft.tuners.lora import LoraLayer
 
 from ..adapters import PLASTIC, load_adapter
 from ..config import at_least, check_value
+from ..sharding import whole
 from .base import Method
 
 PREFIX = "olora-"
@@ -35,6 +36,7 @@ class OLoRAArguments:
 
 class OLoRA(Method):
     name = "olora"
+    runs_sharded = True
     Arguments = OLoRAArguments
     saved_prefixes = (PREFIX,)
 
@@ -64,17 +66,17 @@ class OLoRA(Method):
             self.record("orthogonality_loss", orthogonality)
             loss = loss + self.options.olora_lambda1 * orthogonality
         if self.options.olora_lambda2 > 0:
-            loss = loss + self.options.olora_lambda2 * sum((t**2).sum() for t in self.adapters.plastic)
+            loss = loss + self.options.olora_lambda2 * sum((whole(t) ** 2).sum() for t in self.adapters.plastic)
         return self.watch(loss)
 
 
 def orthogonality_loss(layers, old: list[str]) -> torch.Tensor:
     """sum over layers and earlier tasks of |A_old A_new^T|, element-wise L1."""
     total = 0.0
-    for layer in layers:
-        new = layer.lora_A[PLASTIC].weight
+    for layer in layers:  # whole: under FSDP2 the parameters are this rank's slices
+        new = whole(layer.lora_A[PLASTIC].weight)
         for name in old:
-            total = total + (layer.lora_A[name].weight @ new.T).abs().sum()
+            total = total + (whole(layer.lora_A[name].weight) @ new.T).abs().sum()
     return total
 
 
