@@ -111,8 +111,6 @@ CASES = {
     "compare not a run": (lambda w, t: ["compare", str(t)], "no metrics.json"),
     # FSDP settings ilora cannot train with: refused before anything is read, in one process too
     "fsdp1": (lambda w, t: train(w, t, "--fsdp", "--fsdp_config", '{"version": 1}'), "FSDP1 flattens parameters"),
-    "fsdp method not sharded": (lambda w, t: run_config(w, t, lambda c: c.update(method="ewc", fsdp=True)),
-                                "method ewc does not run under FSDP2 in ilora (these do: seq_lora, er, joint, ilora, lwf, derpp, olora)"),
     "fsdp full state dict": (lambda w, t: train(w, t, "--fsdp", "--fsdp_config", '{"state_dict_type": "FULL_STATE_DICT"}'),
                              "fsdp state_dict_type FULL_STATE_DICT"),
     "fsdp one process": (lambda w, t: train(w, t, "--fsdp"), "fsdp shards over several processes: launch with torchrun"),

@@ -85,13 +85,15 @@ def test_a_two_task_fsdp2_run_shards_saves_whole_adapters_and_matches_ddp(fsdp_r
     assert len(metrics["matrices"]["stable"]) == 3  # base row + one per task: rank 0 scored the saved tasks
 
 
-@pytest.mark.parametrize("method", ["lwf", "derpp", "olora"])
+@pytest.mark.parametrize("method", ["er", "lwf", "derpp", "olora", "ewc"])
 def test_a_baseline_under_fsdp2_matches_ddp(method, tiny_model_dir, tmp_path):
-    """LwF's frozen teacher, DER++'s stored logits and O-LoRA's penalties on the gathered A matrices (its
-    gradient reaches the slices: without it task 2's adapter differs by 6e-3) run sharded too."""
+    """LwF's frozen teacher, DER++'s stored logits, O-LoRA's penalties on the gathered A matrices (its
+    gradient reaches the slices: without it task 2's adapter differs by 6e-3) and EWC's Fisher (per-row
+    gradients through FSDP's backward) run sharded too."""
     runs = {}
     for name, sharded in (("fsdp", FSDP), ("ddp", {})):
-        result = ilora_run(config(tmp_path, tiny_model_dir, name, method=method, derpp_top_k=8, **sharded))
+        result = ilora_run(config(tmp_path, tiny_model_dir, name, method=method, derpp_top_k=8,
+                                  ewc_fisher_samples=4, **sharded))  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
         runs[name] = tmp_path / name / method / "tasks"
     for task in TASKS:
@@ -100,6 +102,10 @@ def test_a_baseline_under_fsdp2_matches_ddp(method, tiny_model_dir, tmp_path):
             sharded, replicated = (load_file(str(runs[n] / task / name / "adapter_model.safetensors")) for n in runs)
             for key in sharded:
                 torch.testing.assert_close(sharded[key], replicated[key], atol=1e-4, rtol=0)
+        if method == "ewc":  # FSDP2's mixed precision runs the Fisher's forward in the training precision
+            state = [load_file(str(runs[n] / task / "method_state.safetensors")) for n in runs]
+            for key in state[0]:
+                torch.testing.assert_close(state[0][key], state[1][key], atol=1e-4, rtol=0.05)
         for rank in (0, 1) if method == "derpp" else ():  # the same rows replayed; stored logits to float16 precision
             sharded, replicated = (load_file(str(runs[n] / task / "buffer" / f"rank-{rank}" / "buffer.safetensors")) for n in runs)
             assert all(torch.equal(sharded[k], replicated[k]) for k in ("input_ids", "labels", "lengths"))

@@ -86,7 +86,7 @@ class ILoRATrainer(Trainer):
             data_collator=data_collator or PadCollator(pad_token_id),
             **kwargs,
         )
-        self._check_parallelism(method_cls)
+        self._check_parallelism()
         # compute_loss returns a per-micro-batch mean: let the Trainer divide by the accumulation steps
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
@@ -120,13 +120,13 @@ class ILoRATrainer(Trainer):
             state.fsdp_plugin = FullyShardedDataParallelPlugin(**(plugin_args or {}))
             self.is_fsdp_enabled = True
 
-    def _check_parallelism(self, method_cls) -> None:
+    def _check_parallelism(self) -> None:
         """What runs sharded, and how it is checkpointed; one line for what cannot run."""
         if self.is_deepspeed_enabled:
             raise ILoRAError(DEEPSPEED_REFUSED)
         if self.is_fsdp_enabled:
             fsdp = self.accelerator.state.fsdp_plugin
-            check_fsdp(fsdp.fsdp_version, fsdp.state_dict_type.name, method_cls, bool(self.quantization))
+            check_fsdp(fsdp.fsdp_version, fsdp.state_dict_type.name, bool(self.quantization))
 
     def _previous_task(self, model, peft_config, method_cls, args) -> taskdir.PreviousTask | None:
         ilora_args = self.ilora_args
@@ -265,13 +265,10 @@ def requested_fsdp(args: TrainingArguments) -> tuple[int, str] | None:
     return args.fsdp_plugin_args["fsdp_version"], (args.fsdp_config or {}).get("state_dict_type", "SHARDED_STATE_DICT")
 
 
-def check_fsdp(version: int, state_dict_type: str, method_cls, quantized: bool) -> None:
+def check_fsdp(version: int, state_dict_type: str, quantized: bool) -> None:
     """One line for an FSDP setting ilora cannot train with."""
     if version != 2:
         raise ILoRAError("FSDP1 flattens parameters, so the stable adapter cannot be paired with the plastic one: set fsdp_config: {version: 2}")
-    if not method_cls.runs_sharded:
-        runs = ", ".join(name for name in methods.names() if methods.get(name).runs_sharded)
-        raise ILoRAError(f"method {method_cls.name} does not run under FSDP2 in ilora (these do: {runs}); use DDP")
     if quantized:
         raise ILoRAError("a quantized base (quantization_bit) does not run under FSDP2 in ilora; use one process or DDP")
     if state_dict_type != "SHARDED_STATE_DICT":

@@ -64,7 +64,7 @@ def train_task(
 ) -> Path:
     """Train one task, starting from `ilora_args.previous_task_model` if given, and write its outputs."""
     method_options = chosen_options(ilora_args.method, options, refuse_others=True)  # before anything else
-    _check_fsdp(training_args, methods.get(ilora_args.method), model_args)
+    _check_fsdp(training_args, model_args)
     outputs = taskdir.planned_outputs(training_args.output_dir, ilora_args, data_args.overwrite_output_dir,
                                       _resume_path(training_args.resume_from_checkpoint))  # fmt: skip
     output_dir = outputs.output_dir
@@ -98,12 +98,12 @@ def chosen_options(method: str, options: dict | None, refuse_others: bool):
     return (options or {}).get(method)
 
 
-def _check_fsdp(training_args: TrainingArguments, method_cls, model_args: ModelArguments) -> None:
+def _check_fsdp(training_args: TrainingArguments, model_args: ModelArguments) -> None:
     """FSDP settings ilora cannot train with are refused before anything is read or written."""
     requested = requested_fsdp(training_args)
     if requested is None:
         return
-    check_fsdp(*requested, method_cls, model_args.quantization is not None)
+    check_fsdp(*requested, model_args.quantization is not None)
     if training_args.world_size < 2:
         raise ILoRAError("fsdp shards over several processes: launch with torchrun --nproc_per_node N (or accelerate launch)")
 
@@ -179,7 +179,7 @@ def run_sequence(
     rundir.check_run_dir(run_dir)
     method_args = method_arguments(run.method, ilora_args)
     method_options = chosen_options(run.method, options, refuse_others=False)  # one config may serve several methods
-    _check_fsdp(training_args, method, model_args)
+    _check_fsdp(training_args, model_args)
     adapters = method.reports(method_args)  # what is scored: plastic, and stable for I-LoRA
 
     train_rows = {t.name: read_data(t.train, t.dataset_dir, t.columns) for t in run.tasks}  # all data errors first

@@ -19,7 +19,9 @@ A method is one class in one module of `ilora.methods`, registered by one line i
   saved_adapters(args) -> [names] / saved_prefixes  classmethod: adapters written as PEFT directories
 
 The optimizer trains the plastic adapter and nothing else (the trainer checks it); every other
-adapter a method adds is frozen. Shared here: the reservoir buffer (for methods that replay), the
+adapter a method adds is frozen. Under FSDP2 the parameters are this rank's slices: a term computed on
+them outside the forward takes them `sharding.whole` (O-LoRA's, EWC's penalties), and gradients reach
+them only through the model's backward (EWC's Fisher); tests/test_fsdp.py runs each method against DDP. Shared here: the reservoir buffer (for methods that replay), the
 finite flag that watches for divergence without a host sync per step, and logging means.
 """
 
@@ -44,7 +46,6 @@ class Method:
     Arguments: ClassVar[type | None] = None  # the method's own hyperparameters (a dataclass), if any
     replays: ClassVar[bool] = False  # draws rows from the reservoir buffer (with ilora_buffer_size > 0)
     trains_jointly: ClassVar[bool] = False  # one stage over every task's data (the upper bound)
-    runs_sharded: ClassVar[bool] = False  # runs under FSDP2 (tested with 2 processes)
 
     # ----------------------------------------------------------- set-up
     @classmethod

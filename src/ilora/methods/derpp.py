@@ -43,7 +43,6 @@ class DERppArguments:
 
 class DERpp(Method):
     name = "derpp"
-    runs_sharded = True
     Arguments = DERppArguments
     replays = True
 

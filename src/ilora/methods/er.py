@@ -9,7 +9,6 @@ from .base import Method, causal_lm_loss, split_rows
 
 class ER(Method):
     name = "er"
-    runs_sharded = True
     replays = True
 
     def loss(self, batch, forward=None):

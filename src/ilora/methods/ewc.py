@@ -16,6 +16,7 @@ import torch
 from .. import distributed
 from ..config import at_least, check_value
 from ..errors import ILoRAError
+from ..sharding import whole
 from .base import Method, causal_lm_loss, split_rows
 
 
@@ -52,7 +53,7 @@ class EWC(Method):
         ce = self.current_rows_loss(batch, forward)[0]
         loss = ce
         if self.fisher is not None:
-            penalty = ewc_penalty(self.adapters.plastic, self.fisher, self.anchor)
+            penalty = ewc_penalty([whole(t) for t in self.adapters.plastic], self.fisher, self.anchor)
             self.record("ewc_penalty", penalty)
             loss = ce + self.options.ewc_lambda / 2 * penalty
         return self.watch(loss)
@@ -64,24 +65,38 @@ class EWC(Method):
             self.fisher = task_fisher
         else:
             self.fisher = [self.options.ewc_gamma * f + g for f, g in zip(self.fisher, task_fisher)]
-        self.anchor = [t.detach().clone() for t in self.adapters.plastic]
+        self.anchor = [whole(t).detach().clone() for t in self.adapters.plastic]
 
     def estimate_fisher(self, batches) -> list[torch.Tensor]:
         """Mean squared per-example gradient of the row's log-likelihood over the first
         `ewc_fisher_samples` rows (the same rows on every rank; the mean over ranks keeps them equal)."""
-        plastic = self.adapters.plastic
-        fisher = [torch.zeros_like(t) for t in plastic]
+        fisher = [torch.zeros(t.shape, dtype=t.dtype, device=self.device) for t in self.adapters.plastic]
         rows = (row for batch in batches for row in zip(*split_rows(batch)))
         seen = 0
         for row_ids, row_labels in itertools.islice(rows, self.options.ewc_fisher_samples):
             logits = self.model(input_ids=row_ids[None].to(self.device)).logits
-            grads = torch.autograd.grad(causal_lm_loss(logits, row_labels[None].to(self.device)), plastic)
+            grads = self._gradients(causal_lm_loss(logits, row_labels[None].to(self.device)))
             for f, g in zip(fisher, grads):
                 f += g.detach() ** 2
             seen += 1
         if seen == 0:
             raise ILoRAError("EWC: the task has no rows to estimate the Fisher information from")
         return [distributed.mean_(f / seen) for f in fisher]
+
+    def _gradients(self, loss: torch.Tensor) -> list[torch.Tensor]:
+        """d loss / d plastic, whole. Sharded (FSDP2), the forward ran on gathered copies of the
+        parameters, so the gradient reaches them only through FSDP's backward, reduce-scattered over
+        the ranks: every rank scores the same row, so their mean is the row's gradient."""
+        plastic = self.adapters.plastic
+        if not self.adapters.sharded:
+            return list(torch.autograd.grad(loss, plastic))
+        for t in plastic:
+            t.grad = None
+        loss.backward()
+        grads = [whole(t.grad) for t in plastic]
+        for t in plastic:
+            t.grad = None
+        return grads
 
     def state(self):
         if self.fisher is None:

@@ -34,7 +34,6 @@ from .base import Method, causal_lm_loss, split_rows
 
 class ILoRA(Method):
     name = "ilora"
-    runs_sharded = True
     replays = True
 
     @classmethod

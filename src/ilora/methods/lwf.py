@@ -36,7 +36,6 @@ class LwFArguments:
 
 class LwF(Method):
     name = "lwf"
-    runs_sharded = True
     Arguments = LwFArguments
 
     @classmethod

@@ -36,7 +36,6 @@ class OLoRAArguments:
 
 class OLoRA(Method):
     name = "olora"
-    runs_sharded = True
     Arguments = OLoRAArguments
     saved_prefixes = (PREFIX,)
 

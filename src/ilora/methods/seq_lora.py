@@ -10,7 +10,6 @@ from .base import Method
 
 class SeqLoRA(Method):
     name = "seq_lora"
-    runs_sharded = True
 
     def loss(self, batch, forward=None):
         ce = self.current_rows_loss(batch, forward)[0]
