@@ -182,7 +182,9 @@ class AdapterPair:
     def stable_checksum(self) -> float:
         """Sum and sum of squares of every stable weight: equal on ranks holding equal adapters. Sharded,
         the slices' sums add up over the ranks (a collective), so every rank reports the whole adapter's."""
-        total = sum((t.double().sum() + t.double().pow(2).sum() for t in self._stable_local), torch.zeros((), dtype=torch.float64))
+        total = torch.zeros((), dtype=torch.float64, device=self._plastic_local[0].device)
+        for t in self._stable_local:
+            total += t.double().sum() + t.double().pow(2).sum()
         if self.sharded:
             total = distributed.sum_(total)
         return float(total)

@@ -21,8 +21,9 @@ A method is one class in one module of `ilora.methods`, registered by one line i
 The optimizer trains the plastic adapter and nothing else (the trainer checks it); every other
 adapter a method adds is frozen. Under FSDP2 the parameters are this rank's slices: a term computed on
 them outside the forward takes them `sharding.whole` (O-LoRA's, EWC's penalties), and gradients reach
-them only through the model's backward (EWC's Fisher); tests/test_fsdp.py runs each method against DDP. Shared here: the reservoir buffer (for methods that replay), the
-finite flag that watches for divergence without a host sync per step, and logging means.
+them only through the model's backward (EWC's Fisher); tests/test_fsdp.py runs each method against DDP.
+Shared here: the reservoir buffer (for methods that replay), the finite flag that watches for
+divergence without a host sync per step, and logging means.
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ After each optimizer step:
   5. stable <- a * stable + (1 - a) * plastic,  a = min(1 - 1/(t+1), ema_alpha),  t = optimizer steps
      since the first task began (carried across tasks).
 
-Two forward passes, one of them without grad and with the LM head on one position only. Nothing here reads a value
-back to the host: statistics stay on the device until `pop_logs()` is called at the log interval.
+Two forward passes, one of them without grad and with the LM head on one position only. Nothing here
+reads a value back to the host: statistics stay on the device until `pop_logs()` is called at the log
+interval.
 The options live in `ILoRAArguments` (the library's own arguments).
 """
 
