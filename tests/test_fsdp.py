@@ -43,10 +43,12 @@ def ilora_run(config: Path, kill=("none", "0"), env=None):
 
 
 def config(tmp_path, model_dir, name, **settings) -> Path:
-    # plain SGD, no dropout: DDP and FSDP2 then differ only by the order of the gradient reduction
+    # plain SGD, no dropout: DDP and FSDP2 then differ only by the order of the gradient reduction;
+    # selective update: the stable pass with the LM head over the whole batch, the decision agreed by the ranks
     values = two_task_config(tmp_path, model_dir, per_device_train_batch_size=2, seed=1, num_train_epochs=2,
                              optim="sgd", learning_rate=0.1, lora_dropout=0.0, save_steps=1, ddp_backend="gloo",
-                             output_dir=str(tmp_path / name), **settings)  # fmt: skip
+                             selective_update=True, min_update_threshold=0.0, output_dir=str(tmp_path / name),
+                             **settings)  # fmt: skip
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(values))
     return path
