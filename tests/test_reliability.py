@@ -182,6 +182,10 @@ USER_DATA = {
     "compare --out is a file": (lambda w, t: ["compare", str(w["run"] / "out" / "ilora"), "--out", str(w["data"])],
                                 BAD_INPUT, "good.jsonl is a file"),
     "demo --output_dir is a file": (lambda w, t: ["demo", "--output_dir", str(w["data"])], BAD_INPUT, "good.jsonl is a file"),
+    "demo --seed negative": (lambda w, t: ["demo", "--seed", "-1", "--output_dir", str(t / "d")], BAD_INPUT,
+                             "--seed must be >= 0"),
+    "demo --seed with --full": (lambda w, t: ["demo", "--full", "--seed", "1", "--output_dir", str(t / "d")], BAD_INPUT,
+                                "the full benchmark runs seeds 0, 1 and 2"),
     "demo --output_dir is a user folder": (lambda w, t: ["demo", "--output_dir", str(w["thesis"])], BAD_INPUT,
                                            "already holds files that are not an ilora demo"),
     "compare --out holds a user's compare.md": (

@@ -93,8 +93,11 @@ def command_demo(argv: list[str]) -> None:
     parser = _simple_parser("ilora demo", "offline continual-learning benchmark on SmolLM2-135M-Instruct")
     parser.add_argument("--full", action="store_true", help="the full benchmark: 4 tasks, every method, 3 seeds")
     parser.add_argument("--output_dir", type=Path, help="default runs/demo (runs/full with --full)")
+    parser.add_argument("--seed", type=int, help="the demo's training seed (default 0; the data split stays the same)")
     opts = parser.parse_args(argv)
-    print(run_demo(opts.full, opts.output_dir))
+    if opts.seed is not None and (opts.full or opts.seed < 0):
+        raise ILoRAError("--seed: the full benchmark runs seeds 0, 1 and 2" if opts.full else "--seed must be >= 0")
+    print(run_demo(opts.full, opts.output_dir, seed=opts.seed))
 
 
 RESUME_HINTS = {

@@ -31,11 +31,13 @@ FULL = {"tasks": ["tweets", "debate", "reviews", "kind"], "n_train": 400, "n_tes
         "methods": ["ilora", "ewc", "lwf", "derpp", "olora", "seq_lora", "er", "joint"], "seeds": [0, 1, 2], "max_chars": 300}  # fmt: skip
 
 
-def run_demo(full: bool = False, output_dir: Path | None = None, overrides: dict | None = None) -> str:
-    """Build the offline benchmark, run every method on it, and return the comparison table."""
+def run_demo(full: bool = False, output_dir: Path | None = None, overrides: dict | None = None,
+             seed: int | None = None) -> str:
+    """Build the offline benchmark, run every method on it, and return the comparison table.
+    `seed` replaces the demo's training seed (the full plan has its own three)."""
     from .corpora import build_benchmark, general_text
 
-    plan = FULL if full else DEMO
+    plan = FULL if full else DEMO if seed is None else {**DEMO, "seeds": [seed]}
     root = Path(output_dir or ("runs/full" if full else "runs/demo"))
     check_directory_target(root, "--output_dir")
     if root.is_dir() and any(root.iterdir()) and not _is_demo_dir(root):
