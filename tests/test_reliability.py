@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from helpers import first_task
 from ilora.cli import main
+from ilora.errors import ILoRAError
 from tiny import save_tiny_model, sentiment_rows, tiny_tokenizer, two_task_config, write_jsonl
 
 TRAIN = ["--lora_target", "q_proj,v_proj", "--lora_rank", "4", "--max_steps", "2", "--report_to", "none",
@@ -630,3 +631,29 @@ def test_a_demo_directory_from_before_the_marker_is_still_the_demos(tmp_path):
     (tmp_path / "thesis.txt").unlink()
     (tmp_path / "config.yaml").unlink()
     assert not demo._is_demo_dir(tmp_path)  # method folders alone could be anyone's
+
+
+@pytest.mark.parametrize("marker", [None, {"full": False}, {"full": False, "tasks": ["tweets"]}])
+def test_a_demo_directory_of_other_tasks_is_refused_untouched(tmp_path, marker):
+    from ilora import demo
+
+    if marker is not None:
+        (tmp_path / demo.DEMO_MARKER).write_text(json.dumps(marker))
+    for name in ("data", "config.yaml", "seq_lora"):
+        (tmp_path / name).mkdir() if name != "config.yaml" else (tmp_path / name).write_text("seed: 0\n")
+    (tmp_path / "seq_lora" / "settings.json").write_text("{}")
+    before = snapshot(tmp_path)
+    with pytest.raises(ILoRAError, match="holds a demo of other tasks"):
+        demo.run_demo(output_dir=tmp_path)
+    assert snapshot(tmp_path) == before
+
+
+def test_a_demo_directory_with_nothing_trained_is_reused(tmp_path, monkeypatch):
+    from ilora import demo
+
+    (tmp_path / demo.DEMO_MARKER).write_text(json.dumps({"full": False}))
+    (tmp_path / "config.yaml").write_text("seed: 0\n")
+    demo._check_same_tasks(tmp_path, False, demo.DEMO["tasks"])  # no error: no run has trained there
+    (tmp_path / demo.DEMO_MARKER).write_text(json.dumps({"full": False, "tasks": demo.DEMO["tasks"]}))
+    (tmp_path / "seq_lora").mkdir()
+    demo._check_same_tasks(tmp_path, False, demo.DEMO["tasks"])  # the same tasks: continues

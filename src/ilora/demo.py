@@ -15,6 +15,7 @@ import yaml
 from . import report, taskdir
 from .config import load_yaml_mapping
 from .errors import ILoRAError
+from .jsonfile import read_json
 from .paths import check_directory_target
 from .workflow import load_run_config, run_sequence
 
@@ -40,10 +41,13 @@ def run_demo(full: bool = False, output_dir: Path | None = None, overrides: dict
     plan = FULL if full else DEMO if seed is None else {**DEMO, "seeds": [seed]}
     root = Path(output_dir or ("runs/full" if full else "runs/demo"))
     check_directory_target(root, "--output_dir")
-    if root.is_dir() and any(root.iterdir()) and not _is_demo_dir(root):
-        raise ILoRAError(f"--output_dir {root} already holds files that are not an ilora demo; choose another directory")
+    if root.is_dir() and any(root.iterdir()):
+        if not _is_demo_dir(root):
+            raise ILoRAError(f"--output_dir {root} already holds files that are not an ilora demo; choose another directory")
+        _check_same_tasks(root, full, plan["tasks"])
     root.mkdir(parents=True, exist_ok=True)
-    taskdir.write_json_atomically(root / DEMO_MARKER, {"full": full})  # says: this directory is the demo's to rewrite
+    # says: this directory is the demo's to rewrite, and which tasks its runs trained on
+    taskdir.write_json_atomically(root / DEMO_MARKER, {"full": full, "tasks": plan["tasks"]})
     entries = build_benchmark(root / "data", plan["tasks"], plan["n_train"], plan["n_test"], 0, plan["max_chars"])
     base_config = load_yaml_mapping(Path(__file__).parent / "configs" / "demo.yaml")
     if full:
@@ -76,6 +80,25 @@ DEMO_MARKER = "ilora_demo.json"
 # What a demo directory holds; one written before the marker existed is recognised by these names alone.
 DEMO_ENTRIES = {"data", "config.yaml", "base_eval.json", "compare.md", "compare.png", "summary.md", "summary.json",
                 *FULL["methods"]}  # fmt: skip
+
+
+# The tasks of a demo directory whose marker does not name them (written before the demo was resized).
+EARLIER_TASKS = {False: ["tweets", "debate", "reviews"], True: FULL["tasks"]}
+
+
+def _check_same_tasks(root: Path, full: bool, tasks: list[str]) -> None:
+    """A demo directory whose runs trained on other tasks cannot continue: say so, rather than let each
+    run report its train files as changed."""
+    if all(p.name in ("data", "config.yaml", DEMO_MARKER) for p in root.iterdir()):
+        return  # nothing trained yet
+    marker = root / DEMO_MARKER
+    recorded = read_json(marker, "demo marker") if marker.is_file() else {}
+    if not isinstance(recorded, dict):
+        raise ILoRAError(f"{marker}: damaged demo marker (not a JSON object)")
+    earlier = recorded.get("tasks", EARLIER_TASKS[full])
+    if earlier != tasks:
+        raise ILoRAError(f"--output_dir {root} holds a demo of other tasks ({earlier}; this one trains on {tasks}): "
+                         "choose another directory or delete that one")
 
 
 def _is_demo_dir(root: Path) -> bool:
