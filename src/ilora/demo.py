@@ -21,9 +21,10 @@ from .workflow import load_run_config, run_sequence
 
 log = logging.getLogger(__name__)
 
-# Sized to finish in 15 minutes on a 2-core CPU without native bf16 (fp32), measured: two tasks with short
-# texts that SmolLM2 learns in 24 steps (the earlier plan's tweets and debate stayed near chance at this
-# size, so nothing was there to forget), and that interfere: plot-or-review is lost when spam is learned.
+# Sized for 15 minutes on a 2-core CPU without native bf16 (fp32). Measured with torch's AVX2 kernels:
+# `make demo` on a fresh clone in 7 minutes; the demo alone in 8.7 with one thread. Two tasks with short
+# texts that SmolLM2 learns in 24 steps, and that interfere: plot-or-review is lost when spam is learned
+# (the earlier plan's tweets and debate stayed near chance at this size: nothing learned, nothing to forget).
 DEMO = {"tasks": ["kind", "spam"], "n_train": 96, "n_test": 48,
         "methods": ["seq_lora", "er", "ilora"], "seeds": [0], "max_chars": 100}  # fmt: skip
 # Every registered method. I-LoRA and the baselines added with the plug-in interface come first: when a
