@@ -28,3 +28,15 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def ddp_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """test_fsdp's two-task run under DDP (2 processes), which its FSDP2 run and test_deepspeed's ZeRO-2
+    run must equal: run once for both."""
+    from test_fsdp import config, ilora_run
+
+    root = tmp_path_factory.mktemp("ddp")
+    result = ilora_run(config(root, tiny_model_dir, "ddp"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "ddp"

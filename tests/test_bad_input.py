@@ -114,7 +114,13 @@ CASES = {
     "fsdp full state dict": (lambda w, t: train(w, t, "--fsdp", "--fsdp_config", '{"state_dict_type": "FULL_STATE_DICT"}'),
                              "fsdp state_dict_type FULL_STATE_DICT"),
     "fsdp one process": (lambda w, t: train(w, t, "--fsdp"), "fsdp shards over several processes: launch with torchrun"),
-    "deepspeed": (lambda w, t: run_config(w, t, lambda c: c.update(deepspeed="ds_zero2.json")), "DeepSpeed is not supported yet"),
+    # DeepSpeed runs ZeRO-0/1/2 in fp32 (tests/test_deepspeed.py); the rest is refused before anything loads
+    "deepspeed no file": (lambda w, t: run_config(w, t, lambda c: c.update(deepspeed="ds_zero2.json")), "ds_zero2.json: no such file"),
+    "deepspeed zero3": (lambda w, t: train(w, t, "--deepspeed", '{"zero_optimization": {"stage": 3}}'), "DeepSpeed ZeRO-3 is not supported yet"),
+    "deepspeed bad stage": (lambda w, t: train(w, t, "--deepspeed", '{"zero_optimization": {"stage": 4}}'), "zero_optimization.stage must be 0, 1, 2 or 3"),
+    "deepspeed bf16 config": (lambda w, t: train(w, t, "--deepspeed", '{"bf16": {"enabled": true}}'), "DeepSpeed's bf16 mode casts the whole model to 16 bits"),
+    "deepspeed bad json": (lambda w, t: train(w, t, "--deepspeed", '{"zero_optimization": '), "--deepspeed: not valid JSON"),
+    "deepspeed not an object": (lambda w, t: run_config(w, t, lambda c: (t / "ds.json").write_text("[2]") and c.update(deepspeed="ds.json")), "ds.json: not a JSON object"),
     "fsdp quantized": (lambda w, t: train(w, t, "--fsdp", "--quantization_bit", "4"), "a quantized base (quantization_bit) does not run under FSDP2"),
 }  # fmt: skip
 

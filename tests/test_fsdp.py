@@ -66,9 +66,7 @@ def fsdp_run(tiny_model_dir, tmp_path_factory):
     return root / "fsdp"
 
 
-def test_a_two_task_fsdp2_run_shards_saves_whole_adapters_and_matches_ddp(fsdp_run, tiny_model_dir, tmp_path):
-    ddp = ilora_run(config(tmp_path, tiny_model_dir, "ddp"))
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+def test_a_two_task_fsdp2_run_shards_saves_whole_adapters_and_matches_ddp(fsdp_run, ddp_run, tiny_model_dir):
     for task in TASKS:
         directory = fsdp_run / "ilora" / "tasks" / task
         checkpoint = sorted(directory.glob("checkpoint-*"))[-1]
@@ -77,7 +75,7 @@ def test_a_two_task_fsdp2_run_shards_saves_whole_adapters_and_matches_ddp(fsdp_r
         first, second = manifest["stable_checksum_per_rank"]  # the slices' sums, added over the ranks
         assert first == second
         for name in ("plastic", "stable"):
-            sharded, replicated = adapter(fsdp_run, task, name), adapter(tmp_path / "ddp", task, name)
+            sharded, replicated = adapter(fsdp_run, task, name), adapter(ddp_run, task, name)
             assert sharded.keys() == replicated.keys() and len(sharded) == 8
             for key in sharded:  # float32 sums in another order, over 16 steps: 1e-5 measured
                 torch.testing.assert_close(sharded[key], replicated[key], atol=1e-4, rtol=0)

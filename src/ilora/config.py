@@ -7,8 +7,10 @@ existing YAML configs carry over. Training itself is configured by transformers'
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
+import os
 import re
 from collections.abc import Callable
 import dataclasses
@@ -22,6 +24,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from . import precision
 from .errors import ILoRAError
+from .jsonfile import read_json
 from .suggest import did_you_mean
 
 _TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -404,7 +407,7 @@ TRAIN_ARGUMENTS = (ModelArguments, DataArguments, ILoRAArguments, TrainingArgume
 # directory (the rule for every path in a config, tasks' files included); on the command line, from
 # the working directory, as with any command.
 PATH_KEYS = ("model_name_or_path", "model", "dataset", "dataset_dir", "output_dir", "previous_task_model",
-             "ema_adapter_path", "logging_dir", "resume_from_checkpoint", "general", "data_dir")  # fmt: skip
+             "ema_adapter_path", "logging_dir", "resume_from_checkpoint", "general", "data_dir", "deepspeed")  # fmt: skip
 NOT_PATHS = {"smollm2", "true", "false", "last", "True", "False"}  # names and flags those keys also accept
 # Keys that LLaMA-Factory writes as comma-separated strings and YAML users write as lists.
 COMMA_LISTS = ("lora_target",)
@@ -429,17 +432,60 @@ def _with_options(parsed: tuple, method_arguments: dict[str, type] | None) -> tu
     return (*parsed[:4], dict(zip(names, parsed[4:])))
 
 
-# Run here with DeepSpeed 0.19.8 on 2 CPU processes: ZeRO-2 trains; ZeRO-3 partitions every model loaded
-# while its config is active, rank 0's evaluation model included. Read in the Trainer: a resume goes
-# through DeepSpeed's own loader (ilora's buffer, EMA step and the frozen stable adapter are not
-# restored), and DeepSpeed's bf16 mode keeps the stable adapter in bf16.
-DEEPSPEED_REFUSED = ("DeepSpeed is not supported yet (a resume would lose ilora's buffer, EMA step and stable "
-                     "adapter); use DDP, or FSDP2 to shard: fsdp: true, fsdp_config: {version: 2}")  # fmt: skip
+# DeepSpeed ZeRO-0/1/2 train in fp32: the engine then holds whole parameters, so the EMA, the stable pass and
+# saving are those of DDP. Refused, before anything loads: ZeRO-3 (it partitions every model loaded while its
+# config is active, rank 0's evaluation model included; the EMA would have to run on its partitions) and
+# DeepSpeed's bf16/fp16 modes, which cast the whole module, stable adapter included, to 16 bits, where an
+# EMA step (a few percent of a small difference) is lost to rounding.
+DEEPSPEED_HALF = ("DeepSpeed's {mode} mode casts the whole model to 16 bits, the stable adapter too, and the EMA's "
+                  "small steps are lost to rounding: train DeepSpeed in fp32 (bf16: false, fp16: false), or use DDP "
+                  "or FSDP2, which keep the adapters in fp32 under autocast")  # fmt: skip
+
+
+def deepspeed_config(argv: list[str]) -> dict | None:
+    """The DeepSpeed config given by `--deepspeed FILE_OR_JSON`, read and checked; None without one."""
+    values = [a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
+              for i, a in enumerate(argv) if a.split("=")[0] == "--deepspeed"]  # fmt: skip
+    if not values:
+        return None
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ILoRAError("--deepspeed needs the deepspeed package: pip install 'ilora[deepspeed]'")
+    value = values[-1]
+    if value.lstrip().startswith("{"):
+        config = _json_value(value, "--deepspeed")
+    else:
+        config = read_json(Path(value), "DeepSpeed config") if Path(value).is_file() else None
+        if config is None:
+            raise ILoRAError(f"--deepspeed {value}: no such file")
+    if not isinstance(config, dict):
+        raise ILoRAError(f"--deepspeed {value}: not a JSON object")
+    check_deepspeed(config, f"--deepspeed {value}")
+    return config
+
+
+def check_deepspeed(config: dict, where: str) -> None:
+    """ZeRO-0/1/2 in fp32 only (see above): one line for anything else."""
+    zero = config.get("zero_optimization") or {}
+    if not isinstance(zero, dict) or zero.get("stage", 0) not in (0, 1, 2, 3):
+        raise ILoRAError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3")
+    if zero.get("stage", 0) == 3:
+        raise ILoRAError("DeepSpeed ZeRO-3 is not supported yet (it partitions the evaluation model too, and the EMA "
+                         "would have to run on its partitions): use ZeRO-2, or FSDP2 to shard the base model: "
+                         "fsdp: true, fsdp_config: {version: 2}")  # fmt: skip
+    for mode in ("bf16", "fp16"):
+        if isinstance(config.get(mode), dict) and config[mode].get("enabled") is True:
+            raise ILoRAError(f"{where}: " + DEEPSPEED_HALF.format(mode=mode))
+
+
+def _json_value(text: str, what: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ILoRAError(f"{what}: not valid JSON ({err.msg} at character {err.pos})") from None
 
 
 def parse_argv(argv: list[str], classes: tuple[type, ...], prog: str) -> tuple:
-    if any(a.split("=")[0] == "--deepspeed" for a in argv):  # before the Trainer's arguments import it
-        raise ILoRAError(DEEPSPEED_REFUSED)
+    deepspeed_config(argv)  # before the Trainer's arguments import deepspeed and read the file
     argv, precision_flags = _take_precision_flags(argv)
     parser = ArgumentParser(classes, prog=prog)
     try:
@@ -488,6 +534,13 @@ def _with_precision(args: TrainingArguments, flags: dict[str, str]) -> TrainingA
     device = "cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu"
     hardware = precision.detect(device)
     requested = {k: precision.parse_flag(k, flags.get(k, precision.AUTO)) for k in ("bf16", "fp16")}
+    # DeepSpeed (a config, or `accelerate launch --use_deepspeed`) would cast the stable adapter to 16 bits:
+    # auto means fp32 there
+    if args.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        for mode in ("bf16", "fp16"):
+            if requested[mode] is True:
+                raise ILoRAError(f"--{mode} true with --deepspeed: " + DEEPSPEED_HALF.format(mode=mode))
+        requested = {"bf16": False, "fp16": False}
     bf16, fp16 = precision.choose(requested["bf16"], requested["fp16"], hardware)
     if (bf16, fp16) == (args.bf16, args.fp16):
         return args

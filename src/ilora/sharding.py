@@ -46,8 +46,9 @@ def full_adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapters(model: torch.nn.Module, directory: Path) -> None:
     """Every rank's slices of every LoRA tensor, as a torch.distributed.checkpoint directory (a
-    collective). Accelerate's FSDP checkpoint keeps only the active adapter; the stable one (and any
-    other a method adds) must survive a crash too."""
+    collective). Accelerate's FSDP checkpoint keeps only the active adapter, DeepSpeed's leaves every
+    frozen one out (its tensors are whole on every rank: written once); the stable one (and any other
+    a method adds) must survive a crash too."""
     dcp.save(_adapter_slices(model), checkpoint_id=str(directory))
 
 

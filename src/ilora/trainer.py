@@ -25,7 +25,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from . import methods, precision, sharding, taskdir
 from .adapters import PLASTIC, attach_adapters
 from .buffer import ReplayBuffer
-from .config import DEEPSPEED_REFUSED, ILoRAArguments, check_training_arguments
+from .config import ILoRAArguments, check_deepspeed, check_training_arguments
 from .data import PadCollator, prepare_dataset
 from .errors import ILoRAError
 from .loader import quantization_of
@@ -122,8 +122,9 @@ class ILoRATrainer(Trainer):
 
     def _check_parallelism(self) -> None:
         """What runs sharded, and how it is checkpointed; one line for what cannot run."""
-        if self.is_deepspeed_enabled:
-            raise ILoRAError(DEEPSPEED_REFUSED)
+        if self.is_deepspeed_enabled:  # an Accelerate-launched config has not been through ilora's flags
+            plugin = self.accelerator.state.deepspeed_plugin
+            check_deepspeed(plugin.deepspeed_config, "the DeepSpeed config")
         if self.is_fsdp_enabled:
             fsdp = self.accelerator.state.fsdp_plugin
             check_fsdp(fsdp.fsdp_version, fsdp.state_dict_type.name, bool(self.quantization))
@@ -186,10 +187,15 @@ class ILoRATrainer(Trainer):
         self.method.check_finite(f"by optimizer step {self.state.global_step}", adapters=True)
         super()._save_checkpoint(model, trial)
         folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-        if sharding.is_sharded(self.model):
+        if self._adapters_outside_trainer_checkpoint():
             sharding.save_adapters(self.model, folder / taskdir.SHARDED_ADAPTERS)
         taskdir.save_checkpoint_state(folder, self.method.step, self.ilora_args.current_task_id, self.method.buffer,
                                       self.method.state())  # fmt: skip
+
+    def _adapters_outside_trainer_checkpoint(self) -> bool:
+        """Accelerate's FSDP checkpoint of a PEFT model keeps only the active adapter, DeepSpeed's leaves out
+        every frozen parameter: under either, ilora checkpoints every adapter itself."""
+        return sharding.is_sharded(self.model) or self.is_deepspeed_enabled
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         folder = Path(resume_from_checkpoint)
@@ -197,7 +203,20 @@ class ILoRATrainer(Trainer):
         step, buffer, method_state = taskdir.load_checkpoint_state(folder, with_buffer=self.method.buffer is not None)
         logger.info("resuming from %s", folder)
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if sharding.is_sharded(self.model):
+        self._restore(folder, step, buffer, method_state)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """A DeepSpeed resume never calls `_load_from_checkpoint` (the engine loads its own checkpoint
+        first); this runs on every resume path, after the model's weights are loaded."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self.is_deepspeed_enabled:
+            folder = Path(checkpoint)
+            step, buffer, method_state = taskdir.load_checkpoint_state(folder, with_buffer=self.method.buffer is not None)
+            logger.info("resuming from %s", folder)
+            self._restore(folder, step, buffer, method_state)
+
+    def _restore(self, folder: Path, step: int, buffer, method_state) -> None:
+        if self._adapters_outside_trainer_checkpoint():
             sharding.load_adapters(self.model, taskdir.sharded_adapters(folder))
         self.method.restore(step, buffer)
         self.method.load_state(*method_state)
