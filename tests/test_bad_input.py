@@ -120,6 +120,8 @@ CASES = {
     "deepspeed bad stage": (lambda w, t: train(w, t, "--deepspeed", '{"zero_optimization": {"stage": 4}}'), "zero_optimization.stage must be 0, 1, 2 or 3"),
     "deepspeed bf16 config": (lambda w, t: train(w, t, "--deepspeed", '{"bf16": {"enabled": true}}'), "DeepSpeed's bf16 mode casts the whole model to 16 bits"),
     "deepspeed bad json": (lambda w, t: train(w, t, "--deepspeed", '{"zero_optimization": '), "--deepspeed: not valid JSON"),
+    "deepspeed without a launcher": (lambda w, t: train(w, t, "--deepspeed", '{"zero_optimization": {"stage": 2}}'),
+                                     "--deepspeed runs under a launcher that starts its processes"),
     "deepspeed not an object": (lambda w, t: run_config(w, t, lambda c: (t / "ds.json").write_text("[2]") and c.update(deepspeed="ds.json")), "ds.json: not a JSON object"),
     "fsdp quantized": (lambda w, t: train(w, t, "--fsdp", "--quantization_bit", "4"), "a quantized base (quantization_bit) does not run under FSDP2"),
 }  # fmt: skip

@@ -95,3 +95,20 @@ def test_a_run_with_auto_records_the_precision_and_hardware_it_used(tiny_model_d
     here = precision.detect("cpu")
     assert manifest["hardware"]["precision"] == ("bf16" if here.native_bf16 else "fp32")
     assert manifest["hardware"]["name"] == here.name and manifest["hardware"]["capability"] == here.capability
+
+
+@pytest.mark.parametrize("launch", ["config", "accelerate"])
+def test_under_deepspeed_auto_is_fp32_and_forced_half_precision_is_refused(launch, monkeypatch):
+    """DeepSpeed's bf16/fp16 modes would cast the stable adapter to 16 bits."""
+    from types import SimpleNamespace
+
+    from ilora.config import _with_precision
+
+    monkeypatch.setattr(precision, "detect", lambda device: H100)  # auto would pick bf16 here
+    if launch == "accelerate":  # `accelerate launch --use_deepspeed`: no deepspeed setting, the environment says so
+        monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    args = SimpleNamespace(use_cpu=False, deepspeed="ds.json" if launch == "config" else None, bf16=False, fp16=False)
+    assert _with_precision(args, {}) is args  # auto: fp32, nothing to change
+    for flag in ("bf16", "fp16"):
+        with pytest.raises(ILoRAError, match=f"--{flag} true with --deepspeed: DeepSpeed's {flag} mode casts"):
+            _with_precision(args, {flag: "true"})

@@ -442,12 +442,12 @@ DEEPSPEED_HALF = ("DeepSpeed's {mode} mode casts the whole model to 16 bits, the
                   "or FSDP2, which keep the adapters in fp32 under autocast")  # fmt: skip
 
 
-def deepspeed_config(argv: list[str]) -> dict | None:
-    """The DeepSpeed config given by `--deepspeed FILE_OR_JSON`, read and checked; None without one."""
+def check_deepspeed_argument(argv: list[str]) -> None:
+    """The DeepSpeed config given by `--deepspeed FILE_OR_JSON`, if any, read and checked."""
     values = [a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
               for i, a in enumerate(argv) if a.split("=")[0] == "--deepspeed"]  # fmt: skip
     if not values:
-        return None
+        return
     if importlib.util.find_spec("deepspeed") is None:
         raise ILoRAError("--deepspeed needs the deepspeed package: pip install 'ilora[deepspeed]'")
     value = values[-1]
@@ -460,7 +460,9 @@ def deepspeed_config(argv: list[str]) -> dict | None:
     if not isinstance(config, dict):
         raise ILoRAError(f"--deepspeed {value}: not a JSON object")
     check_deepspeed(config, f"--deepspeed {value}")
-    return config
+    if "LOCAL_RANK" not in os.environ:  # DeepSpeed would look for MPI and fail with a traceback
+        raise ILoRAError("--deepspeed runs under a launcher that starts its processes: torchrun --nproc_per_node N, "
+                         "accelerate launch or deepspeed")  # fmt: skip
 
 
 def check_deepspeed(config: dict, where: str) -> None:
@@ -485,7 +487,7 @@ def _json_value(text: str, what: str):
 
 
 def parse_argv(argv: list[str], classes: tuple[type, ...], prog: str) -> tuple:
-    deepspeed_config(argv)  # before the Trainer's arguments import deepspeed and read the file
+    check_deepspeed_argument(argv)  # before the Trainer's arguments import deepspeed and read the file
     argv, precision_flags = _take_precision_flags(argv)
     parser = ArgumentParser(classes, prog=prog)
     try:
