@@ -145,3 +145,26 @@ def test_bad_input(case, world, tmp_path, capsys):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.json")), "partial output written"
     assert (world["t1"] / "ilora_task.json").read_text() == t1_manifest
     json.loads(t1_manifest)
+
+
+# what `accelerate launch --use_deepspeed ...` exports (accelerate/utils/launch.py): checked before anything loads
+ACCELERATE_DEEPSPEED = {
+    "zero3": ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "DeepSpeed ZeRO-3 is not supported yet"),
+    "mixed precision": ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "2", "ACCELERATE_MIXED_PRECISION": "bf16"},
+                        "accelerate launch --mixed_precision bf16 with DeepSpeed: DeepSpeed's bf16 mode casts"),
+    "config file zero3": ({"ACCELERATE_DEEPSPEED_CONFIG_FILE": "{tmp}/ds.json"}, "DeepSpeed ZeRO-3 is not supported yet"),
+    "config file missing": ({"ACCELERATE_DEEPSPEED_CONFIG_FILE": "{tmp}/none.json"}, "none.json: missing (DeepSpeed config)"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(ACCELERATE_DEEPSPEED))
+def test_an_accelerate_launched_deepspeed_ilora_cannot_train_is_one_line(case, world, tmp_path, capsys, monkeypatch):
+    env, message = ACCELERATE_DEEPSPEED[case]
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    for key, value in {"ACCELERATE_USE_DEEPSPEED": "true", **env}.items():
+        monkeypatch.setenv(key, value.format(tmp=tmp_path))
+    capsys.readouterr()
+    assert main(train(world, tmp_path)) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "out").exists()

@@ -442,8 +442,11 @@ DEEPSPEED_HALF = ("DeepSpeed's {mode} mode casts the whole model to 16 bits, the
                   "or FSDP2, which keep the adapters in fp32 under autocast")  # fmt: skip
 
 
-def check_deepspeed_argument(argv: list[str]) -> None:
-    """The DeepSpeed config given by `--deepspeed FILE_OR_JSON`, if any, read and checked."""
+def check_deepspeed_request(argv: list[str]) -> None:
+    """DeepSpeed asked for by `--deepspeed FILE_OR_JSON` or by `accelerate launch --use_deepspeed` (its
+    environment), checked before anything loads: ZeRO-3 would partition even the model rank 0 scores."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        _check_accelerate_deepspeed()
     values = [a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
               for i, a in enumerate(argv) if a.split("=")[0] == "--deepspeed"]  # fmt: skip
     if not values:
@@ -465,15 +468,34 @@ def check_deepspeed_argument(argv: list[str]) -> None:
                          "accelerate launch or deepspeed")  # fmt: skip
 
 
+def _check_accelerate_deepspeed() -> None:
+    """`accelerate launch --use_deepspeed [--zero_stage N] [--deepspeed_config_file F] [--mixed_precision M]`
+    passes its settings through the environment (accelerate/utils/launch.py)."""
+    if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        raise ILoRAError(DEEPSPEED_ZERO3)
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if path:
+        config = read_json(Path(path), "DeepSpeed config")
+        if not isinstance(config, dict):
+            raise ILoRAError(f"{path}: not a JSON object")
+        check_deepspeed(config, path)
+    mode = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if mode in ("bf16", "fp16"):
+        raise ILoRAError(f"accelerate launch --mixed_precision {mode} with DeepSpeed: " + DEEPSPEED_HALF.format(mode=mode))
+
+
+DEEPSPEED_ZERO3 = ("DeepSpeed ZeRO-3 is not supported yet (it partitions the evaluation model too, and the EMA would "
+                   "have to run on its partitions): use ZeRO-2, or FSDP2 to shard the base model: fsdp: true, "
+                   "fsdp_config: {version: 2}")  # fmt: skip
+
+
 def check_deepspeed(config: dict, where: str) -> None:
     """ZeRO-0/1/2 in fp32 only (see above): one line for anything else."""
     zero = config.get("zero_optimization") or {}
     if not isinstance(zero, dict) or zero.get("stage", 0) not in (0, 1, 2, 3):
         raise ILoRAError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3")
     if zero.get("stage", 0) == 3:
-        raise ILoRAError("DeepSpeed ZeRO-3 is not supported yet (it partitions the evaluation model too, and the EMA "
-                         "would have to run on its partitions): use ZeRO-2, or FSDP2 to shard the base model: "
-                         "fsdp: true, fsdp_config: {version: 2}")  # fmt: skip
+        raise ILoRAError(DEEPSPEED_ZERO3)
     for mode in ("bf16", "fp16"):
         if isinstance(config.get(mode), dict) and config[mode].get("enabled") is True:
             raise ILoRAError(f"{where}: " + DEEPSPEED_HALF.format(mode=mode))
@@ -487,7 +509,7 @@ def _json_value(text: str, what: str):
 
 
 def parse_argv(argv: list[str], classes: tuple[type, ...], prog: str) -> tuple:
-    check_deepspeed_argument(argv)  # before the Trainer's arguments import deepspeed and read the file
+    check_deepspeed_request(argv)  # before the Trainer's arguments import deepspeed and read the file
     argv, precision_flags = _take_precision_flags(argv)
     parser = ArgumentParser(classes, prog=prog)
     try:
