@@ -6,12 +6,9 @@ adapter out). ZeRO-3 and DeepSpeed's bf16/fp16 modes are refused in one line (te
 import json
 
 import pytest
-import torch
-from peft import PeftModel
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
-from test_fsdp import TASKS, adapter, config, ilora_run
+from test_fsdp import (TASKS, assert_method_outputs_equal, assert_same_adapters, assert_task_equals_ddp_and_loads, config,
+                       ilora_run, method_runs_beside_ddp)
 
 pytest.importorskip("deepspeed")  # `make test` installs it (the deepspeed extra)
 
@@ -34,17 +31,10 @@ def zero2_run(tiny_model_dir, tmp_path_factory):
 
 def test_a_two_task_zero2_run_equals_ddp_and_saves_loadable_adapters(zero2_run, ddp_run, tiny_model_dir):
     for task in TASKS:
-        directory = zero2_run / "ilora" / "tasks" / task
-        checkpoint = sorted(directory.glob("checkpoint-*"))[-1]
+        checkpoint = sorted((zero2_run / "ilora" / "tasks" / task).glob("checkpoint-*"))[-1]
         assert list(checkpoint.glob("global_step*")), "no DeepSpeed checkpoint: DeepSpeed did not run"
         assert (checkpoint / "ilora_adapters_sharded" / ".metadata").is_file()
-        for name in ("plastic", "stable"):
-            zero2, replicated = adapter(zero2_run, task, name), adapter(ddp_run, task, name)
-            assert zero2.keys() == replicated.keys() and len(zero2) == 8
-            for key in zero2:  # the same fp32 arithmetic, the gradient reduced in another order
-                torch.testing.assert_close(zero2[key], replicated[key], atol=1e-4, rtol=0)
-            base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-            assert isinstance(PeftModel.from_pretrained(base, directory / name), PeftModel)
+        assert_task_equals_ddp_and_loads(zero2_run, ddp_run, tiny_model_dir, task)
     manifest = json.loads((zero2_run / "ilora" / "tasks" / TASKS[1] / "ilora_task.json").read_text())
     assert manifest["hardware"]["precision"] == "fp32"  # bf16: auto means fp32 under DeepSpeed
 
@@ -55,10 +45,7 @@ def test_a_zero2_run_killed_mid_task_resumes_bitwise_identical(zero2_run, tiny_m
     resumed = ilora_run(path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stderr
-    for task in TASKS:
-        for name in ("plastic", "stable"):
-            clean, killed = adapter(zero2_run, task, name), adapter(tmp_path / "zero2", task, name)
-            assert all(torch.equal(clean[k], killed[k]) for k in clean), f"{task} {name} differs"
+    assert_same_adapters(zero2_run, tmp_path / "zero2")
 
 
 # what `accelerate launch --use_deepspeed --zero_stage 2` exports (accelerate/utils/launch.py)
@@ -71,9 +58,7 @@ def test_accelerate_launched_zero2_trains_the_same_run_in_fp32(zero2_run, tiny_m
     assert result.returncode == 0, result.stderr[-3000:]
     for task in TASKS:
         assert list((tmp_path / "launched" / "ilora" / "tasks" / task / "checkpoint-8").glob("global_step*"))
-        for name in ("plastic", "stable"):
-            clean, launched = adapter(zero2_run, task, name), adapter(tmp_path / "launched", task, name)
-            assert all(torch.equal(clean[k], launched[k]) for k in clean), f"{task} {name} differs"
+    assert_same_adapters(zero2_run, tmp_path / "launched")
 
 
 @pytest.mark.parametrize("method", ["ewc", "olora"])  # LwF, DER++ and ER passed too, once (README): forward-only extras
@@ -82,19 +67,6 @@ def test_a_baseline_under_zero2_matches_ddp(method, tiny_model_dir, tmp_path):
     gradient hooks must not fire); O-LoRA's penalties act on the whole matrices and its earlier LoRAs are
     frozen, left out of DeepSpeed's checkpoint like the stable adapter."""
     (tmp_path / "ds_zero2.json").write_text(json.dumps(ZERO2))
-    runs = {}
-    for name, settings in (("zero2", {"deepspeed": "ds_zero2.json"}), ("ddp", {})):
-        result = ilora_run(config(tmp_path, tiny_model_dir, name, method=method, derpp_top_k=8, ewc_fisher_samples=4,
-                                  **settings))  # fmt: skip
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[name] = tmp_path / name / method / "tasks"
+    runs = method_runs_beside_ddp(tmp_path, tiny_model_dir, method, ("zero2", {"deepspeed": "ds_zero2.json"}))
     for task in TASKS:
-        adapters = json.loads((runs["zero2"] / task / "ilora_task.json").read_text())["adapters"].values()
-        for name in adapters:  # O-LoRA: the earlier task's frozen LoRA too
-            zero2, replicated = (load_file(str(runs[n] / task / name / "adapter_model.safetensors")) for n in runs)
-            for key in zero2:
-                torch.testing.assert_close(zero2[key], replicated[key], atol=1e-4, rtol=0)
-        if method == "ewc":  # anchors as the adapters; the Fisher, squared gradients of those adapters, to 5%
-            state = [load_file(str(runs[n] / task / "method_state.safetensors")) for n in runs]
-            for key in state[0]:
-                torch.testing.assert_close(state[0][key], state[1][key], atol=1e-4, rtol=0.05)
+        assert_method_outputs_equal(runs, task, method)

@@ -66,6 +66,26 @@ def fsdp_run(tiny_model_dir, tmp_path_factory):
     return root / "fsdp"
 
 
+def assert_same_adapters(clean: Path, other: Path) -> None:
+    """Every task's plastic and stable adapters bitwise equal in two runs."""
+    for task in TASKS:
+        for name in ("plastic", "stable"):
+            a, b = adapter(clean, task, name), adapter(other, task, name)
+            assert all(torch.equal(a[k], b[k]) for k in a), f"{task} {name} differs"
+
+
+def assert_task_equals_ddp_and_loads(run: Path, ddp_run: Path, model_dir: Path, task: str) -> None:
+    """Both adapters of `task` equal the DDP run's to 1e-4 (float32 sums in another order, over 16 steps:
+    1e-5 measured) and load with `PeftModel.from_pretrained`."""
+    for name in ("plastic", "stable"):
+        got, replicated = adapter(run, task, name), adapter(ddp_run, task, name)
+        assert got.keys() == replicated.keys() and len(got) == 8
+        for key in got:
+            torch.testing.assert_close(got[key], replicated[key], atol=1e-4, rtol=0)
+        base = AutoModelForCausalLM.from_pretrained(model_dir)
+        assert isinstance(PeftModel.from_pretrained(base, run / "ilora" / "tasks" / task / name), PeftModel)
+
+
 def test_a_two_task_fsdp2_run_shards_saves_whole_adapters_and_matches_ddp(fsdp_run, ddp_run, tiny_model_dir):
     for task in TASKS:
         directory = fsdp_run / "ilora" / "tasks" / task
@@ -74,15 +94,35 @@ def test_a_two_task_fsdp2_run_shards_saves_whole_adapters_and_matches_ddp(fsdp_r
         manifest = json.loads((directory / "ilora_task.json").read_text())
         first, second = manifest["stable_checksum_per_rank"]  # the slices' sums, added over the ranks
         assert first == second
-        for name in ("plastic", "stable"):
-            sharded, replicated = adapter(fsdp_run, task, name), adapter(ddp_run, task, name)
-            assert sharded.keys() == replicated.keys() and len(sharded) == 8
-            for key in sharded:  # float32 sums in another order, over 16 steps: 1e-5 measured
-                torch.testing.assert_close(sharded[key], replicated[key], atol=1e-4, rtol=0)
-            base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-            assert isinstance(PeftModel.from_pretrained(base, directory / name), PeftModel)
+        assert_task_equals_ddp_and_loads(fsdp_run, ddp_run, tiny_model_dir, task)
     metrics = json.loads((fsdp_run / "ilora" / "metrics.json").read_text())
     assert len(metrics["matrices"]["stable"]) == 3  # base row + one per task: rank 0 scored the saved tasks
+
+
+def method_runs_beside_ddp(tmp_path: Path, model_dir: Path, method: str, parallel: tuple[str, dict]) -> dict[str, Path]:
+    """The method's two-task run under `parallel` (a name and its settings) and under DDP: their task folders."""
+    runs = {}
+    for name, settings in (parallel, ("ddp", {})):
+        result = ilora_run(config(tmp_path, model_dir, name, method=method, derpp_top_k=8, ewc_fisher_samples=4,
+                                  **settings))  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = tmp_path / name / method / "tasks"
+    return runs
+
+
+def assert_method_outputs_equal(runs: dict[str, Path], task: str, method: str) -> None:
+    """Every adapter the task saved (O-LoRA: the earlier task's frozen LoRA too) to 1e-4; EWC's anchors to
+    1e-4 and its Fisher, squared gradients of adapters that differ by that much, to 5% (under FSDP2 its
+    forward also runs in the training precision)."""
+    first, second = runs.values()
+    for name in json.loads((first / task / "ilora_task.json").read_text())["adapters"].values():
+        a, b = (load_file(str(run / task / name / "adapter_model.safetensors")) for run in (first, second))
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=0)
+    if method == "ewc":
+        a, b = (load_file(str(run / task / "method_state.safetensors")) for run in (first, second))
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=0.05)
 
 
 @pytest.mark.parametrize("method", ["er", "lwf", "derpp", "olora", "ewc"])
@@ -90,22 +130,9 @@ def test_a_baseline_under_fsdp2_matches_ddp(method, tiny_model_dir, tmp_path):
     """LwF's frozen teacher, DER++'s stored logits, O-LoRA's penalties on the gathered A matrices (its
     gradient reaches the slices: without it task 2's adapter differs by 6e-3) and EWC's Fisher (per-row
     gradients through FSDP's backward) run sharded too."""
-    runs = {}
-    for name, sharded in (("fsdp", FSDP), ("ddp", {})):
-        result = ilora_run(config(tmp_path, tiny_model_dir, name, method=method, derpp_top_k=8,
-                                  ewc_fisher_samples=4, **sharded))  # fmt: skip
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[name] = tmp_path / name / method / "tasks"
+    runs = method_runs_beside_ddp(tmp_path, tiny_model_dir, method, ("fsdp", FSDP))
     for task in TASKS:
-        adapters = json.loads((runs["fsdp"] / task / "ilora_task.json").read_text())["adapters"].values()
-        for name in adapters:  # O-LoRA: the earlier task's frozen LoRA too
-            sharded, replicated = (load_file(str(runs[n] / task / name / "adapter_model.safetensors")) for n in runs)
-            for key in sharded:
-                torch.testing.assert_close(sharded[key], replicated[key], atol=1e-4, rtol=0)
-        if method == "ewc":  # FSDP2's mixed precision runs the Fisher's forward in the training precision
-            state = [load_file(str(runs[n] / task / "method_state.safetensors")) for n in runs]
-            for key in state[0]:
-                torch.testing.assert_close(state[0][key], state[1][key], atol=1e-4, rtol=0.05)
+        assert_method_outputs_equal(runs, task, method)
         for rank in (0, 1) if method == "derpp" else ():  # the same rows replayed; stored logits to float16 precision
             sharded, replicated = (load_file(str(runs[n] / task / "buffer" / f"rank-{rank}" / "buffer.safetensors")) for n in runs)
             assert all(torch.equal(sharded[k], replicated[k]) for k in ("input_ids", "labels", "lengths"))
@@ -127,10 +154,7 @@ def test_an_fsdp2_run_killed_mid_task_resumes_bitwise_identical(fsdp_run, tiny_m
     resumed = ilora_run(path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stderr
-    for task in TASKS:
-        for name in ("plastic", "stable"):
-            clean, killed = adapter(fsdp_run, task, name), adapter(tmp_path / "fsdp", task, name)
-            assert all(torch.equal(clean[k], killed[k]) for k in clean), f"{task} {name} differs"
+    assert_same_adapters(fsdp_run, tmp_path / "fsdp")
 
 
 def test_an_accelerate_fsdp2_config_trains_the_same_run(fsdp_run, tiny_model_dir, tmp_path):
@@ -139,6 +163,4 @@ def test_an_accelerate_fsdp2_config_trains_the_same_run(fsdp_run, tiny_model_dir
     assert result.returncode == 0, result.stderr[-3000:]
     for task in TASKS:
         assert (tmp_path / "launched" / "ilora" / "tasks" / task / "checkpoint-8" / "pytorch_model_fsdp_0").is_dir()
-        for name in ("plastic", "stable"):
-            clean, launched = adapter(fsdp_run, task, name), adapter(tmp_path / "launched", task, name)
-            assert all(torch.equal(clean[k], launched[k]) for k in clean), f"{task} {name} differs"
+    assert_same_adapters(fsdp_run, tmp_path / "launched")
