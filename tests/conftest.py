@@ -40,3 +40,22 @@ def ddp_run(tiny_model_dir, tmp_path_factory) -> Path:
     result = ilora_run(config(root, tiny_model_dir, "ddp"))
     assert result.returncode == 0, result.stderr[-3000:]
     return root / "ddp"
+
+
+@pytest.fixture(scope="session")
+def ddp_method_run(tiny_model_dir, tmp_path_factory):
+    """A method's two-task DDP run (test_fsdp's settings), run once per method for the FSDP2 and the
+    DeepSpeed comparisons: returns its task folders."""
+    from test_fsdp import METHOD_SETTINGS, config, ilora_run
+
+    runs: dict[str, Path] = {}
+
+    def run(method: str) -> Path:
+        if method not in runs:
+            root = tmp_path_factory.mktemp(f"ddp-{method}")
+            result = ilora_run(config(root, tiny_model_dir, "ddp", method=method, **METHOD_SETTINGS))
+            assert result.returncode == 0, result.stderr[-3000:]
+            runs[method] = root / "ddp" / method / "tasks"
+        return runs[method]
+
+    return run

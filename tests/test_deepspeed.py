@@ -62,11 +62,12 @@ def test_accelerate_launched_zero2_trains_the_same_run_in_fp32(zero2_run, tiny_m
 
 
 @pytest.mark.parametrize("method", ["ewc", "olora"])  # LwF, DER++ and ER passed too, once (README): forward-only extras
-def test_a_baseline_under_zero2_matches_ddp(method, tiny_model_dir, tmp_path):
+def test_a_baseline_under_zero2_matches_ddp(method, tiny_model_dir, tmp_path, ddp_method_run):
     """EWC's Fisher takes per-row gradients with autograd.grad, outside the engine's backward (DeepSpeed's
     gradient hooks must not fire); O-LoRA's penalties act on the whole matrices and its earlier LoRAs are
     frozen, left out of DeepSpeed's checkpoint like the stable adapter."""
     (tmp_path / "ds_zero2.json").write_text(json.dumps(ZERO2))
-    runs = method_runs_beside_ddp(tmp_path, tiny_model_dir, method, ("zero2", {"deepspeed": "ds_zero2.json"}))
+    runs = method_runs_beside_ddp(tmp_path, tiny_model_dir, method, ("zero2", {"deepspeed": "ds_zero2.json"}),
+                                  ddp_method_run)  # fmt: skip
     for task in TASKS:
         assert_method_outputs_equal(runs, task, method)

@@ -99,15 +99,17 @@ def test_a_two_task_fsdp2_run_shards_saves_whole_adapters_and_matches_ddp(fsdp_r
     assert len(metrics["matrices"]["stable"]) == 3  # base row + one per task: rank 0 scored the saved tasks
 
 
-def method_runs_beside_ddp(tmp_path: Path, model_dir: Path, method: str, parallel: tuple[str, dict]) -> dict[str, Path]:
-    """The method's two-task run under `parallel` (a name and its settings) and under DDP: their task folders."""
-    runs = {}
-    for name, settings in (parallel, ("ddp", {})):
-        result = ilora_run(config(tmp_path, model_dir, name, method=method, derpp_top_k=8, ewc_fisher_samples=4,
-                                  **settings))  # fmt: skip
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[name] = tmp_path / name / method / "tasks"
-    return runs
+METHOD_SETTINGS = {"derpp_top_k": 8, "ewc_fisher_samples": 4}  # small: every kept logit, a few Fisher rows
+
+
+def method_runs_beside_ddp(tmp_path: Path, model_dir: Path, method: str, parallel: tuple[str, dict],
+                           ddp_method_run) -> dict[str, Path]:  # fmt: skip
+    """The method's two-task run under `parallel` (a name and its settings) and under DDP (the session's
+    `ddp_method_run`): their task folders."""
+    name, settings = parallel
+    result = ilora_run(config(tmp_path, model_dir, name, method=method, **METHOD_SETTINGS, **settings))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {name: tmp_path / name / method / "tasks", "ddp": ddp_method_run(method)}
 
 
 def assert_method_outputs_equal(runs: dict[str, Path], task: str, method: str) -> None:
@@ -126,11 +128,11 @@ def assert_method_outputs_equal(runs: dict[str, Path], task: str, method: str) -
 
 
 @pytest.mark.parametrize("method", ["er", "lwf", "derpp", "olora", "ewc"])
-def test_a_baseline_under_fsdp2_matches_ddp(method, tiny_model_dir, tmp_path):
+def test_a_baseline_under_fsdp2_matches_ddp(method, tiny_model_dir, tmp_path, ddp_method_run):
     """LwF's frozen teacher, DER++'s stored logits, O-LoRA's penalties on the gathered A matrices (its
     gradient reaches the slices: without it task 2's adapter differs by 6e-3) and EWC's Fisher (per-row
     gradients through FSDP's backward) run sharded too."""
-    runs = method_runs_beside_ddp(tmp_path, tiny_model_dir, method, ("fsdp", FSDP))
+    runs = method_runs_beside_ddp(tmp_path, tiny_model_dir, method, ("fsdp", FSDP), ddp_method_run)
     for task in TASKS:
         assert_method_outputs_equal(runs, task, method)
         for rank in (0, 1) if method == "derpp" else ():  # the same rows replayed; stored logits to float16 precision
