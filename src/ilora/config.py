@@ -445,7 +445,7 @@ DEEPSPEED_HALF = ("DeepSpeed's {mode} mode casts the whole model to 16 bits, the
 def check_deepspeed_request(argv: list[str]) -> None:
     """DeepSpeed asked for by `--deepspeed FILE_OR_JSON` or by `accelerate launch --use_deepspeed` (its
     environment), checked before anything loads: ZeRO-3 would partition even the model rank 0 scores."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+    if accelerate_deepspeed():
         _check_accelerate_deepspeed()
     values = [a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
               for i, a in enumerate(argv) if a.split("=")[0] == "--deepspeed"]  # fmt: skip
@@ -456,16 +456,19 @@ def check_deepspeed_request(argv: list[str]) -> None:
     value = values[-1]
     if value.lstrip().startswith("{"):
         config = _json_value(value, "--deepspeed")
+    elif Path(value).is_file():
+        config = read_json(Path(value), "DeepSpeed config")
     else:
-        config = read_json(Path(value), "DeepSpeed config") if Path(value).is_file() else None
-        if config is None:
-            raise ILoRAError(f"--deepspeed {value}: no such file")
-    if not isinstance(config, dict):
-        raise ILoRAError(f"--deepspeed {value}: not a JSON object")
+        raise ILoRAError(f"--deepspeed {value}: no such file")
     check_deepspeed(config, f"--deepspeed {value}")
     if "LOCAL_RANK" not in os.environ:  # DeepSpeed would look for MPI and fail with a traceback
         raise ILoRAError("--deepspeed runs under a launcher that starts its processes: torchrun --nproc_per_node N, "
                          "accelerate launch or deepspeed")  # fmt: skip
+
+
+def accelerate_deepspeed() -> bool:
+    """Launched by `accelerate launch --use_deepspeed`, which says so through the environment."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
 def _check_accelerate_deepspeed() -> None:
@@ -475,10 +478,7 @@ def _check_accelerate_deepspeed() -> None:
         raise ILoRAError(DEEPSPEED_ZERO3)
     path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     if path:
-        config = read_json(Path(path), "DeepSpeed config")
-        if not isinstance(config, dict):
-            raise ILoRAError(f"{path}: not a JSON object")
-        check_deepspeed(config, path)
+        check_deepspeed(read_json(Path(path), "DeepSpeed config"), path)
     mode = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if mode in ("bf16", "fp16"):
         raise ILoRAError(f"accelerate launch --mixed_precision {mode} with DeepSpeed: " + DEEPSPEED_HALF.format(mode=mode))
@@ -489,8 +489,10 @@ DEEPSPEED_ZERO3 = ("DeepSpeed ZeRO-3 is not supported yet (it partitions the eva
                    "fsdp_config: {version: 2}")  # fmt: skip
 
 
-def check_deepspeed(config: dict, where: str) -> None:
+def check_deepspeed(config: Any, where: str) -> None:
     """ZeRO-0/1/2 in fp32 only (see above): one line for anything else."""
+    if not isinstance(config, dict):
+        raise ILoRAError(f"{where}: not a JSON object")
     zero = config.get("zero_optimization") or {}
     if not isinstance(zero, dict) or zero.get("stage", 0) not in (0, 1, 2, 3):
         raise ILoRAError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3")
@@ -560,7 +562,7 @@ def _with_precision(args: TrainingArguments, flags: dict[str, str]) -> TrainingA
     requested = {k: precision.parse_flag(k, flags.get(k, precision.AUTO)) for k in ("bf16", "fp16")}
     # DeepSpeed (a config, or `accelerate launch --use_deepspeed`) would cast the stable adapter to 16 bits:
     # auto means fp32 there
-    if args.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+    if args.deepspeed or accelerate_deepspeed():
         for mode in ("bf16", "fp16"):
             if requested[mode] is True:
                 raise ILoRAError(f"--{mode} true with --deepspeed: " + DEEPSPEED_HALF.format(mode=mode))

@@ -199,11 +199,9 @@ class ILoRATrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         folder = Path(resume_from_checkpoint)
-        # (an empty buffer is falsy: test for None)
-        step, buffer, method_state = taskdir.load_checkpoint_state(folder, with_buffer=self.method.buffer is not None)
-        logger.info("resuming from %s", folder)
+        state = self._checked_checkpoint(folder)  # before the Trainer reads it
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self._restore(folder, step, buffer, method_state)
+        self._restore(folder, *state)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         """A DeepSpeed resume never calls `_load_from_checkpoint` (the engine loads its own checkpoint
@@ -211,9 +209,14 @@ class ILoRATrainer(Trainer):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None and self.is_deepspeed_enabled:
             folder = Path(checkpoint)
-            step, buffer, method_state = taskdir.load_checkpoint_state(folder, with_buffer=self.method.buffer is not None)
-            logger.info("resuming from %s", folder)
-            self._restore(folder, step, buffer, method_state)
+            self._restore(folder, *self._checked_checkpoint(folder))
+
+    def _checked_checkpoint(self, folder: Path) -> tuple:
+        """(EMA step, this rank's buffer, method state) of a checkpoint checked to be complete."""
+        # (an empty buffer is falsy: test for None)
+        state = taskdir.load_checkpoint_state(folder, with_buffer=self.method.buffer is not None)
+        logger.info("resuming from %s", folder)
+        return state
 
     def _restore(self, folder: Path, step: int, buffer, method_state) -> None:
         if self._adapters_outside_trainer_checkpoint():
