@@ -114,9 +114,8 @@ CASES = {
     "fsdp full state dict": (lambda w, t: train(w, t, "--fsdp", "--fsdp_config", '{"state_dict_type": "FULL_STATE_DICT"}'),
                              "fsdp state_dict_type FULL_STATE_DICT"),
     "fsdp one process": (lambda w, t: train(w, t, "--fsdp"), "fsdp shards over several processes: launch with torchrun"),
-    # DeepSpeed runs ZeRO-0/1/2 in fp32 (tests/test_deepspeed.py); the rest is refused before anything loads
+    # DeepSpeed runs in fp32 (tests/test_deepspeed.py); the rest is refused before anything loads
     "deepspeed no file": (lambda w, t: run_config(w, t, lambda c: c.update(deepspeed="ds_zero2.json")), "ds_zero2.json: no such file"),
-    "deepspeed zero3": (lambda w, t: train(w, t, "--deepspeed", '{"zero_optimization": {"stage": 3}}'), "DeepSpeed ZeRO-3 is not supported yet"),
     "deepspeed bad stage": (lambda w, t: train(w, t, "--deepspeed", '{"zero_optimization": {"stage": 4}}'), "zero_optimization.stage must be 0, 1, 2 or 3"),
     "deepspeed bf16 config": (lambda w, t: train(w, t, "--deepspeed", '{"bf16": {"enabled": true}}'), "DeepSpeed's bf16 mode casts the whole model to 16 bits"),
     "deepspeed bad json": (lambda w, t: train(w, t, "--deepspeed", '{"zero_optimization": '), "--deepspeed: not valid JSON"),
@@ -148,23 +147,27 @@ def test_bad_input(case, world, tmp_path, capsys):
 
 
 # what `accelerate launch --use_deepspeed ...` exports (accelerate/utils/launch.py): checked before anything loads
+# (environment, flags, message)
 ACCELERATE_DEEPSPEED = {
-    "zero3": ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "DeepSpeed ZeRO-3 is not supported yet"),
-    "mixed precision": ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "2", "ACCELERATE_MIXED_PRECISION": "bf16"},
+    "zero3 olora": ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, ["--method", "olora"], "method olora under DeepSpeed ZeRO-3"),
+    "zero3 quantized": ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, ["--quantization_bit", "4"],
+                        "a quantized base (quantization_bit) does not run under DeepSpeed ZeRO-3"),
+    "mixed precision": ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "2", "ACCELERATE_MIXED_PRECISION": "bf16"}, [],
                         "accelerate launch --mixed_precision bf16 with DeepSpeed: DeepSpeed's bf16 mode casts"),
-    "config file zero3": ({"ACCELERATE_DEEPSPEED_CONFIG_FILE": "{tmp}/ds.json"}, "DeepSpeed ZeRO-3 is not supported yet"),
-    "config file missing": ({"ACCELERATE_DEEPSPEED_CONFIG_FILE": "{tmp}/none.json"}, "none.json: missing (DeepSpeed config)"),
+    "config file zero3 ewc": ({"ACCELERATE_DEEPSPEED_CONFIG_FILE": "{tmp}/ds.json"}, ["--method", "ewc"],
+                              "method ewc under DeepSpeed ZeRO-3"),
+    "config file missing": ({"ACCELERATE_DEEPSPEED_CONFIG_FILE": "{tmp}/none.json"}, [], "none.json: missing (DeepSpeed config)"),
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(ACCELERATE_DEEPSPEED))
 def test_an_accelerate_launched_deepspeed_ilora_cannot_train_is_one_line(case, world, tmp_path, capsys, monkeypatch):
-    env, message = ACCELERATE_DEEPSPEED[case]
+    env, flags, message = ACCELERATE_DEEPSPEED[case]
     (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     for key, value in {"ACCELERATE_USE_DEEPSPEED": "true", **env}.items():
         monkeypatch.setenv(key, value.format(tmp=tmp_path))
     capsys.readouterr()
-    assert main(train(world, tmp_path)) == 2
+    assert main(train(world, tmp_path, *flags)) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], lines
     assert not (tmp_path / "out").exists()

@@ -1,14 +1,19 @@
-"""DeepSpeed ZeRO-2 through the Trainer's own `deepspeed` setting, 2 CPU processes under torchrun: the
-engine holds whole parameters, so the run must equal DDP; a killed run resumes through DeepSpeed's loader
-with ilora's buffer, EMA step and stable adapter restored (DeepSpeed's checkpoint leaves the frozen stable
-adapter out). ZeRO-3 and DeepSpeed's bf16/fp16 modes are refused in one line (tests/test_bad_input.py)."""
+"""DeepSpeed through the Trainer's own `deepspeed` setting, 2 CPU processes under torchrun. ZeRO-2: the
+engine holds whole parameters, so the run must equal DDP. ZeRO-3: every parameter is partitioned, the EMA
+runs on the partitions; the run must equal DDP too, and its stable adapter the closed-form EMA. A killed
+run resumes through DeepSpeed's loader with ilora's buffer, EMA step and stable adapter restored
+(DeepSpeed's checkpoint leaves the frozen stable adapter out). DeepSpeed's bf16/fp16 modes, and under
+ZeRO-3 EWC, O-LoRA and a quantized base, are refused in one line (tests/test_bad_input.py)."""
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from test_fsdp import (TASKS, assert_method_outputs_equal, assert_same_adapters, assert_task_equals_ddp_and_loads, config,
-                       ilora_run, method_runs_beside_ddp)
+from test_fsdp import (TASKS, adapter, assert_method_outputs_equal, assert_same_adapters, assert_task_equals_ddp_and_loads,
+                       config, ilora_run, method_runs_beside_ddp, torchrun)
 
 pytest.importorskip("deepspeed")  # `make test` installs it (the deepspeed extra)
 
@@ -68,6 +73,62 @@ def test_a_baseline_under_zero2_matches_ddp(method, tiny_model_dir, tmp_path, dd
     frozen, left out of DeepSpeed's checkpoint like the stable adapter."""
     (tmp_path / "ds_zero2.json").write_text(json.dumps(ZERO2))
     runs = method_runs_beside_ddp(tmp_path, tiny_model_dir, method, ("zero2", {"deepspeed": "ds_zero2.json"}),
+                                  ddp_method_run)  # fmt: skip
+    for task in TASKS:
+        assert_method_outputs_equal(runs, task, method)
+
+
+# persistence threshold 0: no tensor is kept whole between forwards, every one lives in its partitions
+# (tests/sharded_ema.py runs the other case, DeepSpeed's default, where the tiny model's are all kept)
+ZERO3 = {**ZERO2, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+
+
+def zero3_config(tmp_path, model_dir):
+    (tmp_path / "ds_zero3.json").write_text(json.dumps(ZERO3))
+    return config(tmp_path, model_dir, "zero3", deepspeed="ds_zero3.json")
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("zero3")
+    result = ilora_run(zero3_config(root, tiny_model_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "zero3"
+
+
+def test_a_two_task_zero3_run_partitions_equals_ddp_and_saves_loadable_adapters(zero3_run, ddp_run, tiny_model_dir):
+    for task in TASKS:
+        folder = zero3_run / "ilora" / "tasks" / task
+        checkpoint = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+        # one model-states file per rank: ZeRO-3 partitioned the parameters (ZeRO-2 writes one, whole)
+        assert len(list(checkpoint.glob("global_step*/zero_pp_rank_*_model_states.pt"))) == 2
+        assert (checkpoint / "ilora_adapters_sharded" / "adapters.safetensors").is_file()
+        assert_task_equals_ddp_and_loads(zero3_run, ddp_run, tiny_model_dir, task)
+        for name in ("plastic", "stable"):  # the checkpoint's own PEFT adapters are each the right one, whole
+            saved = load_file(str(checkpoint / name / "adapter_model.safetensors"))
+            assert all(torch.equal(saved[k], v) for k, v in adapter(zero3_run, task, name).items()), (task, name)
+
+
+def test_under_zero3_the_stable_adapter_is_the_closed_form_ema_of_the_whole_plastic_one(tmp_path):
+    result = torchrun(Path(__file__).parent / "sharded_ema.py", str(tmp_path), "zero3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "closed-form-ema.ok").is_file()
+
+
+def test_a_zero3_run_killed_in_each_task_resumes_bitwise_identical(zero3_run, tiny_model_dir, tmp_path):
+    path = zero3_config(tmp_path, tiny_model_dir)
+    assert ilora_run(path, kill=("step", "3")).returncode != 0  # task 1, after checkpoint 2
+    assert ilora_run(path, kill=("step", "2")).returncode != 0  # task 2, after checkpoint 1
+    resumed = ilora_run(path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr
+    assert_same_adapters(zero3_run, tmp_path / "zero3")
+
+
+@pytest.mark.parametrize("method", ["lwf", "derpp"])  # a frozen teacher adapter; stored logits with replay
+def test_a_baseline_under_zero3_matches_ddp(method, tiny_model_dir, tmp_path, ddp_method_run):
+    (tmp_path / "ds_zero3.json").write_text(json.dumps(ZERO3))
+    runs = method_runs_beside_ddp(tmp_path, tiny_model_dir, method, ("zero3", {"deepspeed": "ds_zero3.json"}),
                                   ddp_method_run)  # fmt: skip
     for task in TASKS:
         assert_method_outputs_equal(runs, task, method)

@@ -144,7 +144,7 @@ def test_a_baseline_under_fsdp2_matches_ddp(method, tiny_model_dir, tmp_path, dd
 
 
 def test_under_fsdp2_the_stable_adapter_is_the_closed_form_ema_of_the_whole_plastic_one(tmp_path):
-    result = torchrun(Path(__file__).parent / "fsdp_ema.py", str(tmp_path))
+    result = torchrun(Path(__file__).parent / "sharded_ema.py", str(tmp_path), "fsdp2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "closed-form-ema.ok").is_file()
 

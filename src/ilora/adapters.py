@@ -10,8 +10,9 @@ PEFT's own state dict, and offers the three things the method needs:
 - `ema_(weight)`: `stable += weight * (plastic - stable)` as one vectorised in-place update.
 - `plastic` / `stable` tensor lists (the optimizer sees only `plastic`).
 
-Under FSDP2 the tensors are sharded DTensors: the updates run on each rank's local slices (sliced
-alike for both adapters), so pair again after the model is sharded.
+Under FSDP2 the tensors are sharded DTensors, under DeepSpeed ZeRO-3 partitioned parameters: the
+updates run on each rank's local parts (cut alike for both adapters), so pair again after the model is
+sharded.
 """
 
 from __future__ import annotations
@@ -124,15 +125,26 @@ class AdapterPair:
         self._check_complete()
         self.freeze_stable()
         self.sharded = sharding.is_sharded(peft_model)
-        self._plastic_local, self._stable_local = sharding.local(self.plastic), sharding.local(self.stable)
+        self.partitioned = sharding.is_partitioned(peft_model)  # ZeRO-3: local parts move, never cache them
+        self._local = (sharding.local(self.plastic), sharding.local(self.stable))
+
+    @property
+    def _plastic_local(self) -> list[torch.Tensor]:
+        return sharding.local(self.plastic) if self.partitioned else self._local[0]
+
+    @property
+    def _stable_local(self) -> list[torch.Tensor]:
+        return sharding.local(self.stable) if self.partitioned else self._local[1]
 
     def _check_complete(self) -> None:
-        expected = len(get_peft_model_state_dict(self.peft_model, adapter_name=PLASTIC))
+        # the names and whole shapes only (a sharded parameter's own data may be empty outside the forward)
+        shapes = {name: torch.empty(sharding.shape(p), device="meta") for name, p in self.peft_model.named_parameters()}
+        expected = len(get_peft_model_state_dict(self.peft_model, state_dict=shapes, adapter_name=PLASTIC))
         if len(self.plastic) != expected:
             raise RuntimeError(f"found {len(self.plastic)} plastic LoRA tensors, PEFT's state dict has {expected}")
         if self.has_stable:
-            shapes = [p.shape for p in self.plastic]
-            if shapes != [s.shape for s in self.stable]:
+            shapes = [sharding.shape(p) for p in self.plastic]
+            if shapes != [sharding.shape(s) for s in self.stable]:
                 raise ILoRAError("the stable adapter's tensors do not match the plastic adapter's shapes")
 
     def freeze_stable(self) -> None:
@@ -168,10 +180,14 @@ class AdapterPair:
             torch._foreach_add_(stable, delta)
         else:
             torch._foreach_lerp_(stable, plastic, weight)
+        if self.partitioned:
+            sharding.release_gathered(self.stable)
 
     @torch.no_grad()
     def copy_plastic_to_stable(self) -> None:
         torch._foreach_copy_(self._stable_local, self._plastic_local)
+        if self.partitioned:
+            sharding.release_gathered(self.stable)
 
     @torch.no_grad()
     def finite_flags(self) -> list[torch.Tensor]:
@@ -190,7 +206,7 @@ class AdapterPair:
         return float(total)
 
     def num_parameters(self) -> int:
-        return sum(t.numel() for t in self.plastic)
+        return sum(sharding.shape(t).numel() for t in self.plastic)
 
 
 def _tensors(module_or_param: torch.nn.Module | torch.nn.Parameter) -> list[torch.nn.Parameter]:

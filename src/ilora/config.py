@@ -432,11 +432,12 @@ def _with_options(parsed: tuple, method_arguments: dict[str, type] | None) -> tu
     return (*parsed[:4], dict(zip(names, parsed[4:])))
 
 
-# DeepSpeed ZeRO-0/1/2 train in fp32: the engine then holds whole parameters, so the EMA, the stable pass and
-# saving are those of DDP. Refused, before anything loads: ZeRO-3 (it partitions every model loaded while its
-# config is active, rank 0's evaluation model included; the EMA would have to run on its partitions) and
-# DeepSpeed's bf16/fp16 modes, which cast the whole module, stable adapter included, to 16 bits, where an
-# EMA step (a few percent of a small difference) is lost to rounding.
+# DeepSpeed trains in fp32. ZeRO-0/1/2 hold whole parameters, so the EMA, the stable pass and saving are
+# those of DDP; ZeRO-3 partitions them (see sharding: the EMA runs on the partitions; models are loaded
+# whole and partitioned by the engine). Refused, before anything loads: DeepSpeed's bf16/fp16 modes, which
+# cast the whole module, stable adapter included, to 16 bits, where an EMA step (a few percent of a small
+# difference) is lost to rounding; under ZeRO-3, the methods whose terms need whole parameters outside the
+# forward (trainer.check_zero3).
 DEEPSPEED_HALF = ("DeepSpeed's {mode} mode casts the whole model to 16 bits, the stable adapter too, and the EMA's "
                   "small steps are lost to rounding: train DeepSpeed in fp32 (bf16: false, fp16: false), or use DDP "
                   "or FSDP2, which keep the adapters in fp32 under autocast")  # fmt: skip
@@ -444,7 +445,7 @@ DEEPSPEED_HALF = ("DeepSpeed's {mode} mode casts the whole model to 16 bits, the
 
 def check_deepspeed_request(argv: list[str]) -> None:
     """DeepSpeed asked for by `--deepspeed FILE_OR_JSON` or by `accelerate launch --use_deepspeed` (its
-    environment), checked before anything loads: ZeRO-3 would partition even the model rank 0 scores."""
+    environment), checked before anything loads."""
     if accelerate_deepspeed():
         _check_accelerate_deepspeed()
     values = [a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
@@ -474,8 +475,6 @@ def accelerate_deepspeed() -> bool:
 def _check_accelerate_deepspeed() -> None:
     """`accelerate launch --use_deepspeed [--zero_stage N] [--deepspeed_config_file F] [--mixed_precision M]`
     passes its settings through the environment (accelerate/utils/launch.py)."""
-    if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
-        raise ILoRAError(DEEPSPEED_ZERO3)
     path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     if path:
         check_deepspeed(read_json(Path(path), "DeepSpeed config"), path)
@@ -484,20 +483,27 @@ def _check_accelerate_deepspeed() -> None:
         raise ILoRAError(f"accelerate launch --mixed_precision {mode} with DeepSpeed: " + DEEPSPEED_HALF.format(mode=mode))
 
 
-DEEPSPEED_ZERO3 = ("DeepSpeed ZeRO-3 is not supported yet (it partitions the evaluation model too, and the EMA would "
-                   "have to run on its partitions): use ZeRO-2, or FSDP2 to shard the base model: fsdp: true, "
-                   "fsdp_config: {version: 2}")  # fmt: skip
+def zero3_requested(training_args) -> bool:
+    """DeepSpeed ZeRO-3 asked for by the Trainer's `deepspeed` setting or by `accelerate launch` (its
+    environment: a stage, or a config file)."""
+    hf_config = getattr(training_args, "hf_deepspeed_config", None)
+    if hf_config is not None:
+        return hf_config.is_zero3()
+    if not accelerate_deepspeed():
+        return False
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if path:
+        return (read_json(Path(path), "DeepSpeed config").get("zero_optimization") or {}).get("stage") == 3
+    return os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
 
 
 def check_deepspeed(config: Any, where: str) -> None:
-    """ZeRO-0/1/2 in fp32 only (see above): one line for anything else."""
+    """Any ZeRO stage, in fp32 (see above): one line for anything else."""
     if not isinstance(config, dict):
         raise ILoRAError(f"{where}: not a JSON object")
     zero = config.get("zero_optimization") or {}
     if not isinstance(zero, dict) or zero.get("stage", 0) not in (0, 1, 2, 3):
         raise ILoRAError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3")
-    if zero.get("stage", 0) == 3:
-        raise ILoRAError(DEEPSPEED_ZERO3)
     for mode in ("bf16", "fp16"):
         if isinstance(config.get(mode), dict) and config[mode].get("enabled") is True:
             raise ILoRAError(f"{where}: " + DEEPSPEED_HALF.format(mode=mode))

@@ -50,7 +50,7 @@ def load_model_and_tokenizer(name_or_path: str | None, trust_remote_code: bool =
         raise ILoRAError(f"model {name_or_path!r}: {path} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     try:
-        with _quiet_loading():
+        with _quiet_loading(), _whole_weights():
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code,
                                                          **_quantized(quantization, compute_dtype))  # fmt: skip
     except SafetensorError as err:  # a truncated or damaged weights file
@@ -89,6 +89,22 @@ def quantization_of(model: torch.nn.Module) -> dict | None:
     if config.get("load_in_4bit"):
         return {"bits": 4, "type": config.get("bnb_4bit_quant_type"), "double": bool(config.get("bnb_4bit_use_double_quant"))}
     raise ILoRAError(f"the model is quantized by {config.get('quant_method')!r}; ilora trains on bitsandbytes 4/8-bit")
+
+
+@contextlib.contextmanager
+def _whole_weights():
+    """Load every weight whole, even while a DeepSpeed ZeRO-3 config is active (the Trainer's arguments
+    or Accelerate's plugin make one): transformers would partition the model as it loads (`zero.Init`),
+    which only works when every rank loads it at once, never for the model rank 0 scores alone. The
+    ZeRO-3 engine partitions the training model when training starts."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    active = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = active
 
 
 @contextlib.contextmanager

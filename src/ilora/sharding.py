@@ -1,8 +1,9 @@
-"""What ilora needs from a model whose parameters FSDP2 has sharded (`fully_shard`: DTensor parameters,
-each rank holding a dim-0 slice).
+"""What ilora needs from a model whose parameters are sharded over the ranks: by FSDP2 (`fully_shard`:
+DTensor parameters, each rank holding a dim-0 slice) or by DeepSpeed ZeRO-3 (each parameter's data is
+empty outside the forward; `ds_tensor` holds this rank's share of its flattened elements).
 
-The plastic and stable LoRA tensors of one layer have the same shapes, so FSDP2 slices them the same
-way: the EMA is exact on each rank's local slice, with no communication. Only saving needs whole
+The plastic and stable LoRA tensors of one layer have the same shapes, so both schemes cut them the
+same way: the EMA is exact on each rank's local part, with no communication. Only saving needs whole
 tensors, gathered from every rank (adapter-sized, never the base model).
 """
 
@@ -12,17 +13,57 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
+
+from . import distributed
+from .errors import ILoRAError
+
+PARTITIONED_ADAPTERS = "adapters.safetensors"  # ZeRO-3: every adapter whole, in save_adapters' directory
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return any(isinstance(p, DTensor) for p in model.parameters()) or is_partitioned(model)
+
+
+def is_partitioned(model: torch.nn.Module) -> bool:
+    """DeepSpeed ZeRO-3 has partitioned the model's parameters."""
+    return any(hasattr(p, "ds_tensor") for p in model.parameters())
 
 
 def local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Each tensor's slice on this rank (the tensor itself when it is not sharded); in-place updates
-    of a slice update the sharded parameter."""
-    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    """Each tensor's part on this rank (the tensor itself when it is not sharded); in-place updates
+    of a part update the sharded parameter. A ZeRO-3 part is a view of the partition's current
+    storage, which DeepSpeed's optimizer re-points: ask again after every step."""
+    return [t.to_local() if isinstance(t, DTensor) else _partition(t) if hasattr(t, "ds_tensor") else t for t in tensors]
+
+
+def shape(tensor: torch.Tensor) -> torch.Size:
+    """The parameter's whole shape (a partitioned one's own data is empty outside the forward)."""
+    return tensor.ds_shape if hasattr(tensor, "ds_tensor") else tensor.shape
+
+
+def _partition(param: torch.Tensor) -> torch.Tensor:
+    """This rank's elements of a ZeRO-3 parameter (flattened, rank r holding the r-th equal share),
+    without the padding DeepSpeed leaves uninitialised at the end of the last shares."""
+    part = param.ds_tensor.data
+    valid = max(0, min(part.numel(), param.ds_numel - _first_element(param)))
+    return part.narrow(0, 0, valid)
+
+
+def _first_element(param: torch.Tensor) -> int:
+    return torch.distributed.get_rank(param.ds_process_group) * param.ds_tensor.numel()
+
+
+def release_gathered(params: list[torch.Tensor]) -> None:
+    """Free the whole copies ZeRO-3 keeps of small ("persistent") parameters between forwards: after
+    their partitions change (the EMA, a restore) those copies are stale; the next forward gathers
+    them again from the partitions."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    gathered = [p for p in params if hasattr(p, "ds_tensor") and p.ds_status == ZeroParamStatus.AVAILABLE]
+    if gathered:
+        gathered[0].partition(param_list=gathered)
 
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:
@@ -35,6 +76,8 @@ def whole(tensor: torch.Tensor) -> torch.Tensor:
 def full_adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every LoRA tensor whole, on the CPU, keyed as in `model.state_dict()`. A collective: every rank
     calls it, in the same order, and every rank receives the whole tensors."""
+    if is_partitioned(model):
+        return _gathered_adapter_state(model)
     state = {}
     for name, tensor in model.state_dict().items():
         if "lora_" not in name:
@@ -44,17 +87,47 @@ def full_adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def _gathered_adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    import deepspeed
+
+    params = {name: p for name, p in model.named_parameters() if "lora_" in name}
+    with deepspeed.zero.GatheredParameters(list(params.values())):  # whole on every rank, read-only
+        return {name: p.detach().to("cpu", copy=True) for name, p in params.items()}
+
+
 def save_adapters(model: torch.nn.Module, directory: Path) -> None:
-    """Every rank's slices of every LoRA tensor, as a torch.distributed.checkpoint directory (a
-    collective). Accelerate's FSDP checkpoint keeps only the active adapter, DeepSpeed's leaves every
-    frozen one out (its tensors are whole on every rank: written once); the stable one (and any other
-    a method adds) must survive a crash too."""
-    dcp.save(_adapter_slices(model), checkpoint_id=str(directory))
+    """Every LoRA tensor (a collective). Accelerate's FSDP checkpoint keeps only the active adapter,
+    DeepSpeed's leaves every frozen one out; the stable one (and any other a method adds) must survive
+    a crash too. FSDP2: every rank's slices, as a torch.distributed.checkpoint directory. ZeRO-3: the
+    tensors gathered whole (adapter-sized) into one file by rank 0, so any number of ranks reads it.
+    Otherwise (ZeRO-0/1/2) the tensors are whole on every rank: dcp writes them once."""
+    if not is_partitioned(model):
+        dcp.save(_adapter_slices(model), checkpoint_id=str(directory))
+        return
+    state = _gathered_adapter_state(model)
+    if distributed.rank() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(directory / PARTITIONED_ADAPTERS))
+    distributed.barrier()
 
 
 def load_adapters(model: torch.nn.Module, directory: Path) -> None:
-    """Read `save_adapters`' directory back into the sharded parameters, in place (a collective)."""
-    dcp.load(_adapter_slices(model), checkpoint_id=str(directory))
+    """Read `save_adapters`' directory back into the sharded parameters, in place."""
+    if not is_partitioned(model):
+        if not (directory / ".metadata").is_file():
+            raise ILoRAError(f"{directory.parent}: written by a run under ZeRO-3; resume it the way it ran")
+        dcp.load(_adapter_slices(model), checkpoint_id=str(directory))  # a collective
+        return
+    if not (directory / PARTITIONED_ADAPTERS).is_file():
+        raise ILoRAError(f"{directory.parent}: written by a run not under ZeRO-3; resume it the way it ran")
+    state = load_file(str(directory / PARTITIONED_ADAPTERS))
+    params = [(name, p) for name, p in model.named_parameters() if "lora_" in name]
+    with torch.no_grad():
+        for name, param in params:
+            part = _partition(param)
+            start = _first_element(param)
+            part.copy_(state[name].flatten()[start : start + part.numel()])
+    release_gathered([p for _, p in params])
 
 
 def _adapter_slices(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -414,9 +414,9 @@ def save_checkpoint_state(folder: Path, step: int, task_id: str | None, buffer: 
 
 
 def sharded_adapters(folder: Path) -> Path:
-    """A checkpoint's sharded adapters (written by a run under FSDP2), checked to be there."""
+    """A checkpoint's adapters written by ilora itself (a run under FSDP2 or DeepSpeed), checked to be there."""
     path = folder / SHARDED_ADAPTERS
-    if not (path / ".metadata").is_file():
+    if not any((path / name).is_file() for name in (".metadata", sharding.PARTITIONED_ADAPTERS)):
         raise ILoRAError(f"{folder}: no {SHARDED_ADAPTERS} (written by a run that was not sharded); resume it the way it ran")
     return path
 

@@ -86,7 +86,7 @@ class ILoRATrainer(Trainer):
             data_collator=data_collator or PadCollator(pad_token_id),
             **kwargs,
         )
-        self._check_parallelism()
+        self._check_parallelism(method_cls)
         # compute_loss returns a per-micro-batch mean: let the Trainer divide by the accumulation steps
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
@@ -120,11 +120,13 @@ class ILoRATrainer(Trainer):
             state.fsdp_plugin = FullyShardedDataParallelPlugin(**(plugin_args or {}))
             self.is_fsdp_enabled = True
 
-    def _check_parallelism(self) -> None:
+    def _check_parallelism(self, method_cls) -> None:
         """What runs sharded, and how it is checkpointed; one line for what cannot run."""
         if self.is_deepspeed_enabled:  # an Accelerate-launched config has not been through ilora's flags
             plugin = self.accelerator.state.deepspeed_plugin
             check_deepspeed(plugin.deepspeed_config, "the DeepSpeed config")
+            if plugin.zero_stage == 3:
+                check_zero3(method_cls, bool(self.quantization))
         if self.is_fsdp_enabled:
             fsdp = self.accelerator.state.fsdp_plugin
             check_fsdp(fsdp.fsdp_version, fsdp.state_dict_type.name, bool(self.quantization))
@@ -191,6 +193,15 @@ class ILoRATrainer(Trainer):
             sharding.save_adapters(self.model, folder / taskdir.SHARDED_ADAPTERS)
         taskdir.save_checkpoint_state(folder, self.method.step, self.ilora_args.current_task_id, self.method.buffer,
                                       self.method.state())  # fmt: skip
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under ZeRO-3 the Trainer gathers only the trainable adapter and writes it under every adapter's
+        name (a checkpoint's `stable/` would hold the plastic weights): write each adapter whole instead."""
+        if not sharding.is_partitioned(self.model):
+            return super().save_model(output_dir, _internal_call)
+        state = sharding.full_adapter_state(self.model)  # a collective: every rank
+        if self.args.should_save:
+            self._save(output_dir or self.args.output_dir, state_dict=state)
 
     def _adapters_outside_trainer_checkpoint(self) -> bool:
         """Accelerate's FSDP checkpoint of a PEFT model keeps only the active adapter, DeepSpeed's leaves out
@@ -296,6 +307,16 @@ def check_fsdp(version: int, state_dict_type: str, quantized: bool) -> None:
     if state_dict_type != "SHARDED_STATE_DICT":
         raise ILoRAError(f"fsdp state_dict_type {state_dict_type}: ilora checkpoints FSDP2 runs as SHARDED_STATE_DICT, "
                          "its default (every rank writes its slices; task outputs are still whole PEFT adapters)")  # fmt: skip
+
+
+def check_zero3(method_cls, quantized: bool) -> None:
+    """One line for what ilora cannot train under DeepSpeed ZeRO-3."""
+    if method_cls.uses_whole_parameters:
+        raise ILoRAError(f"method {method_cls.name} under DeepSpeed ZeRO-3: its penalty is computed on whole adapter "
+                         "matrices outside the forward, and ZeRO-3 keeps only partitions of them there; use ZeRO-2, "
+                         "FSDP2 (fsdp: full_shard, fsdp_config: {version: 2}) or DDP")  # fmt: skip
+    if quantized:
+        raise ILoRAError("a quantized base (quantization_bit) does not run under DeepSpeed ZeRO-3 in ilora; use one process or DDP")
 
 
 def _pad_token_id(tokenizer, model) -> int:

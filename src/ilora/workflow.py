@@ -33,13 +33,14 @@ from .config import (
     TaskSpec,
     parse_run_config,
     scored_tasks,
+    zero3_requested,
 )
 from .data import encode_rows
 from .formats import read_data
 from .errors import ILoRAError
 from .evaluate import TestSet, build_test_set, evaluate
 from .loader import load_model_and_tokenizer, quantization_of
-from .trainer import ILoRATrainer, check_fsdp, requested_fsdp
+from .trainer import ILoRATrainer, check_fsdp, check_zero3, requested_fsdp
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def train_task(
 ) -> Path:
     """Train one task, starting from `ilora_args.previous_task_model` if given, and write its outputs."""
     method_options = chosen_options(ilora_args.method, options, refuse_others=True)  # before anything else
-    _check_fsdp(training_args, model_args)
+    _check_sharding(training_args, model_args, methods.get(ilora_args.method))
     outputs = taskdir.planned_outputs(training_args.output_dir, ilora_args, data_args.overwrite_output_dir,
                                       _resume_path(training_args.resume_from_checkpoint))  # fmt: skip
     output_dir = outputs.output_dir
@@ -98,8 +99,10 @@ def chosen_options(method: str, options: dict | None, refuse_others: bool):
     return (options or {}).get(method)
 
 
-def _check_fsdp(training_args: TrainingArguments, model_args: ModelArguments) -> None:
-    """FSDP settings ilora cannot train with are refused before anything is read or written."""
+def _check_sharding(training_args: TrainingArguments, model_args: ModelArguments, method) -> None:
+    """FSDP and ZeRO-3 settings ilora cannot train with are refused before anything is read or written."""
+    if zero3_requested(training_args):
+        check_zero3(method, model_args.quantization is not None)
     requested = requested_fsdp(training_args)
     if requested is None:
         return
@@ -179,7 +182,7 @@ def run_sequence(
     rundir.check_run_dir(run_dir)
     method_args = method_arguments(run.method, ilora_args)
     method_options = chosen_options(run.method, options, refuse_others=False)  # one config may serve several methods
-    _check_fsdp(training_args, model_args)
+    _check_sharding(training_args, model_args, method)
     adapters = method.reports(method_args)  # what is scored: plastic, and stable for I-LoRA
 
     train_rows = {t.name: read_data(t.train, t.dataset_dir, t.columns) for t in run.tasks}  # all data errors first

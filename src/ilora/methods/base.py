@@ -47,6 +47,9 @@ class Method:
     Arguments: ClassVar[type | None] = None  # the method's own hyperparameters (a dataclass), if any
     replays: ClassVar[bool] = False  # draws rows from the reservoir buffer (with ilora_buffer_size > 0)
     trains_jointly: ClassVar[bool] = False  # one stage over every task's data (the upper bound)
+    # computes a term on whole adapter matrices outside the forward (EWC's, O-LoRA's penalties): FSDP2 can
+    # gather them differentiably (`sharding.whole`), DeepSpeed ZeRO-3 cannot (the trainer refuses it there)
+    uses_whole_parameters: ClassVar[bool] = False
 
     # ----------------------------------------------------------- set-up
     @classmethod

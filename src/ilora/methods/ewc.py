@@ -42,6 +42,7 @@ class EWCArguments:
 
 class EWC(Method):
     name = "ewc"
+    uses_whole_parameters = True
     Arguments = EWCArguments
 
     def __init__(self, *args, **kwargs):

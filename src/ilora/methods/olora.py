@@ -36,6 +36,7 @@ class OLoRAArguments:
 
 class OLoRA(Method):
     name = "olora"
+    uses_whole_parameters = True
     Arguments = OLoRAArguments
     saved_prefixes = (PREFIX,)
 

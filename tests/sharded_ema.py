@@ -1,6 +1,7 @@
-"""Run under torchrun (2 CPU processes): train I-LoRA under FSDP2 and check, on rank 0, that the
-stable adapter equals the closed-form EMA of the plastic trajectory, both gathered whole from the
-ranks' slices. `python -m torch.distributed.run --nproc_per_node 2 fsdp_ema.py OUTPUT_DIR`."""
+"""Run under torchrun (2 CPU processes): train I-LoRA under FSDP2 or DeepSpeed ZeRO-3 and check, on
+rank 0, that the stable adapter equals the closed-form EMA of the plastic trajectory, both gathered
+whole from the ranks' parts.
+`python -m torch.distributed.run --nproc_per_node 2 sharded_ema.py OUTPUT_DIR fsdp2|zero3`."""
 
 import sys
 from pathlib import Path
@@ -18,8 +19,26 @@ from tiny import tiny_llama, tiny_tokenizer
 EMA_ALPHA = 0.6
 
 
+SHARDING = {
+    "fsdp2": {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}},
+    # DeepSpeed's default persistence threshold: every tensor of the tiny model is "persistent", kept
+    # whole between forwards besides its partition (the case where the EMA must drop stale copies)
+    "zero3": {"deepspeed": {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
+                            "train_batch_size": "auto", "gradient_accumulation_steps": "auto"}},
+}
+
+
+def partitioned(tensor) -> bool:
+    return isinstance(tensor, DTensor) or hasattr(tensor, "ds_tensor")
+
+
 def whole(tensors):
-    """Every rank's slices gathered (a collective: every rank calls it)."""
+    """Every rank's parts gathered (a collective: every rank calls it)."""
+    if any(hasattr(t, "ds_tensor") for t in tensors):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(tensors):
+            return [t.detach().clone() for t in tensors]
     return [t.full_tensor() if isinstance(t, DTensor) else t.detach().clone() for t in tensors]
 
 
@@ -31,18 +50,18 @@ class RecordWhole(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         pair = AdapterPair(self.trainer.model)  # the sharded parameters (ilora pairs them again too)
-        self.sharded = all(isinstance(t, DTensor) for t in pair.plastic + pair.stable)
+        self.sharded = all(partitioned(t) for t in pair.plastic + pair.stable)
         self.initial = whole(pair.stable)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.snapshots.append(whole(AdapterPair(self.trainer.model).plastic))
 
 
-def main(output_dir: Path) -> None:
+def main(output_dir: Path, sharding: str) -> None:
     args = TrainingArguments(
         output_dir=str(output_dir), per_device_train_batch_size=2, learning_rate=0.05, max_steps=5,
         save_strategy="no", report_to=[], use_cpu=True, seed=1, disable_tqdm=True, ddp_backend="gloo",
-        fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},
+        **SHARDING[sharding],
     )  # fmt: skip
     recorder = RecordWhole()
     trainer = ILoRATrainer(
@@ -53,11 +72,11 @@ def main(output_dir: Path) -> None:
     trainer.train()
     stable = whole(trainer.method.adapters.stable)
     if torch.distributed.get_rank() == 0:
-        assert recorder.sharded, "the adapters were not sharded: FSDP2 did not run"
+        assert recorder.sharded, f"the adapters were not sharded: {sharding} did not run"
         assert len(recorder.snapshots) == 5
         assert_closed_form_ema(stable, recorder.initial, recorder.snapshots, EMA_ALPHA)
         (output_dir / "closed-form-ema.ok").write_text("ok\n")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2])
