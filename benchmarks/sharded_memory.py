@@ -1,11 +1,13 @@
-"""Per-rank memory and step time of I-LoRA under DDP and under FSDP2, 2 processes (torchrun).
+"""Per-rank memory and step time of I-LoRA under DDP, FSDP2 and DeepSpeed ZeRO-3, 2 processes (torchrun).
 
 Each mode runs in its own `torchrun --nproc_per_node 2` (gloo on the CPU, nccl on CUDA GPUs), one
 after the other, with the same model, batch and steps. Per rank it reports:
   param_mib   bytes of the parameters the rank holds after the Trainer prepared the model (FSDP2: its
-              slices; DDP: the whole model)
+              slices; ZeRO-3: its partitions plus the whole copies it keeps of "persistent" small
+              tensors; DDP: the whole model)
   rss_mib     resident memory at the end of training (CPU), and peak_rss_mib over the whole process:
               the peak includes loading the whole model on every rank before it is sharded
+              (ZeRO-3 runs in fp32: DeepSpeed's own bf16 mode is refused by ilora)
   gpu_peak_mib  torch.cuda.max_memory_allocated (CUDA only)
   s_per_step  median seconds per optimizer step after the warm-up steps
 
@@ -28,7 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-MODES = ("ddp", "fsdp2")
+MODES = ("ddp", "fsdp2", "zero3")
+SHARDED = ("fsdp2", "zero3")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,10 +42,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=6, help="measured optimizer steps")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured optimizer steps")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--bf16", action="store_true", help="DDP and FSDP2 only (DeepSpeed is refused in bf16)")
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated, from " + ", ".join(MODES))
     p.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)  # set by the launcher
     p.add_argument("--output", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.bf16 and "zero3" in args.modes.split(","):
+        p.error("--bf16 with zero3: ilora trains DeepSpeed in fp32 only; leave zero3 out of --modes")
+    return args
 
 
 def main(argv=None) -> None:
@@ -55,7 +62,7 @@ def main(argv=None) -> None:
     print(f"hardware: {hardware.label()}, native bf16: {hardware.native_bf16}, precision: "
           f"{'bf16' if args.bf16 else 'fp32'}, 2 processes, model {args.model}", flush=True)  # fmt: skip
     results = {}
-    for mode in MODES:
+    for mode in args.modes.split(","):
         output = Path(f"/tmp/ilora-sharded-{os.getpid()}-{mode}.json")
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29641",
                    __file__, *(argv if argv is not None else sys.argv[1:]), "--worker", mode, "--output", str(output)]  # fmt: skip
@@ -64,13 +71,15 @@ def main(argv=None) -> None:
         output.unlink()
         for rank, row in enumerate(results[mode]["ranks"]):
             print(f"{mode:6s} rank {rank}: " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-    ratios = {
-        key: results["fsdp2"]["ranks"][0][key] / results["ddp"]["ranks"][0][key]
-        for key in ("param_mib", "rss_mib", "peak_rss_mib", "s_per_step", "gpu_peak_mib")
-        if results["ddp"]["ranks"][0].get(key)
-    }
-    print("fsdp2 / ddp (rank 0): " + "  ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
-    print(json.dumps({"settings": vars(args) | {"worker": None}, "results": results, "fsdp2_over_ddp": ratios}))
+    ratios = {}
+    for mode in (m for m in SHARDED if m in results and "ddp" in results):
+        ratios[mode] = {
+            key: results[mode]["ranks"][0][key] / results["ddp"]["ranks"][0][key]
+            for key in ("param_mib", "rss_mib", "peak_rss_mib", "s_per_step", "gpu_peak_mib")
+            if results["ddp"]["ranks"][0].get(key)
+        }
+        print(f"{mode} / ddp (rank 0): " + "  ".join(f"{k} {v:.3f}" for k, v in ratios[mode].items()))
+    print(json.dumps({"settings": vars(args) | {"worker": None}, "results": results, "over_ddp": ratios}))
 
 
 def worker(args) -> None:
@@ -94,7 +103,12 @@ def worker(args) -> None:
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, model.config.vocab_size, (rows, args.length), generator=generator)
     examples = [{"input_ids": row.tolist(), "labels": row.tolist(), "attention_mask": [1] * args.length} for row in ids]
-    sharded = {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": [layer]}} if args.worker == "fsdp2" else {}
+    sharded = {
+        "ddp": {},
+        "fsdp2": {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": [layer]}},
+        "zero3": {"deepspeed": {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
+                                "train_batch_size": "auto", "gradient_accumulation_steps": "auto"}},
+    }[args.worker]
     training = TrainingArguments(
         output_dir=f"/tmp/ilora-sharded-{args.worker}", per_device_train_batch_size=args.batch, max_steps=steps,
         learning_rate=1e-4, save_strategy="no", report_to=[], logging_steps=steps, disable_tqdm=True,
@@ -106,8 +120,11 @@ def worker(args) -> None:
             self.times, self.param_mib = [], 0.0
 
         def on_train_begin(self, a, state, control, model=None, **kwargs):
-            local = sharding.local([p for p in trainer.model.parameters()])
-            self.param_mib = sum(t.numel() * t.element_size() for t in local) / 2**20
+            params = list(trainer.model.parameters())
+            held = sum(t.numel() * t.element_size() for t in sharding.local(params))
+            # ZeRO-3 keeps small tensors whole besides their partitions, once first gathered
+            held += sum(p.ds_numel * p.element_size() for p in params if getattr(p, "ds_persist", False))
+            self.param_mib = held / 2**20
 
         def on_step_begin(self, a, state, control, **kwargs):
             self.started = time.perf_counter()
