@@ -215,6 +215,7 @@ def run_sequence(
     if evaluates:  # scored where the tasks will be scored: the Trainer's device
         base_row = _base_evaluation(root, on_device(base, training_args.device), identity, scorer, run.tasks, data_args, settings["inputs"])
         base_general = _base_general(root, base, identity, scorer, settings["inputs"], data_args.cutoff_len)
+    del base  # each task loads its own: holding this one (on rank 0's device) through training would double its memory
     distributed.barrier()
 
     results, timings, previous = [], [], None
