@@ -16,8 +16,9 @@ from helpers import peft_model
 from ilora import sharding
 from ilora.errors import ILoRAError
 
-from test_fsdp import (TASKS, adapter, assert_method_outputs_equal, assert_same_adapters, assert_task_equals_ddp_and_loads,
-                       config, ilora_run, method_runs_beside_ddp, torchrun)
+from test_fsdp import (TASKS, adapter, assert_killed_in_each_task_resumes_bitwise, assert_method_outputs_equal,
+                       assert_same_adapters, assert_task_equals_ddp_and_loads, config, ilora_run, method_runs_beside_ddp,
+                       torchrun)
 
 pytest.importorskip("deepspeed")  # `make test` installs it (the deepspeed extra)
 
@@ -106,13 +107,7 @@ def test_under_zero3_the_stable_adapter_is_the_closed_form_ema_of_the_whole_plas
 
 
 def test_a_zero3_run_killed_in_each_task_resumes_bitwise_identical(zero3_run, tiny_model_dir, tmp_path):
-    path = zero3_config(tmp_path, tiny_model_dir)
-    assert ilora_run(path, kill=("step", "3")).returncode != 0  # task 1, after checkpoint 2
-    assert ilora_run(path, kill=("step", "2")).returncode != 0  # task 2, after checkpoint 1
-    resumed = ilora_run(path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stderr
-    assert_same_adapters(zero3_run, tmp_path / "zero3")
+    assert_killed_in_each_task_resumes_bitwise(zero3_config(tmp_path, tiny_model_dir), zero3_run)
 
 
 @pytest.mark.parametrize("method", ["derpp"])  # stored logits with replay; LwF (a frozen teacher) passed once (README)

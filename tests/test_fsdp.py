@@ -149,14 +149,20 @@ def test_under_fsdp2_the_stable_adapter_is_the_closed_form_ema_of_the_whole_plas
     assert (tmp_path / "closed-form-ema.ok").is_file()
 
 
-def test_an_fsdp2_run_killed_mid_task_resumes_bitwise_identical(fsdp_run, tiny_model_dir, tmp_path):
-    path = config(tmp_path, tiny_model_dir, "fsdp", **FSDP)  # the fixture's settings, in another directory
+def assert_killed_in_each_task_resumes_bitwise(path: Path, clean: Path) -> None:
+    """The run of config `path`, SIGKILLed in task 1 and again in task 2 then resumed, ends with bitwise
+    the adapters of the uninterrupted run `clean`."""
     assert ilora_run(path, kill=("step", "3")).returncode != 0  # task 1, after checkpoint 2
     assert ilora_run(path, kill=("step", "2")).returncode != 0  # task 2, after checkpoint 1
     resumed = ilora_run(path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stderr
-    assert_same_adapters(fsdp_run, tmp_path / "fsdp")
+    assert_same_adapters(clean, path.parent / path.stem)
+
+
+def test_an_fsdp2_run_killed_mid_task_resumes_bitwise_identical(fsdp_run, tiny_model_dir, tmp_path):
+    # the fixture's settings, in another directory
+    assert_killed_in_each_task_resumes_bitwise(config(tmp_path, tiny_model_dir, "fsdp", **FSDP), fsdp_run)
 
 
 def test_an_accelerate_fsdp2_config_trains_the_same_run(fsdp_run, tiny_model_dir, tmp_path):
