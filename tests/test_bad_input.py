@@ -118,6 +118,8 @@ CASES = {
     "deepspeed no file": (lambda w, t: run_config(w, t, lambda c: c.update(deepspeed="ds_zero2.json")), "ds_zero2.json: no such file"),
     "deepspeed bad stage": (lambda w, t: train(w, t, "--deepspeed", '{"zero_optimization": {"stage": 4}}'), "zero_optimization.stage must be 0, 1, 2 or 3"),
     "deepspeed bf16 config": (lambda w, t: train(w, t, "--deepspeed", '{"bf16": {"enabled": true}}'), "DeepSpeed's bf16 mode casts the whole model to 16 bits"),
+    "deepspeed nvme params": (lambda w, t: train(w, t, "--deepspeed", '{"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}'),
+                              "offload_param to nvme swaps the adapters' partitions out of memory"),
     "deepspeed bad json": (lambda w, t: train(w, t, "--deepspeed", '{"zero_optimization": '), "--deepspeed: not valid JSON"),
     "deepspeed without a launcher": (lambda w, t: train(w, t, "--deepspeed", '{"zero_optimization": {"stage": 2}}'),
                                      "--deepspeed runs under a launcher that starts its processes"),

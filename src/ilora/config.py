@@ -507,6 +507,10 @@ def check_deepspeed(config: Any, where: str) -> None:
     for mode in ("bf16", "fp16"):
         if isinstance(config.get(mode), dict) and config[mode].get("enabled") is True:
             raise ILoRAError(f"{where}: " + DEEPSPEED_HALF.format(mode=mode))
+    offload = zero.get("offload_param") or {}
+    if isinstance(offload, dict) and offload.get("device") == "nvme":
+        raise ILoRAError(f"{where}: offload_param to nvme swaps the adapters' partitions out of memory, where ilora's "
+                         "EMA updates the stable one after every step: offload parameters to cpu, or not at all")  # fmt: skip
 
 
 def _json_value(text: str, what: str):
