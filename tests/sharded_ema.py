@@ -1,7 +1,8 @@
-"""Run under torchrun (2 CPU processes): train I-LoRA under FSDP2 or DeepSpeed ZeRO-3 and check, on
+"""Run under torchrun (2 CPU processes): train I-LoRA under FSDP2 or DeepSpeed and check, on
 rank 0, that the stable adapter equals the closed-form EMA of the plastic trajectory, both gathered
 whole from the ranks' parts.
-`python -m torch.distributed.run --nproc_per_node 2 sharded_ema.py OUTPUT_DIR fsdp2|zero3`."""
+`python -m torch.distributed.run --nproc_per_node 2 sharded_ema.py OUTPUT_DIR fsdp2|zero3|zero2-bf16`
+(zero2-bf16: DeepSpeed's bf16 mode; whole parameters, the stable adapter cast and put back in fp32)."""
 
 import sys
 from pathlib import Path
@@ -25,6 +26,9 @@ SHARDING = {
     # whole between forwards besides its partition (the case where the EMA must drop stale copies)
     "zero3": {"deepspeed": {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
                             "train_batch_size": "auto", "gradient_accumulation_steps": "auto"}},
+    # DeepSpeed's bf16 mode casts the module, stable adapter too; ilora puts the stable one back in fp32
+    "zero2-bf16": {"bf16": True, "deepspeed": {"zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"},
+                   "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_accumulation_steps": "auto"}},
 }
 
 
@@ -50,7 +54,8 @@ class RecordWhole(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         pair = AdapterPair(self.trainer.model)  # the sharded parameters (ilora pairs them again too)
-        self.sharded = all(partitioned(t) for t in pair.plastic + pair.stable)
+        # sharded, or (DeepSpeed's bf16 mode) cast: the engine has taken the model over
+        self.sharded = all(partitioned(t) or t.dtype == torch.bfloat16 for t in pair.plastic + pair.stable)
         self.initial = whole(pair.stable)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
@@ -73,6 +78,7 @@ def main(output_dir: Path, sharding: str) -> None:
     stable = whole(trainer.method.adapters.stable)
     if torch.distributed.get_rank() == 0:
         assert recorder.sharded, f"the adapters were not sharded: {sharding} did not run"
+        assert all(t.dtype == torch.float32 for t in stable), "the stable adapter is not in fp32"
         assert len(recorder.snapshots) == 5
         assert_closed_form_ema(stable, recorder.initial, recorder.snapshots, EMA_ALPHA)
         (output_dir / "closed-form-ema.ok").write_text("ok\n")

@@ -117,7 +117,8 @@ CASES = {
     # DeepSpeed runs in fp32 (tests/test_deepspeed.py); the rest is refused before anything loads
     "deepspeed no file": (lambda w, t: run_config(w, t, lambda c: c.update(deepspeed="ds_zero2.json")), "ds_zero2.json: no such file"),
     "deepspeed bad stage": (lambda w, t: train(w, t, "--deepspeed", '{"zero_optimization": {"stage": 4}}'), "zero_optimization.stage must be 0, 1, 2 or 3"),
-    "deepspeed bf16 config": (lambda w, t: train(w, t, "--deepspeed", '{"bf16": {"enabled": true}}'), "DeepSpeed's bf16 mode casts the whole model to 16 bits"),
+    "deepspeed bf16 config": (lambda w, t: train(w, t, "--deepspeed", '{"bf16": {"enabled": true}}'), "bf16.enabled true: leave it at auto and set ilora's bf16: true"),
+    "deepspeed fp16 config": (lambda w, t: train(w, t, "--deepspeed", '{"fp16": {"enabled": true}}'), "DeepSpeed's fp16 mode casts the whole model to 16 bits"),
     "deepspeed nvme params": (lambda w, t: train(w, t, "--deepspeed", '{"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}'),
                               "offload_param to nvme swaps the adapters' partitions out of memory"),
     "deepspeed bad json": (lambda w, t: train(w, t, "--deepspeed", '{"zero_optimization": '), "--deepspeed: not valid JSON"),
@@ -155,7 +156,7 @@ ACCELERATE_DEEPSPEED = {
     "zero3 quantized": ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, ["--quantization_bit", "4"],
                         "a quantized base (quantization_bit) does not run under DeepSpeed ZeRO-3"),
     "mixed precision": ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "2", "ACCELERATE_MIXED_PRECISION": "bf16"}, [],
-                        "accelerate launch --mixed_precision bf16 with DeepSpeed: DeepSpeed's bf16 mode casts"),
+                        "accelerate launch --mixed_precision bf16 with DeepSpeed: ilora trains Accelerate-launched DeepSpeed in fp32"),
     "config file zero3 ewc": ({"ACCELERATE_DEEPSPEED_CONFIG_FILE": "{tmp}/ds.json"}, ["--method", "ewc"],
                               "method ewc under DeepSpeed ZeRO-3"),
     "config file missing": ({"ACCELERATE_DEEPSPEED_CONFIG_FILE": "{tmp}/none.json"}, [], "none.json: missing (DeepSpeed config)"),

@@ -97,9 +97,10 @@ def test_a_run_with_auto_records_the_precision_and_hardware_it_used(tiny_model_d
     assert manifest["hardware"]["name"] == here.name and manifest["hardware"]["capability"] == here.capability
 
 
-@pytest.mark.parametrize("launch", ["config", "accelerate"])
-def test_under_deepspeed_auto_is_fp32_and_forced_half_precision_is_refused(launch, monkeypatch):
-    """DeepSpeed's bf16/fp16 modes would cast the stable adapter to 16 bits."""
+@pytest.mark.parametrize("launch", ["config", "zero3 config", "accelerate"])
+def test_under_deepspeed_auto_is_fp32_and_refused_half_precision_is_one_line(launch, monkeypatch):
+    """DeepSpeed's half modes cast the stable adapter to 16 bits: bf16 only where ilora puts it back in fp32
+    (ZeRO-0/1/2 through the deepspeed setting: tests/test_deepspeed.py trains it), fp16 never."""
     from types import SimpleNamespace
 
     from ilora.config import _with_precision
@@ -107,8 +108,14 @@ def test_under_deepspeed_auto_is_fp32_and_forced_half_precision_is_refused(launc
     monkeypatch.setattr(precision, "detect", lambda device: H100)  # auto would pick bf16 here
     if launch == "accelerate":  # `accelerate launch --use_deepspeed`: no deepspeed setting, the environment says so
         monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    args = SimpleNamespace(use_cpu=False, deepspeed="ds.json" if launch == "config" else None, bf16=False, fp16=False)
+    zero3 = SimpleNamespace(is_zero3=lambda: launch == "zero3 config")
+    args = SimpleNamespace(use_cpu=False, deepspeed=None if launch == "accelerate" else "ds.json", bf16=False,
+                           fp16=False, hf_deepspeed_config=None if launch == "accelerate" else zero3)  # fmt: skip
     assert _with_precision(args, {}) is args  # auto: fp32, nothing to change
-    for flag in ("bf16", "fp16"):
-        with pytest.raises(ILoRAError, match=f"--{flag} true with --deepspeed: DeepSpeed's {flag} mode casts"):
-            _with_precision(args, {flag: "true"})
+    with pytest.raises(ILoRAError, match="--fp16 true with --deepspeed: DeepSpeed's fp16 mode casts"):
+        _with_precision(args, {"fp16": "true"})
+    refusal = {"zero3 config": "--bf16 true with DeepSpeed ZeRO-3: DeepSpeed's bf16 mode casts",
+               "accelerate": "--bf16 true with accelerate launch --use_deepspeed: ilora trains"}  # fmt: skip
+    if launch in refusal:
+        with pytest.raises(ILoRAError, match=refusal[launch]):
+            _with_precision(args, {"bf16": "true"})

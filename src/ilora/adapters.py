@@ -169,11 +169,28 @@ class AdapterPair:
                 layer._active_adapter = names
 
     @torch.no_grad()
+    def stable_in_fp32(self) -> None:
+        """Put a stable adapter cast to 16 bits back in fp32 (DeepSpeed's bf16 mode casts the whole module
+        when its engine starts; the EMA's steps, a few percent of a small difference, would be lost to
+        bf16 rounding). PEFT casts a LoRA's input to its weights' dtype and its output back, so the
+        forward runs as before. The values keep the one rounding the cast made, as the plastic adapter's
+        do in DeepSpeed's fp32 master copy. Not for ZeRO-3's partitions (refused in bf16)."""
+        if self.partitioned:
+            return
+        for tensor in self.stable:
+            if tensor.dtype != torch.float32:
+                tensor.data = tensor.data.float()
+        self._local = (sharding.local(self.plastic), sharding.local(self.stable))
+
+    @torch.no_grad()
     def ema_(self, weight: float | torch.Tensor) -> None:
         """stable <- stable + weight * (plastic - stable) = (1 - weight) * stable + weight * plastic.
 
-        `weight` may be a 0-dim tensor (selective update decides on the device, without a host sync)."""
+        `weight` may be a 0-dim tensor (selective update decides on the device, without a host sync).
+        A plastic adapter in bf16 (DeepSpeed's bf16 mode) is read in fp32, the stable one's dtype."""
         plastic, stable = self._plastic_local, self._stable_local
+        if plastic and plastic[0].dtype != stable[0].dtype:
+            plastic = [t.to(stable[0].dtype) for t in plastic]
         if isinstance(weight, torch.Tensor):
             delta = torch._foreach_sub(plastic, stable)
             torch._foreach_mul_(delta, weight)

@@ -432,15 +432,18 @@ def _with_options(parsed: tuple, method_arguments: dict[str, type] | None) -> tu
     return (*parsed[:4], dict(zip(names, parsed[4:])))
 
 
-# DeepSpeed trains in fp32. ZeRO-0/1/2 hold whole parameters, so the EMA, the stable pass and saving are
-# those of DDP; ZeRO-3 partitions them (see sharding: the EMA runs on the partitions; models are loaded
-# whole and partitioned by the engine). Refused, before anything loads: DeepSpeed's bf16/fp16 modes, which
-# cast the whole module, stable adapter included, to 16 bits, where an EMA step (a few percent of a small
-# difference) is lost to rounding; under ZeRO-3, the methods whose terms need whole parameters outside the
-# forward (trainer.check_zero3).
+# DeepSpeed: ZeRO-0/1/2 hold whole parameters, so the EMA, the stable pass and saving are those of DDP;
+# ZeRO-3 partitions them (see sharding: the EMA runs on the partitions; models are loaded whole and
+# partitioned by the engine). DeepSpeed's bf16 mode casts the whole module, stable adapter included, to
+# bf16, where an EMA step (a few percent of a small difference) is lost to rounding: under ZeRO-0/1/2 the
+# method puts the stable adapter back in fp32 once the engine is up (adapters.AdapterPair.stable_in_fp32);
+# ZeRO-3's partitions cannot be, so it trains in fp32. fp16 (loss scaling, skipped steps) is refused.
+# `bf16: auto` means fp32 under DeepSpeed: bf16 there is asked for explicitly. Under ZeRO-3, the methods
+# whose terms need whole parameters outside the forward are refused (trainer.check_zero3).
 DEEPSPEED_HALF = ("DeepSpeed's {mode} mode casts the whole model to 16 bits, the stable adapter too, and the EMA's "
-                  "small steps are lost to rounding: train DeepSpeed in fp32 (bf16: false, fp16: false), or use DDP "
-                  "or FSDP2, which keep the adapters in fp32 under autocast")  # fmt: skip
+                  "small steps are lost to rounding: {remedy}")  # fmt: skip
+DEEPSPEED_FP16 = "train DeepSpeed in fp32, or in bf16 (bf16: true) under ZeRO-0/1/2"
+DEEPSPEED_ZERO3_BF16 = "ZeRO-3 keeps only partitions, which ilora cannot hold in fp32: train ZeRO-3 in fp32, or bf16 under ZeRO-2 or FSDP2"
 
 
 def check_deepspeed_request(argv: list[str]) -> None:
@@ -480,7 +483,8 @@ def _check_accelerate_deepspeed() -> None:
         check_deepspeed(read_json(Path(path), "DeepSpeed config"), path)
     mode = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if mode in ("bf16", "fp16"):
-        raise ILoRAError(f"accelerate launch --mixed_precision {mode} with DeepSpeed: " + DEEPSPEED_HALF.format(mode=mode))
+        raise ILoRAError(f"accelerate launch --mixed_precision {mode} with DeepSpeed: ilora trains Accelerate-launched "
+                         "DeepSpeed in fp32; for bf16 under ZeRO-0/1/2 set deepspeed: CONFIG and bf16: true in its config")  # fmt: skip
 
 
 def zero3_requested(training_args) -> bool:
@@ -497,16 +501,20 @@ def zero3_requested(training_args) -> bool:
     return os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
 
 
-def check_deepspeed(config: Any, where: str) -> None:
-    """Any ZeRO stage, in fp32 (see above): one line for anything else."""
+def check_deepspeed(config: Any, where: str, as_written: bool = True) -> None:
+    """Any ZeRO stage, in fp32 or (ZeRO-0/1/2) bf16, see above: one line for anything else. `as_written`:
+    the user's file (the Trainer fills `auto` values with its own settings: bf16.enabled true then
+    follows ilora's bf16)."""
     if not isinstance(config, dict):
         raise ILoRAError(f"{where}: not a JSON object")
     zero = config.get("zero_optimization") or {}
     if not isinstance(zero, dict) or zero.get("stage", 0) not in (0, 1, 2, 3):
         raise ILoRAError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3")
-    for mode in ("bf16", "fp16"):
-        if isinstance(config.get(mode), dict) and config[mode].get("enabled") is True:
-            raise ILoRAError(f"{where}: " + DEEPSPEED_HALF.format(mode=mode))
+    if isinstance(config.get("fp16"), dict) and config["fp16"].get("enabled") is True:
+        raise ILoRAError(f"{where}: " + DEEPSPEED_HALF.format(mode="fp16", remedy=DEEPSPEED_FP16))
+    if as_written and isinstance(config.get("bf16"), dict) and config["bf16"].get("enabled") is True:
+        raise ILoRAError(f"{where}: bf16.enabled true: leave it at auto and set ilora's bf16: true (ZeRO-0/1/2), which "
+                         "keeps the stable adapter in fp32")  # fmt: skip
     offload = zero.get("offload_param") or {}
     if isinstance(offload, dict) and offload.get("device") == "nvme":
         raise ILoRAError(f"{where}: offload_param to nvme swaps the adapters' partitions out of memory, where ilora's "
@@ -570,13 +578,17 @@ def _with_precision(args: TrainingArguments, flags: dict[str, str]) -> TrainingA
     device = "cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu"
     hardware = precision.detect(device)
     requested = {k: precision.parse_flag(k, flags.get(k, precision.AUTO)) for k in ("bf16", "fp16")}
-    # DeepSpeed (a config, or `accelerate launch --use_deepspeed`) would cast the stable adapter to 16 bits:
-    # auto means fp32 there
+    # DeepSpeed (a config, or `accelerate launch --use_deepspeed`) casts the model to its half precision:
+    # auto means fp32 there, bf16 is asked for (see DEEPSPEED_HALF)
     if args.deepspeed or accelerate_deepspeed():
-        for mode in ("bf16", "fp16"):
-            if requested[mode] is True:
-                raise ILoRAError(f"--{mode} true with --deepspeed: " + DEEPSPEED_HALF.format(mode=mode))
-        requested = {"bf16": False, "fp16": False}
+        if requested["fp16"] is True:
+            raise ILoRAError("--fp16 true with --deepspeed: " + DEEPSPEED_HALF.format(mode="fp16", remedy=DEEPSPEED_FP16))
+        if requested["bf16"] is True and not args.deepspeed:
+            raise ILoRAError("--bf16 true with accelerate launch --use_deepspeed: ilora trains Accelerate-launched DeepSpeed "
+                             "in fp32; for bf16 under ZeRO-0/1/2 set deepspeed: CONFIG")  # fmt: skip
+        if requested["bf16"] is True and zero3_requested(args):
+            raise ILoRAError("--bf16 true with DeepSpeed ZeRO-3: " + DEEPSPEED_HALF.format(mode="bf16", remedy=DEEPSPEED_ZERO3_BF16))
+        requested = {"bf16": requested["bf16"] is True, "fp16": False}
     bf16, fp16 = precision.choose(requested["bf16"], requested["fp16"], hardware)
     if (bf16, fp16) == (args.bf16, args.fp16):
         return args

@@ -25,7 +25,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from . import methods, precision, sharding, taskdir
 from .adapters import PLASTIC, attach_adapters
 from .buffer import ReplayBuffer
-from .config import ILoRAArguments, check_deepspeed, check_training_arguments
+from .config import DEEPSPEED_HALF, DEEPSPEED_ZERO3_BF16, ILoRAArguments, check_deepspeed, check_training_arguments
 from .data import PadCollator, prepare_dataset
 from .errors import ILoRAError
 from .loader import quantization_of
@@ -124,9 +124,9 @@ class ILoRATrainer(Trainer):
         """What runs sharded, and how it is checkpointed; one line for what cannot run."""
         if self.is_deepspeed_enabled:  # an Accelerate-launched config has not been through ilora's flags
             plugin = self.accelerator.state.deepspeed_plugin
-            check_deepspeed(plugin.deepspeed_config, "the DeepSpeed config")
+            check_deepspeed(plugin.deepspeed_config, "the DeepSpeed config", as_written=False)
             if plugin.zero_stage == 3:
-                check_zero3(method_cls, bool(self.quantization))
+                check_zero3(method_cls, bool(self.quantization), self.args.bf16)
         if self.is_fsdp_enabled:
             fsdp = self.accelerator.state.fsdp_plugin
             check_fsdp(fsdp.fsdp_version, fsdp.state_dict_type.name, bool(self.quantization))
@@ -230,6 +230,7 @@ class ILoRATrainer(Trainer):
         return state
 
     def _restore(self, folder: Path, step: int, buffer, method_state) -> None:
+        self.method.pair_adapters()  # after DeepSpeed's cast to bf16: the stable adapter in fp32 before it loads
         if self._adapters_outside_trainer_checkpoint():
             sharding.load_adapters(self.model, taskdir.sharded_adapters(folder))
         self.method.restore(step, buffer)
@@ -309,8 +310,10 @@ def check_fsdp(version: int, state_dict_type: str, quantized: bool) -> None:
                          "its default (every rank writes its slices; task outputs are still whole PEFT adapters)")  # fmt: skip
 
 
-def check_zero3(method_cls, quantized: bool) -> None:
+def check_zero3(method_cls, quantized: bool, bf16: bool = False) -> None:
     """One line for what ilora cannot train under DeepSpeed ZeRO-3."""
+    if bf16:
+        raise ILoRAError("bf16 with DeepSpeed ZeRO-3: " + DEEPSPEED_HALF.format(mode="bf16", remedy=DEEPSPEED_ZERO3_BF16))
     if method_cls.uses_whole_parameters:
         raise ILoRAError(f"method {method_cls.name} under DeepSpeed ZeRO-3: its penalty is computed on whole adapter "
                          "matrices outside the forward, and ZeRO-3 keeps only partitions of them there; use ZeRO-2, "

@@ -103,8 +103,10 @@ class Method:
         self.pair_adapters()
 
     def pair_adapters(self) -> None:
-        """Find the adapter tensors again: the Trainer reloaded them, or FSDP2 sharded them."""
+        """Find the adapter tensors again: the Trainer reloaded them, FSDP2 sharded them, or DeepSpeed cast
+        them to bf16 (the stable one goes back to fp32)."""
         self.adapters = AdapterPair(self.model)
+        self.adapters.stable_in_fp32()
 
     # ------------------------------------------------------------ hooks
     def loss(self, batch: dict, forward: torch.nn.Module | None = None) -> torch.Tensor:
