@@ -20,8 +20,7 @@ from ilora import sharding
 from ilora.errors import ILoRAError
 
 from test_fsdp import (TASKS, adapter, assert_killed_in_each_task_resumes_bitwise, assert_method_outputs_equal,
-                       assert_same_adapters, assert_task_equals_ddp_and_loads, config, ilora_run, method_runs_beside_ddp,
-                       torchrun)
+                       assert_task_equals_ddp_and_loads, config, ilora_run, method_runs_beside_ddp, torchrun)
 
 pytest.importorskip("deepspeed")  # `make test` installs it (the deepspeed extra)
 
@@ -29,17 +28,23 @@ ZERO2 = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "a
          "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "bf16": {"enabled": "auto"}}  # fmt: skip
 
 
-def zero2_config(tmp_path, model_dir):
-    (tmp_path / "ds_zero2.json").write_text(json.dumps(ZERO2))
-    return config(tmp_path, model_dir, "zero2", deepspeed="ds_zero2.json")  # read from the config's directory
+def deepspeed_config(tmp_path, model_dir, name: str, ds: dict, **settings) -> Path:
+    """test_fsdp's two-task config, output in `name`, under DeepSpeed settings `ds` (a file beside it: the
+    config's paths are read from its directory)."""
+    (tmp_path / f"ds_{name}.json").write_text(json.dumps(ds))
+    return config(tmp_path, model_dir, name, deepspeed=f"ds_{name}.json", **settings)
+
+
+def finished_run(tmp_path_factory, model_dir, name: str, ds: dict, **settings) -> Path:
+    root = tmp_path_factory.mktemp(name)
+    result = ilora_run(deepspeed_config(root, model_dir, name, ds, **settings))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / name
 
 
 @pytest.fixture(scope="module")
 def zero2_run(tiny_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("zero2")
-    result = ilora_run(zero2_config(root, tiny_model_dir))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root / "zero2"
+    return finished_run(tmp_path_factory, tiny_model_dir, "zero2", ZERO2)
 
 
 def test_a_two_task_zero2_run_equals_ddp_and_saves_loadable_adapters(zero2_run, ddp_run, tiny_model_dir):
@@ -52,17 +57,9 @@ def test_a_two_task_zero2_run_equals_ddp_and_saves_loadable_adapters(zero2_run, 
     assert manifest["hardware"]["precision"] == "fp32"  # bf16: auto means fp32 under DeepSpeed
 
 
-def zero2_bf16_config(tmp_path, model_dir):
-    (tmp_path / "ds_zero2.json").write_text(json.dumps(ZERO2))  # bf16.enabled: auto follows ilora's bf16
-    return config(tmp_path, model_dir, "bf16", deepspeed="ds_zero2.json", bf16=True)
-
-
 @pytest.fixture(scope="module")
 def zero2_bf16_run(tiny_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("zero2-bf16")
-    result = ilora_run(zero2_bf16_config(root, tiny_model_dir))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root / "bf16"
+    return finished_run(tmp_path_factory, tiny_model_dir, "bf16", ZERO2, bf16=True)  # bf16.enabled: auto follows it
 
 
 def test_a_zero2_bf16_run_keeps_the_stable_adapter_in_fp32_and_saves_loadable_adapters(zero2_bf16_run, tiny_model_dir):
@@ -88,7 +85,8 @@ def test_under_zero2_bf16_the_stable_adapter_is_the_closed_form_ema_in_fp32(tmp_
 def test_a_zero2_bf16_run_killed_in_each_task_resumes_bitwise_identical(zero2_bf16_run, tiny_model_dir, tmp_path):
     """Through DeepSpeed's loader, with ilora's adapters, buffer and EMA step restored; the stable adapter
     back in fp32 before its saved values load. (The same test in fp32 passed: README.)"""
-    assert_killed_in_each_task_resumes_bitwise(zero2_bf16_config(tmp_path, tiny_model_dir), zero2_bf16_run)
+    assert_killed_in_each_task_resumes_bitwise(deepspeed_config(tmp_path, tiny_model_dir, "bf16", ZERO2, bf16=True),
+                                               zero2_bf16_run)  # fmt: skip
 
 
 @pytest.mark.parametrize("method", ["ewc"])  # O-LoRA, LwF, DER++ and ER passed too, once (README)
@@ -107,17 +105,9 @@ def test_a_baseline_under_zero2_matches_ddp(method, tiny_model_dir, tmp_path, dd
 ZERO3 = {**ZERO2, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
 
 
-def zero3_config(tmp_path, model_dir):
-    (tmp_path / "ds_zero3.json").write_text(json.dumps(ZERO3))
-    return config(tmp_path, model_dir, "zero3", deepspeed="ds_zero3.json")
-
-
 @pytest.fixture(scope="module")
 def zero3_run(tiny_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("zero3")
-    result = ilora_run(zero3_config(root, tiny_model_dir))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root / "zero3"
+    return finished_run(tmp_path_factory, tiny_model_dir, "zero3", ZERO3)
 
 
 def test_a_two_task_zero3_run_partitions_equals_ddp_and_saves_loadable_adapters(zero3_run, ddp_run, tiny_model_dir):
@@ -140,7 +130,7 @@ def test_under_zero3_the_stable_adapter_is_the_closed_form_ema_of_the_whole_plas
 
 
 def test_a_zero3_run_killed_in_each_task_resumes_bitwise_identical(zero3_run, tiny_model_dir, tmp_path):
-    assert_killed_in_each_task_resumes_bitwise(zero3_config(tmp_path, tiny_model_dir), zero3_run)
+    assert_killed_in_each_task_resumes_bitwise(deepspeed_config(tmp_path, tiny_model_dir, "zero3", ZERO3), zero3_run)
 
 
 @pytest.mark.parametrize("method", ["derpp"])  # stored logits with replay; LwF (a frozen teacher) passed once (README)
