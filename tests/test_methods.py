@@ -8,7 +8,8 @@ from helpers import batches, method, peft_model, train
 from ilora.adapters import PLASTIC, STABLE, AdapterPair, load_adapter, save_adapter
 from ilora.buffer import ReplayBuffer
 from ilora.data import IGNORE_INDEX
-from ilora.methods.base import causal_lm_loss, split_rows
+from ilora.errors import TrainingDiverged
+from ilora.methods.base import causal_lm_loss, split_rows, varies
 from ilora.methods.derpp import DERppArguments, bytes_per_row, logit_mse, top_logits
 from ilora.methods.ewc import EWCArguments, ewc_penalty
 from ilora.methods.ilora import consistency_loss
@@ -241,3 +242,65 @@ def test_pure_modules_import_nothing_heavy():
             "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# ------------------------------------------------- divergence and collapse
+def _zero_lm_head(m):
+    m.model.get_base_model().lm_head.weight.data.zero_()  # every position: the same (zero) logits
+
+
+def _confidently_wrong(m):
+    """With the adapters on, logits flipped and sharpened: finite, input-dependent, far worse than untrained."""
+    layer = m.adapters.layers[0]
+    m.model.get_base_model().lm_head.register_forward_hook(lambda mod, i, out: out if layer.disable_adapters else -50 * out)
+
+
+def _exploded(m):
+    m.adapters.plastic[0].data[0, 0] = 2e6
+
+
+def _nan(m):
+    m.adapters.stable[0].data[0, 0] = float("nan")
+
+
+COLLAPSES = {
+    "logits constant across positions": (_zero_lm_head, "the plastic model's outputs no longer depend on its input"),
+    "loss far above the untrained model's": (_confidently_wrong, "loss on its training rows is far above the untrained"),
+    "an adapter weight past the limit": (_exploded, "an adapter weight grew past 1e+06"),
+    "a NaN in the stable adapter": (_nan, "a loss or adapter weight became NaN or inf"),
+}
+
+
+def _trained(name: str = "ilora"):
+    m = method(method=name, model=peft_model(init_lora_weights=False))
+    train(m, batches(3), lr=0.05)
+    return m
+
+
+@pytest.mark.parametrize("name", ["ilora", "er"])
+def test_a_healthy_trained_model_passes_and_records_its_margins(name):
+    m = _trained(name)
+    m.check_diverged("by the end of the task", adapters=True, outputs=True)
+    figures = {k: float(v) for k, v in m.collapse_figures.items()}
+    assert set(figures) == {"untrained_loss", "uniform_loss", *(f"{r}_loss" for r in m.evaluated(m.model, m.args))}
+    assert figures["plastic_loss"] < max(figures["untrained_loss"], figures["uniform_loss"])
+
+
+@pytest.mark.parametrize("case", list(COLLAPSES))
+def test_a_collapsed_or_exploded_model_is_refused_naming_the_reason(case):
+    damage, reason = COLLAPSES[case]
+    m = _trained()
+    damage(m)
+    with pytest.raises(TrainingDiverged, match="by the end of the task") as refused:
+        m.check_diverged("by the end of the task", adapters=True, outputs=True)
+    assert reason in str(refused.value)
+
+
+def test_varies_looks_only_at_real_positions():
+    mask = torch.tensor([[1, 1, 0]])
+    constant = torch.tensor([[[1.0, 2.0], [1.0, 2.0], [9.0, 0.0]]])  # the padded position differs
+    assert not varies(constant, mask)
+    assert varies(constant, torch.ones(1, 3))
+    assert varies(constant[:, :1], mask[:, :1])  # one position tells nothing
+    assert varies(torch.full((1, 2, 2), float("nan")), mask[:, :2])  # NaN is the finite check's
+    assert not varies(torch.tensor([[[1e18, 3.0], [1e18 + 1e14, 3.0]]]), mask[:, :2])  # saturated

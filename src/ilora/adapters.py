@@ -212,6 +212,12 @@ class AdapterPair:
         return [torch.isfinite(t).all() for t in self._plastic_local + self._stable_local]
 
     @torch.no_grad()
+    def bounded_flags(self, limit: float) -> list[torch.Tensor]:
+        """One 0-dim bool per non-empty tensor (this rank's slice): is every weight within +-limit?
+        (NaN counts as within: `finite_flags` reports it.)"""
+        return [~(t.abs().amax() > limit) for t in self._plastic_local + self._stable_local if t.numel()]
+
+    @torch.no_grad()
     def stable_checksum(self) -> float:
         """Sum and sum of squares of every stable weight: equal on ranks holding equal adapters. Sharded,
         the slices' sums add up over the ranks (a collective), so every rank reports the whole adapter's."""

@@ -186,7 +186,7 @@ class ILoRATrainer(Trainer):
         """The Trainer's checkpoint (adapters, optimizer, scheduler, RNG) plus the buffer, the method's
         state and step; a marker written last says the checkpoint is complete. A diverged state is
         never checkpointed: resuming from it would only diverge again."""
-        self.method.check_finite(f"by optimizer step {self.state.global_step}", adapters=True)
+        self.method.check_diverged(f"by optimizer step {self.state.global_step}", adapters=True)
         super()._save_checkpoint(model, trial)
         folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
         if self._adapters_outside_trainer_checkpoint():
@@ -265,7 +265,7 @@ class ILoRATrainer(Trainer):
         calls this: each saves its buffer, rank 0 the rest)."""
         output_dir = Path(output_dir or self.args.output_dir)
         args = self.ilora_args
-        self.method.check_finite("by the end of the task", adapters=True, outputs=True)  # nothing diverged is written
+        self.method.check_diverged("by the end of the task", adapters=True, outputs=True)  # nothing diverged is written
         last_log = next((e for e in reversed(self.state.log_history) if "loss" in e), {})
         summary = next((e for e in reversed(self.state.log_history) if "train_loss" in e), {})
         # means over the steps since the last log, or that log if nothing came after it
@@ -286,6 +286,8 @@ class ILoRATrainer(Trainer):
             "hardware": precision.run_record(self.args),  # what trained it, in which precision
             "quantization": self.quantization,
             "final_losses": final_losses,
+            # the end-of-task collapse check's figures, on this rank's last micro-batch
+            "collapse_check": {k: float(v) for k, v in self.method.collapse_figures.items()},
         }
         method = type(self.method)
         adapters = method.saved_adapters(args) + sorted(n for n in self.model.peft_config if n.startswith(method.saved_prefixes))

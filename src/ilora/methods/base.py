@@ -23,11 +23,12 @@ adapter a method adds is frozen. Under FSDP2 the parameters are this rank's slic
 them outside the forward takes them `sharding.whole` (O-LoRA's, EWC's penalties), and gradients reach
 them only through the model's backward (EWC's Fisher); tests/test_fsdp.py runs each method against DDP.
 Shared here: the reservoir buffer (for methods that replay), the finite flag that watches for
-divergence without a host sync per step, and logging means.
+divergence without a host sync per step, the end-of-task collapse check, and logging means.
 """
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -40,6 +41,15 @@ from ..buffer import ReplayBuffer
 from ..config import ILoRAArguments
 from ..data import IGNORE_INDEX, pad_rows
 from ..errors import ILoRAError, TrainingDiverged
+
+# An exploded adapter: a weight beyond this magnitude. LoRA weights start below 1 and stay there; past
+# 1e6 a low-rank update outweighs its base matrix by orders of magnitude, whatever its outputs still do.
+EXPLODED_WEIGHT = 1e6
+# A collapsed model: its logits vary across positions by less than this share of their magnitude ...
+COLLAPSE_SPREAD = 1e-3
+# ... or its loss on the rows it was just trained on is this many nats above both the untrained model's
+# and a uniform guess's (a trained model scores its own training rows better than either).
+COLLAPSE_MARGIN = 1.0
 
 
 class Method:
@@ -91,7 +101,9 @@ class Method:
         self.buffer = buffer if self.uses_replay(args) else None
         self.device = self.adapters.plastic[0].device
         self._finite = torch.ones((), dtype=torch.bool, device=self.device)
-        self._last_batch: tuple[torch.Tensor, torch.Tensor] | None = None  # for the end-of-task output check
+        # (input_ids, attention_mask, labels) of the last trained micro-batch: the end-of-task collapse check
+        self._last_batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.collapse_figures: dict[str, float | torch.Tensor] = {}
         self._reset_stats()
 
     def restore(self, step: int, buffer: ReplayBuffer | None) -> None:
@@ -130,7 +142,7 @@ class Method:
     def forward_rows(self, forward, ids, labels, **kwargs):
         """Pad rows, run the trained forward, remember the batch for the end-of-task output check."""
         input_ids, padded_labels, attention_mask = pad_rows(ids, labels, self.pad_token_id)
-        self._last_batch = (input_ids, attention_mask)
+        self._last_batch = (input_ids, attention_mask, padded_labels)
         outputs = (forward or self.model)(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         return outputs, padded_labels, attention_mask
 
@@ -168,31 +180,56 @@ class Method:
         return loss
 
     # ------------------------------------------------------------ divergence
-    def check_finite(self, when: str, adapters: bool = False, outputs: bool = False) -> None:
-        """Raise `TrainingDiverged` if a loss since the start was NaN or inf (with `adapters`, if an
-        adapter weight is; with `outputs`, if an evaluated model's logits on the last micro-batch are:
-        weights blown up to 1e25 are finite, their logits are not). Reads back to the host, agreed by
-        every rank: call at the log interval, at checkpoints and at the end of a task, never per step."""
-        flags = [self._finite]
+    def check_diverged(self, when: str, adapters: bool = False, outputs: bool = False) -> None:
+        """Raise `TrainingDiverged` if a loss since the start was NaN or inf; with `adapters`, if an
+        adapter weight is, or has exploded past `EXPLODED_WEIGHT`; with `outputs`, if an evaluated model has collapsed on the last micro-batch
+        (see `_collapse_flags`). Reads back to the host, agreed by every rank: call at the log
+        interval, at checkpoints and at the end of a task, never per step."""
+        checks = {"a loss or adapter weight became NaN or inf": [self._finite]}
         if adapters:
-            flags += self.adapters.finite_flags()
+            checks["a loss or adapter weight became NaN or inf"] += self.adapters.finite_flags()
+            checks[f"an adapter weight grew past {EXPLODED_WEIGHT:g}"] = self.adapters.bounded_flags(EXPLODED_WEIGHT)
         if outputs and self._last_batch is not None:
-            flags += self._outputs_finite(*self._last_batch)
-        ok = distributed.mean_(torch.stack(flags).all().float())  # every rank takes the same decision
-        if ok.item() < 1.0:
+            checks.update(self._collapse_flags(*self._last_batch))
+        true = torch.ones((), dtype=torch.bool, device=self.device)
+        passed = torch.stack([torch.stack([true, *flags]).all() for flags in checks.values()]).float()
+        passed = distributed.mean_(passed).tolist()  # every rank takes the same decision
+        failed = [reason for reason, share in zip(checks, passed) if share < 1.0]
+        if failed:
             raise TrainingDiverged(
-                f"training diverged {when}: a loss or adapter weight became NaN or inf (lower learning_rate, "
-                "set max_grad_norm, check the method's loss weights); the task is not marked finished"
+                f"training diverged {when}: {'; '.join(failed)} (lower learning_rate, set max_grad_norm, "
+                "check the method's loss weights); the task is not marked finished"
             )
 
     @torch.no_grad()
-    def _outputs_finite(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
-        flags = []
-        for names in self.evaluated(self.model, self.args).values():
+    def _collapse_flags(self, input_ids, attention_mask, labels) -> dict[str, list[torch.Tensor]]:
+        """One flag per check and evaluated model (True: healthy), on the batch it was just trained on.
+
+        Weights blown up to 1e25 are finite; their logits may be inf (on some CPUs' kernels), saturate
+        to one constant row (under bf16, or other kernels), or just be wrong. So each evaluated model must
+        give finite logits that still depend on the input, and a loss on its own training rows no worse
+        than both the untrained model's and a uniform guess over the vocabulary, by `COLLAPSE_MARGIN`
+        nats. The figures go to the task's manifest (`collapse_check`), where real runs show their margins."""
+        with self.model.disable_adapter():
+            base_logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        base_loss = causal_lm_loss(base_logits, labels)
+        uniform_loss = math.log(base_logits.shape[-1])
+        del base_logits
+        ceiling = torch.clamp(base_loss, min=uniform_loss) + COLLAPSE_MARGIN
+        checks: dict[str, list[torch.Tensor]] = {}
+        figures = {"untrained_loss": base_loss, "uniform_loss": uniform_loss}
+        for report, names in self.evaluated(self.model, self.args).items():
             with self.adapters.active(names):
                 logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-            flags.append(torch.isfinite(logits).all())
-        return flags
+            loss = causal_lm_loss(logits, labels)
+            figures[f"{report}_loss"] = loss
+            checks[f"the {report} model's logits are NaN or inf"] = [torch.isfinite(logits).all()]
+            checks[f"the {report} model's outputs no longer depend on its input"] = [varies(logits, attention_mask)]
+            checks[f"the {report} model's loss on its training rows is far above the untrained model's"] = [
+                ~(loss > ceiling)  # NaN is the finite check's to report
+            ]
+        self.collapse_figures = figures
+        return checks
 
     # ------------------------------------------------------------- logging
     def _reset_stats(self) -> None:
@@ -201,12 +238,23 @@ class Method:
 
     def pop_logs(self) -> dict[str, float]:
         """Means per micro-batch since the last call. Reads back to the host: the log interval only."""
-        self.check_finite(f"by optimizer step {self.step}")
+        self.check_diverged(f"by optimizer step {self.step}")
         logs = {}
         if self._micro_batches:
             logs = {k: float(v / self._micro_batches) for k, v in self._stats.items()}
         self._reset_stats()
         return logs
+
+
+def varies(logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """0-dim bool: do the logits differ across the batch's real positions by more than
+    `COLLAPSE_SPREAD` of their largest magnitude? (Any two positions have different prefixes; a trained
+    model's logits differ by whole units. One position alone, or NaN, counts as varying.)"""
+    rows = logits[attention_mask.bool()]
+    if rows.shape[0] < 2:
+        return torch.ones((), dtype=torch.bool, device=logits.device)
+    spread = (rows - rows[:1]).abs().amax().float()
+    return ~(spread <= COLLAPSE_SPREAD * rows.abs().amax().float())
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -80,7 +80,7 @@ class ILoRA(Method):
         input_ids, labels, attention_mask = pad_rows(
             current_ids + replay_ids, current_labels + replay_labels, self.pad_token_id
         )
-        self._last_batch = (input_ids, attention_mask)
+        self._last_batch = (input_ids, attention_mask, labels)
         num_current = len(current_ids)
         replay_len = max((len(row) for row in replay_ids), default=0)
         wants_consistency = bool(replay_ids) and self.args.consistency_weight > 0
