@@ -199,6 +199,13 @@ DIVERGED_RUNS = {
                                   DIVERGED, "training diverged"),
     "train: two huge steps (finite weights, infinite logits)": (
         lambda w, t: train(w, t, *HUGE_STEP, "--max_steps", "2"), DIVERGED, "training diverged by the end of the task"),
+    "train: two huge steps under bf16 (finite, collapsed logits)": (
+        lambda w, t: train(w, t, *HUGE_STEP, "--max_steps", "2", "--bf16", "true"), DIVERGED, "training diverged by the end of the task"),
+    "train: three huge steps under bf16": (
+        lambda w, t: train(w, t, *HUGE_STEP, "--bf16", "true"), DIVERGED, "training diverged"),
+    "run: two huge steps under bf16, derpp": (
+        lambda w, t: run_config(w, t, lambda c: c.update(HUGE_RUN, max_steps=2, bf16=True, method="derpp")), DIVERGED,
+        "training diverged by the end of the task"),
     "train: huge learning rate, seq-LoRA": (
         lambda w, t: train(w, t, *HUGE_STEP, "--use_ilora", "false"),
         DIVERGED, "training diverged"),
@@ -274,6 +281,14 @@ STALE_RESULTS = {
                           "was started with other settings (learning_rate: 0.01 -> 0.5)"),
     "settings.json damaged": (run_copy_then(lambda r: (r / "out/ilora/settings.json").write_text("{")), BAD_INPUT,
                               "settings.json: damaged run settings"),
+    "max_new_tokens changed after the run finished": (lambda w, t: run_copy(w, t, lambda c: c.update(max_new_tokens=40)),
+                                                      BAD_INPUT, "other settings (max_new_tokens: 16 -> 40)"),
+    "eval_batch_size changed": (lambda w, t: run_copy(w, t, lambda c: c.update(eval_batch_size=3)), BAD_INPUT,
+                                "other settings (eval_batch_size: 16 -> 3)"),
+    "a task's scoring changed": (lambda w, t: run_copy(w, t, lambda c: c["tasks"][1].update(scoring="exact_match")),
+                                 BAD_INPUT, "other settings (tasks:"),
+    "a trainer setting outside any list changed": (lambda w, t: run_copy(w, t, lambda c: c.update(label_smoothing_factor=0.1)),
+                                                   BAD_INPUT, "other settings (label_smoothing_factor: 0.0 -> 0.1)"),
 }  # fmt: skip
 
 WRONG_ANSWERS = {
@@ -609,6 +624,52 @@ def test_compare_aligns_runs_by_task_name(world, tmp_path):
     for adapter in summary["matrices"]:
         assert final_accuracy(flipped, adapter, summary["tasks"]) == summary["matrices"][adapter][-1]
     assert "| ilora (stable) |" in compare([first, reordered], tmp_path / "cmp")
+
+
+def test_a_run_continues_when_only_settings_that_cannot_change_results_changed(world, tmp_path, monkeypatch):
+    from ilora import workflow
+
+    argv = run_copy(world, tmp_path, lambda c: c.update(logging_steps=7, disable_tqdm=False, save_steps=3, report_to="none"))
+    monkeypatch.setattr(workflow, "_train", lambda *a, **k: pytest.fail("a finished task was retrained"))
+    assert main(argv) == 0
+
+
+# Every field of ilora's own argument classes, reviewed: it can change a run's results (guarded) or it
+# is on rundir.NOT_RESULTS. A new field fails here until it is put on one side.
+GUARDED_FIELDS = {
+    "model": {"lora_rank", "lora_alpha", "lora_dropout", "lora_target", "trust_remote_code", "quantization_bit",
+              "quantization_type", "double_quantization"},
+    "data": {"cutoff_len", "use_chat_template"},
+    "ilora": {"method", "use_ilora", "ema_alpha", "consistency_weight", "ilora_buffer_size", "replay_batch_size",
+              "use_stable_adapter", "consistency_target", "replay_loss", "selective_update", "min_update_threshold",
+              "hidden_state_layers", "save_ema_adapter", "ema_adapter_path", "previous_task_model", "prev_task_id",
+              "current_task_id"},
+    "run": {"method", "tasks", "eval_batch_size", "max_new_tokens", "eval_max_rows", "eval_tasks", "general_windows"},
+    "task": {"name", "scoring", "choices", "columns"},
+    "method_options": {"derpp_alpha", "derpp_beta", "derpp_top_k", "ewc_lambda", "ewc_gamma", "ewc_fisher_samples", "lwf_weight",
+                       "lwf_temperature", "olora_lambda1", "olora_lambda2"},
+}  # fmt: skip
+
+
+def test_every_setting_is_reviewed_as_guarded_or_unable_to_change_results():
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    from ilora import methods
+    from ilora.config import DataArguments, ILoRAArguments, ModelArguments, RunArguments, TaskSpec
+    from ilora.rundir import NOT_RESULTS
+
+    classes = {"model": [ModelArguments], "data": [DataArguments], "ilora": [ILoRAArguments], "run": [RunArguments],
+               "task": [TaskSpec], "method_options": list(methods.argument_classes().values())}  # fmt: skip
+    for part, owners in classes.items():
+        fields = {f.name for owner in owners for f in dataclasses.fields(owner)}
+        unreviewed = fields - GUARDED_FIELDS[part] - NOT_RESULTS[part]
+        assert not unreviewed, f"{part}: classify {sorted(unreviewed)} in GUARDED_FIELDS or rundir.NOT_RESULTS"
+        assert not GUARDED_FIELDS[part] & NOT_RESULTS[part] and NOT_RESULTS[part] <= fields, part
+    trainer_fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    stale = NOT_RESULTS["training"] - trainer_fields  # the Trainer's other fields are guarded by default
+    assert not stale, f"no longer TrainingArguments fields: {sorted(stale)}"
 
 
 def test_a_run_directory_moved_with_its_files_continues_without_retraining(world, tmp_path, monkeypatch):
