@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import metrics, taskdir
+from .digest import file_digest
 from .errors import ILoRAError
 
 SETTINGS_FILE = "settings.json"
@@ -30,15 +31,6 @@ BASE_EVAL_FILE = "base_eval.json"
 GENERAL_BASE_FILE = "general_base.json"  # the base model's perplexity on a run's general text
 METRICS_FILE = "metrics.json"
 TASKS_DIR = "tasks"
-
-
-def file_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes, read in blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def tokenizer_digest(tokenizer) -> str:
@@ -98,16 +90,16 @@ def check_same_settings(run_dir: Path, record: dict) -> None:
     if changed_input:
         raise ILoRAError(f"{changed_input} changed since {run_dir} was started: its results would not match "
                          "the data; use another output_dir or delete that directory to start again")  # fmt: skip
-    changed = [
-        f"{key}: {stored.get(part, {}).get(key)!r} -> {value!r}"
-        for part, values in record.items()
-        if part != "inputs"
-        for key, value in values.items()
-        if not isinstance(stored.get(part), dict) or stored[part].get(key) != value
-    ]
+    changed = []
+    for part, values in record.items():
+        before = stored.get(part) if isinstance(stored.get(part), dict) else {}
+        if part != "inputs":
+            changed += [f"{key}: {before.get(key)!r} -> {values.get(key)!r}"
+                        for key in sorted(values.keys() | before.keys()) if before.get(key) != values.get(key)]  # fmt: skip
     if changed:
+        listed = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
         raise ILoRAError(
-            f"{run_dir} was started with other settings ({'; '.join(changed)}); "
+            f"{run_dir} was started with other settings ({listed}); "
             "use another output_dir or delete that directory to start again"
         )
 
@@ -204,29 +196,47 @@ def _finite_number(value: Any) -> bool:
 
 
 # ------------------------------------------------------- records and summary
-# What decides the trained weights besides the method's and model's arguments. A run directory is
-# continued only under the settings it was started with: finished tasks are skipped, so reusing them
-# under a changed learning rate would silently mix two experiments in one accuracy matrix.
-TRAINING_SETTINGS = (
-    "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "per_device_train_batch_size",
-    "gradient_accumulation_steps", "num_train_epochs", "max_steps", "seed", "data_seed", "optim",
-    "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "bf16", "fp16",
-)  # fmt: skip
+# The fields of a run's config record that cannot change its results: where files go, logging and
+# progress, how often checkpoints are written (a resume is bitwise), process plumbing, and the paths
+# of inputs that `inputs_record` records by content (a run directory moved with its files continues;
+# a file changed at the same path does not). Every other field is guarded, including any field added
+# later: finished tasks are skipped, so reusing them under a changed setting would silently mix two
+# experiments in one accuracy matrix. tests/test_reliability.py fails on an unreviewed new field.
+NOT_RESULTS: dict[str, frozenset[str]] = {
+    "model": frozenset({"model_name_or_path"}),
+    "data": frozenset({"dataset", "dataset_dir", "overwrite_output_dir"}),
+    "ilora": frozenset(),
+    "method_options": frozenset(),
+    "run": frozenset({"general"}),
+    "task": frozenset({"train", "test", "dataset_dir"}),
+    "training": frozenset({
+        "output_dir", "run_name", "project", "report_to", "disable_tqdm", "log_level", "log_level_replica",
+        "log_on_each_node", "logging_strategy", "logging_steps", "logging_first_step", "logging_nan_inf_filter",
+        "include_num_input_tokens_seen", "skip_memory_metrics", "debug", "trackio_space_id", "trackio_bucket_id",
+        "trackio_static_space_id", "push_to_hub", "hub_token", "hub_private_repo", "hub_model_id", "hub_strategy",
+        "hub_always_push", "hub_revision", "save_strategy", "save_steps", "save_total_limit", "save_on_each_node",
+        "enable_jit_checkpoint", "resume_from_checkpoint", "do_train", "do_eval", "do_predict", "eval_strategy",
+        "eval_steps", "eval_delay", "eval_on_start", "per_device_eval_batch_size", "prediction_loss_only",
+        "eval_do_concat_batches", "eval_use_gather_object", "eval_accumulation_steps", "include_for_metrics",
+        "batch_eval_metrics", "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
+        "dataloader_prefetch_factor", "dataloader_multiprocessing_context", "torch_empty_cache_steps",
+        "ddp_timeout", "ddp_backend", "ddp_bucket_cap_mb", "ddp_find_unused_parameters", "ddp_broadcast_buffers",
+        "ddp_static_graph", "local_rank",
+    }),
+}  # fmt: skip
+
+
+def _guarded(part: str, values: dict) -> dict:
+    return {key: value for key, value in values.items() if key not in NOT_RESULTS[part]}
 
 
 def settings_record(config: dict) -> dict:
-    """The part of the run's config record (`config_record`) that decides the trained weights. Paths
-    are left out: the inputs are recorded by content (`rundir.inputs_record`), so a run directory
-    moved with its files continues, and a file changed at the same path does not."""
-    record = {
-        "model": {key: value for key, value in config["model"].items() if key != "model_name_or_path"},
-        "data": {key: config["data"][key] for key in ("cutoff_len", "use_chat_template")},
-        "ilora": config["ilora"],
-        "method_options": config["method_options"] or {},
-        "training": {key: config["training"][key] for key in TRAINING_SETTINGS},
-        "tasks": {"tasks": [{k: v for k, v in task.items() if k not in ("train", "test")} for task in config["run"]["tasks"]]},
-        "evaluation": {key: config["run"][key] for key in ("eval_max_rows", "eval_tasks", "general_windows")},
-    }
+    """The part of the run's config record (`config_record`) that can change its results: every field
+    but those of `NOT_RESULTS`."""
+    run = _guarded("run", config["run"])
+    run["tasks"] = [_guarded("task", task) for task in config["run"]["tasks"]]
+    record = {part: _guarded(part, config[part] or {}) for part in ("model", "data", "ilora", "method_options", "training")}
+    record["run"] = run
     return json.loads(json.dumps(record))  # as it reads back from the file
 
 
