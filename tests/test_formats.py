@@ -2,6 +2,8 @@
 LLaMA-Factory dataset_info.json directories."""
 
 import json
+import os
+import re
 
 import datasets
 import pytest
@@ -122,13 +124,39 @@ def test_dataset_info_maps_columns_and_tags_and_concatenates(tmp_path):
     assert [(r["prompt"], r["response"]) for r in rows] == [(r["prompt"], r["response"]) for r in expected]
 
 
-@pytest.mark.parametrize("names, message", [
-    ("reveiws", "dataset 'reveiws' is not in"),
-    ("remote", "'hf_hub_url' needs a download"),
+def with_entry(tmp_path, **entry):
+    """The data directory with one more dataset: reviews.jsonl under `entry`'s keys."""
+    directory = dataset_dir(tmp_path)
+    info = json.loads((directory / "dataset_info.json").read_text())
+    info["more"] = {"file_name": "reviews.jsonl", "columns": {"prompt": "q", "response": "a"}, **entry}
+    (directory / "dataset_info.json").write_text(json.dumps(info))
+    return directory
+
+
+@pytest.mark.parametrize("num_samples", [2, 4, 11])
+def test_num_samples_draws_as_llama_factory_does_every_row_before_any_twice(num_samples, tmp_path):
+    rows = read_data("more", with_entry(tmp_path, num_samples=num_samples))
+    prompts = [r["prompt"] for r in rows]
+    assert len(prompts) == num_samples
+    every = [r["prompt"] for r in sentiment_rows(4)]
+    assert len(set(prompts)) == min(num_samples, 4) and set(prompts) <= set(every)
+    assert prompts == [r["prompt"] for r in read_data("more", with_entry(tmp_path / "again", num_samples=num_samples))]
+
+
+@pytest.mark.parametrize("names, entry, message", [
+    ("reveiws", {}, "dataset 'reveiws' is not in"),
+    ("remote", {}, "'hf_hub_url' needs a download"),
+    ("more", {"formating": "alpaca"}, "unknown key 'formating' (did you mean 'formatting'?)"),
+    ("more", {"num_sample": 3}, "unknown key 'num_sample' (did you mean 'num_samples'?)"),
+    ("more", {"num_samples": 0}, "num_samples must be a whole number >= 1"),
+    ("more", {"num_samples": "4"}, "num_samples must be a whole number >= 1"),
+    ("more", {"split": "test"}, "a local file has one split"),
+    ("more", {"subset": "en"}, "'subset' selects part of a hub dataset"),
+    ("more", {"formatting": "sharegtp"}, "(did you mean 'sharegpt'?)"),
 ])  # fmt: skip
-def test_dataset_info_refusals_name_the_culprit(names, message, tmp_path):
-    with pytest.raises(ILoRAError, match=message):
-        read_data(names, dataset_dir(tmp_path))
+def test_dataset_info_refusals_name_the_culprit(names, entry, message, tmp_path):
+    with pytest.raises(ILoRAError, match=re.escape(message)):
+        read_data(names, with_entry(tmp_path, **entry))
 
 
 @pytest.mark.parametrize("row, message", [
@@ -161,3 +189,13 @@ def test_train_and_run_read_a_dataset_dir(tiny_model_dir, tmp_path):
     assert main(["run", str(tmp_path / "run.yaml")]) == 0
     summary = json.loads((tmp_path / "out" / "ilora" / "metrics.json").read_text())
     assert summary["test_rows"] == {"r": 4, "c": 3}
+
+
+def test_a_file_replaced_under_the_same_time_reads_its_new_rows(tmp_path):
+    # cp -p, rsync -t and tar keep modification times: what is read must follow the bytes
+    path = write_jsonl(tmp_path / "train.jsonl", sentiment_rows(4))
+    stamp = path.stat().st_mtime_ns
+    assert [r["prompt"] for r in read_rows(path)] == [r["prompt"] for r in sentiment_rows(4)]
+    write_jsonl(path, sentiment_rows(4, offset=20))
+    os.utime(path, ns=(stamp, stamp))
+    assert [r["prompt"] for r in read_rows(path)] == [r["prompt"] for r in sentiment_rows(4, offset=20)]

@@ -10,7 +10,8 @@ file is not held as Python lists. Row formats (LLaMA-Factory's names):
   turns (user, assistant, system), with an optional `system` column; several turns.
 
 `formatting: auto` (the default for a file) tells them apart by their keys. A LLaMA-Factory
-`dataset_info.json` names datasets with their `file_name`, `formatting`, `columns` and `tags`;
+`dataset_info.json` names datasets with their `file_name`, `formatting`, `columns`, `tags` and
+`num_samples` (a key LLaMA-Factory does not read is refused);
 `--dataset a,b --dataset_dir DIR` concatenates several. Every row becomes `messages` (an optional system
 turn, then user and assistant turns alternating, ending with the assistant), plus `prompt` and
 `response` (the last user and assistant turns). The loss is on every assistant turn (see
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .digest import file_digest
 from .errors import ILoRAError
 from .jsonfile import read_json
 from .suggest import did_you_mean
@@ -189,7 +191,10 @@ def _load_table(path: Path, fmt: Format):
     if kind == "json":
         _check_json(path, fmt)
     try:
-        return datasets.load_dataset(kind, data_files=str(path), split="train")
+        # `datasets` keys its cache by path and modification time: a file replaced by one with the same
+        # time (cp -p, rsync -t, tar) would read back the old rows. A cache per content cannot.
+        cache = Path(datasets.config.HF_DATASETS_CACHE) / "ilora-by-content" / file_digest(path)
+        return datasets.load_dataset(kind, data_files=str(path), split="train", cache_dir=str(cache))
     except Exception as err:  # pyarrow / datasets parse errors: one line naming the file  # noqa: BLE001
         cause = err.__cause__ or err
         raise ILoRAError(f"{path}: cannot be read as {kind} ({' '.join(str(cause).split())[:300]})") from None
@@ -239,7 +244,9 @@ def read_named(names: str, dataset_dir: str | Path):
     for name in [n.strip() for n in names.split(",") if n.strip()]:
         if name not in info:
             raise ILoRAError(f"dataset {name!r} is not in {dataset_dir / DATASET_INFO}{did_you_mean(name, info)}")
-        parts.append(read_rows(*_entry(info[name], name, dataset_dir)))
+        entry = _entry(info[name], name, dataset_dir)
+        rows = read_rows(entry.path, entry.fmt)
+        parts.append(rows if entry.num_samples is None else draw_samples(rows, entry.num_samples))
     if not parts:
         raise ILoRAError(f"--dataset names no dataset of {dataset_dir / DATASET_INFO}")
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
@@ -255,24 +262,67 @@ def _dataset_info(dataset_dir: Path) -> dict:
     return info
 
 
-def _entry(entry: Any, name: str, dataset_dir: Path) -> tuple[Path, Format]:
+# The keys of a dataset_info.json entry that LLaMA-Factory reads; ilora reads local files, so the hub
+# ones are refused when there is no file_name, and subset/folder (hub only) are refused outright.
+ENTRY_KEYS = ("file_name", "formatting", "columns", "tags", "num_samples", "split", "ranking", "subset", "folder",
+              "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")  # fmt: skip
+REMOTE_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One dataset of a dataset_info.json: its file, how its rows read, how many rows to draw."""
+
+    path: Path
+    fmt: Format
+    num_samples: int | None = None
+
+
+def _entry(entry: Any, name: str, dataset_dir: Path) -> Entry:
     where = f"{dataset_dir / DATASET_INFO}: dataset {name!r}"
     if not isinstance(entry, dict):
         raise ILoRAError(f"{where}: expected an object with file_name")
-    for remote in ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name"):
+    unknown = sorted(set(entry) - set(ENTRY_KEYS))
+    if unknown:
+        raise ILoRAError(f"{where}: unknown key {unknown[0]!r}{did_you_mean(str(unknown[0]), ENTRY_KEYS)} "
+                         f"(LLaMA-Factory reads {', '.join(ENTRY_KEYS)})")  # fmt: skip
+    for remote in REMOTE_KEYS:
         if remote in entry and "file_name" not in entry:
             raise ILoRAError(f"{where}: '{remote}' needs a download; ilora reads local files only (set file_name)")
+    for hub_only in ("subset", "folder"):
+        if hub_only in entry:
+            raise ILoRAError(f"{where}: '{hub_only}' selects part of a hub dataset; a local file_name has none")
+    if entry.get("split", "train") != "train":
+        raise ILoRAError(f"{where}: split {entry['split']!r}: a local file has one split, 'train'")
     if entry.get("ranking"):
         raise ILoRAError(f"{where}: a ranking (preference) dataset; ilora trains on supervised rows")
     if not isinstance(entry.get("file_name"), str):
         raise ILoRAError(f"{where}: 'file_name' must name a file in {dataset_dir}")
     formatting = entry.get("formatting", "alpaca")  # LLaMA-Factory's default
     if formatting not in FORMATTINGS[1:]:
-        raise ILoRAError(f"{where}: formatting {formatting!r} is not one of {FORMATTINGS[1:]}")
+        raise ILoRAError(f"{where}: formatting {formatting!r} is not one of {FORMATTINGS[1:]}"
+                         f"{did_you_mean(str(formatting), FORMATTINGS[1:])}")  # fmt: skip
     for key in ("columns", "tags"):
         if not isinstance(entry.get(key, {}), dict):
             raise ILoRAError(f"{where}: '{key}' must be an object")
-    return dataset_dir / entry["file_name"], Format(formatting, entry.get("columns", {}), entry.get("tags", {}))
+    num_samples = entry.get("num_samples")
+    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1):
+        raise ILoRAError(f"{where}: num_samples must be a whole number >= 1, got {num_samples!r}")
+    fmt = Format(formatting, entry.get("columns", {}), entry.get("tags", {}))
+    return Entry(dataset_dir / entry["file_name"], fmt, num_samples)
+
+
+def draw_samples(rows, num_samples: int, seed: int = 0):
+    """`num_samples` rows as LLaMA-Factory draws them: a permutation of every row first (all are used
+    when there are enough draws), then rows drawn again at random beyond the file's length. Fixed seed:
+    the same rows in every run of the same file."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    indexes = rng.permutation(len(rows))[:num_samples]
+    if num_samples > len(rows):
+        indexes = np.concatenate([indexes, rng.choice(len(rows), num_samples - len(rows))])
+    return rows.select(indexes.tolist())
 
 
 def read_data(spec: str, dataset_dir: str | Path | None = None, columns: dict | None = None):
@@ -288,7 +338,7 @@ def source_files(spec: str, dataset_dir: str | Path | None = None) -> list[Path]
     if dataset_dir:
         dataset_dir = Path(dataset_dir)
         info = _dataset_info(dataset_dir)
-        named = [_entry(info.get(n.strip()), n.strip(), dataset_dir)[0] for n in spec.split(",") if n.strip()]
+        named = [_entry(info.get(n.strip()), n.strip(), dataset_dir).path for n in spec.split(",") if n.strip()]
         return [dataset_dir / DATASET_INFO] + [f for path in named for f in _files(path)]
     return _files(Path(spec))
 
