@@ -136,7 +136,24 @@ def then(action, result):
 
 # ------------------------------------------------------------------ the cases
 # name: (argv builder, exit code, text the one line must contain). Builders get (world, case folder).
+def user_file(path: Path, text: str = "mine") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
 USER_DATA = {
+    "a checkpoint-2 folder of the user's in output_dir": (
+        lambda w, t: then(lambda: user_file(t / "out" / "checkpoint-2" / "notes.txt"),
+                          train(w, t, "--save_strategy", "steps", "--save_steps", "1")),
+        BAD_INPUT, "checkpoint-2 was not written by ilora"),
+    "a file named like a checkpoint in output_dir": (
+        lambda w, t: then(lambda: user_file(t / "out" / "checkpoint-9"), train(w, t, "--save_strategy", "steps", "--save_steps", "1",
+                                                                             "--save_total_limit", "1")),
+        BAD_INPUT, "checkpoint-9 was not written by ilora"),
+    "a user's checkpoint folder in a run's task directory": (
+        lambda w, t: then(lambda: user_file(t / "out" / "ilora" / "tasks" / "1-a" / "checkpoint-1" / "x.txt"),
+                          run_config(w, t, lambda c: c.update(save_strategy="steps", save_steps=1))),
+        BAD_INPUT, "checkpoint-1 was not written by ilora"),
     "ema_adapter_path at a user folder": (lambda w, t: train(w, t, "--ema_adapter_path", str(w["thesis"])), BAD_INPUT,
                                           "thesis already exists and is not an ilora adapter directory"),
     "ema_adapter_path '.'": (lambda w, t: train(w, t, "--ema_adapter_path", "."), BAD_INPUT, "is not an ilora adapter directory"),

@@ -45,6 +45,29 @@ def is_buffer_dir(path: Path) -> bool:
 
 KINDS = {"adapter": is_adapter_dir, "buffer": is_buffer_dir}
 
+# The Trainer writes `checkpoint-<step>` folders into output_dir and deletes the oldest (save_total_limit):
+# every folder of that name must be ilora's. ilora claims one before the Trainer writes into it.
+CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_CLAIM = ".ilora-checkpoint"  # created first: the Trainer's files follow
+CHECKPOINT_MARKER = "ilora_checkpoint.json"  # written last: the checkpoint is complete
+
+
+def is_ilora_checkpoint(path: Path) -> bool:
+    """A checkpoint folder ilora claimed or completed, or an empty one (a write killed at its start)."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    return (path / CHECKPOINT_CLAIM).is_file() or (path / CHECKPOINT_MARKER).is_file() or not any(path.iterdir())
+
+
+def check_trainer_outputs(output_dir: Path) -> None:
+    """Nothing named like a Trainer checkpoint in output_dir is someone else's."""
+    if not output_dir.is_dir():
+        return
+    for entry in sorted(output_dir.iterdir()):
+        if entry.name.startswith(CHECKPOINT_PREFIX) and not is_ilora_checkpoint(entry):
+            raise ILoRAError(f"{entry} was not written by ilora, and the Trainer writes and rotates "
+                             f"{CHECKPOINT_PREFIX}* folders in output_dir; ilora never touches it: choose another output_dir")  # fmt: skip
+
 
 def check_replaceable(path: Path, kind: str, allowed: bool, what: str) -> None:
     """`path` may be written: it does not exist, or it holds ilora's `kind` and replacing it is allowed."""
@@ -104,6 +127,7 @@ class TaskOutputs:
             raise ILoRAError(
                 f"output_dir {self.output_dir} already holds a finished task; pass --overwrite_output_dir to replace it"
             )
+        check_trainer_outputs(self.output_dir)
         writes = self.writes()
         for what, (path, kind) in writes.items():
             check_directory_target(path, what)

@@ -32,12 +32,11 @@ from .buffer import ReplayBuffer
 from .config import ILoRAArguments
 from .errors import ILoRAError
 from .jsonfile import read_json
-from .paths import TaskOutputs, check_directory_target, check_replaceable
+from .paths import CHECKPOINT_CLAIM, CHECKPOINT_MARKER, TaskOutputs, check_directory_target, check_replaceable, is_ilora_checkpoint
 
 MANIFEST = "ilora_task.json"
 METHOD_STATE = "method_state.safetensors"  # a method's tensors (EWC's Fisher), in task directories and checkpoints
 CHECKPOINT_BUFFER = "ilora_buffer"
-CHECKPOINT_MARKER = "ilora_checkpoint.json"  # written last into a Trainer checkpoint: it is complete
 SHARDED_ADAPTERS = "ilora_adapters_sharded"  # under FSDP2: every adapter's slices (torch.distributed.checkpoint)
 STAGING = ".ilora-staging"  # inside output_dir; only ilora ever creates a folder of this name
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -397,6 +396,16 @@ def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
         if suffix.isdigit() and is_complete_checkpoint(path):
             candidates.append((int(suffix), path))
     return max(candidates)[1] if candidates else None
+
+
+def claim_checkpoint(folder: Path) -> None:
+    """Mark `folder` as ilora's before the Trainer writes into it; refuse one that is someone else's
+    (made while training ran: the start-up check has seen every earlier one)."""
+    if folder.exists() and not is_ilora_checkpoint(folder):
+        raise ILoRAError(f"{folder} appeared during training and was not written by ilora; "
+                         "ilora never touches it: move it, then resume")  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CHECKPOINT_CLAIM).touch()
 
 
 def save_checkpoint_state(folder: Path, step: int, task_id: str | None, buffer: ReplayBuffer | None,

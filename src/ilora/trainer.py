@@ -187,8 +187,9 @@ class ILoRATrainer(Trainer):
         state and step; a marker written last says the checkpoint is complete. A diverged state is
         never checkpointed: resuming from it would only diverge again."""
         self.method.check_diverged(f"by optimizer step {self.state.global_step}", adapters=True)
-        super()._save_checkpoint(model, trial)
         folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        taskdir.claim_checkpoint(folder)
+        super()._save_checkpoint(model, trial)
         if self._adapters_outside_trainer_checkpoint():
             sharding.save_adapters(self.model, folder / taskdir.SHARDED_ADAPTERS)
         taskdir.save_checkpoint_state(folder, self.method.step, self.ilora_args.current_task_id, self.method.buffer,

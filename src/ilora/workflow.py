@@ -24,7 +24,7 @@ from transformers import TrainingArguments
 from . import distributed, general, methods, precision, report, rundir, sharding, taskdir
 from .adapters import PLASTIC, AdapterPair, check_target_modules, load_saved_adapters
 from .buffer import ReplayBuffer
-from .paths import check_directory_target
+from .paths import check_directory_target, check_trainer_outputs
 from .config import (
     DataArguments,
     ILoRAArguments,
@@ -286,6 +286,7 @@ def _check_saved_task(task_dir: Path, adapters: list[str], rows: dict[str, int],
         if (task_dir / rundir.EVAL_FILE).exists():
             rundir.read_eval(task_dir / rundir.EVAL_FILE, adapters, rows)
     elif task_dir.is_dir():
+        check_trainer_outputs(task_dir)
         checkpoint = taskdir.last_complete_checkpoint(task_dir)
         if checkpoint is not None:
             taskdir.read_json(checkpoint / taskdir.CHECKPOINT_MARKER, "checkpoint marker")
