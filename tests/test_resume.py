@@ -41,6 +41,8 @@ def assert_same_task(a: Path, b: Path):
     assert json.loads((a / "buffer" / "buffer.json").read_text()) == json.loads((b / "buffer" / "buffer.json").read_text())
     ma, mb = (json.loads((d / "ilora_task.json").read_text()) for d in (a, b))
     assert ma["ema_step"] == mb["ema_step"] and ma["global_steps"] == mb["global_steps"]
+    # the whole task's mean loss, not only the steps after the resume
+    assert ma["final_losses"]["train_loss"] == pytest.approx(mb["final_losses"]["train_loss"], rel=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -409,7 +409,7 @@ def claim_checkpoint(folder: Path) -> None:
 
 
 def save_checkpoint_state(folder: Path, step: int, task_id: str | None, buffer: ReplayBuffer | None,
-                          method_state: tuple[dict[str, torch.Tensor], dict]) -> None:  # fmt: skip
+                          method_state: tuple[dict[str, torch.Tensor], dict], task_loss: dict) -> None:  # fmt: skip
     """What ilora adds to a Trainer checkpoint: every rank's buffer, the method's state, and last the
     marker that says the checkpoint is complete."""
     if buffer is not None:  # every rank saves its own buffer
@@ -419,7 +419,7 @@ def save_checkpoint_state(folder: Path, step: int, task_id: str | None, buffer: 
         if method_state[0]:
             save_file({k: v.detach().cpu().contiguous() for k, v in method_state[0].items()}, str(folder / METHOD_STATE))
         write_json_atomically(folder / CHECKPOINT_MARKER, {"ema_step": step, "task_id": task_id, "format_version": 1,
-                                                           "method_state": method_state[1]})  # fmt: skip
+                                                           "method_state": method_state[1], "task_loss": task_loss})  # fmt: skip
 
 
 def sharded_adapters(folder: Path) -> Path:
@@ -431,7 +431,8 @@ def sharded_adapters(folder: Path) -> Path:
 
 
 def load_checkpoint_state(folder: Path, with_buffer: bool):
-    """Check a checkpoint before the Trainer reads it; return (step, this rank's buffer, method state)."""
+    """Check a checkpoint before the Trainer reads it; return (step, this rank's buffer, method state,
+    the task's loss so far or None)."""
     if not is_complete_checkpoint(folder):
         raise ILoRAError(f"{folder}: not a complete ilora checkpoint (no {CHECKPOINT_MARKER})")
     state = read_json(folder / CHECKPOINT_MARKER, "checkpoint marker")
@@ -442,7 +443,11 @@ def load_checkpoint_state(folder: Path, with_buffer: bool):
             check_adapter_dir(adapter)
     read_json(folder / "trainer_state.json", "trainer state")
     buffer = ReplayBuffer.load(buffer_path(folder / CHECKPOINT_BUFFER)) if with_buffer else None
-    return state["ema_step"], buffer, read_method_state(folder, state)
+    task_loss = state.get("task_loss")
+    if task_loss is not None and not (isinstance(task_loss, dict) and isinstance(task_loss.get("micro_batches"), int)
+                                      and isinstance(task_loss.get("sum"), (int, float))):  # fmt: skip
+        raise ILoRAError(f"{folder / CHECKPOINT_MARKER}: damaged checkpoint marker (task_loss {task_loss!r})")
+    return state["ema_step"], buffer, read_method_state(folder, state), task_loss
 
 
 def write_json_atomically(path: Path, data: dict) -> None:

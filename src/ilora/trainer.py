@@ -193,7 +193,7 @@ class ILoRATrainer(Trainer):
         if self._adapters_outside_trainer_checkpoint():
             sharding.save_adapters(self.model, folder / taskdir.SHARDED_ADAPTERS)
         taskdir.save_checkpoint_state(folder, self.method.step, self.ilora_args.current_task_id, self.method.buffer,
-                                      self.method.state())  # fmt: skip
+                                      self.method.state(), self.method.task_loss())  # fmt: skip
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Under ZeRO-3 the Trainer gathers only the trainable adapter and writes it under every adapter's
@@ -224,17 +224,17 @@ class ILoRATrainer(Trainer):
             self._restore(folder, *self._checked_checkpoint(folder))
 
     def _checked_checkpoint(self, folder: Path) -> tuple:
-        """(EMA step, this rank's buffer, method state) of a checkpoint checked to be complete."""
+        """(EMA step, this rank's buffer, method state, task loss) of a checkpoint checked to be complete."""
         # (an empty buffer is falsy: test for None)
         state = taskdir.load_checkpoint_state(folder, with_buffer=self.method.buffer is not None)
         logger.info("resuming from %s", folder)
         return state
 
-    def _restore(self, folder: Path, step: int, buffer, method_state) -> None:
+    def _restore(self, folder: Path, step: int, buffer, method_state, task_loss) -> None:
         self.method.pair_adapters()  # after DeepSpeed's cast to bf16: the stable adapter in fp32 before it loads
         if self._adapters_outside_trainer_checkpoint():
             sharding.load_adapters(self.model, taskdir.sharded_adapters(folder))
-        self.method.restore(step, buffer)
+        self.method.restore(step, buffer, task_loss)
         self.method.load_state(*method_state)
 
     def create_optimizer(self, *args, **kwargs):
@@ -273,8 +273,9 @@ class ILoRATrainer(Trainer):
         # the loss and every term the method logs (ce_loss, consistency_loss, ewc_penalty, ...), not the Trainer's
         final_losses = {k: v for k, v in last_log.items() if k not in ("grad_norm", "learning_rate", "epoch", "step")}
         final_losses.update(self.method.pop_logs())
-        if "train_loss" in summary:
-            final_losses["train_loss"] = summary["train_loss"]
+        task_loss = self.method.task_loss()  # the whole task's, not only the session since a resume
+        if task_loss["micro_batches"]:
+            final_losses["train_loss"] = task_loss["sum"] / task_loss["micro_batches"]
         manifest = {
             "task_id": args.current_task_id,
             "prev_task_id": self.previous.task_id if self.previous else None,

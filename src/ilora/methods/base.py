@@ -101,17 +101,24 @@ class Method:
         self.buffer = buffer if self.uses_replay(args) else None
         self.device = self.adapters.plastic[0].device
         self._finite = torch.ones((), dtype=torch.bool, device=self.device)
+        # the whole task's loss, across resumes (checkpoints carry it): the manifest's train_loss
+        self._task_loss_sum = torch.zeros((), device=self.device)
+        self._task_micro_batches = 0
         # (input_ids, attention_mask, labels) of the last trained micro-batch: the end-of-task collapse check
         self._last_batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.collapse_figures: dict[str, float | torch.Tensor] = {}
         self._reset_stats()
 
-    def restore(self, step: int, buffer: ReplayBuffer | None) -> None:
-        """Continue from a checkpoint: the Trainer has reloaded the adapters, so pair them again."""
+    def restore(self, step: int, buffer: ReplayBuffer | None, task_loss: dict | None = None) -> None:
+        """Continue from a checkpoint: the Trainer has reloaded the adapters, so pair them again.
+        `task_loss`: the checkpoint's `task_loss()` (None in checkpoints that predate it)."""
         if self.uses_replay(self.args) and buffer is None:
             raise ILoRAError("the checkpoint holds no replay buffer, but this run uses one")
         self.step = step
         self.buffer = buffer
+        if task_loss is not None:
+            self._task_loss_sum = torch.tensor(float(task_loss["sum"]), device=self.device)
+            self._task_micro_batches = int(task_loss["micro_batches"])
         self.pair_adapters()
 
     def pair_adapters(self) -> None:
@@ -177,7 +184,15 @@ class Method:
         """And the loss into the finite flag (no host sync) and count the micro-batch."""
         self._finite &= torch.isfinite(loss.detach())
         self._micro_batches += 1
+        self._task_loss_sum += loss.detach().float()
+        self._task_micro_batches += 1
         return loss
+
+    def task_loss(self) -> dict:
+        """Sum and count of the task's micro-batch losses since it began, resumes included; the sum is
+        averaged over ranks. A collective with a host sync: checkpoints and the end of a task only."""
+        total = distributed.mean_(self._task_loss_sum.detach().clone())
+        return {"sum": float(total), "micro_batches": self._task_micro_batches}
 
     # ------------------------------------------------------------ divergence
     def check_diverged(self, when: str, adapters: bool = False, outputs: bool = False) -> None:
