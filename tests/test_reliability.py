@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -503,9 +504,43 @@ SMALL_THINGS = {
                                     "lora_target must be a list of module names"),
 }  # fmt: skip
 
+def data_file(t: Path, name: str, content: str | bytes) -> Path:
+    path = t / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+def fifo(t: Path) -> Path:
+    os.mkfifo(t / "pipe.jsonl")
+    return t / "pipe.jsonl"
+
+
+MESSAGES = {
+    "a lone surrogate in a JSON Lines row": (
+        lambda w, t: train(w, t, data=data_file(t, "s.jsonl", '{"prompt": "a\\ud83db", "response": "positive"}\n')),
+        BAD_INPUT, "s.jsonl:1: 'prompt' holds a lone UTF-16 surrogate"),
+    "an object around the rows in a .json file": (
+        lambda w, t: train(w, t, data=data_file(t, "o.json", json.dumps({"data": sentiment_rows(4)}))),
+        BAD_INPUT, "its key 'data' holds a list of rows"),
+    "a pretty-printed object in a .json file": (
+        lambda w, t: train(w, t, data=data_file(t, "p.json", json.dumps(sentiment_rows(1)[0], indent=2))),
+        BAD_INPUT, "holds one JSON object over 4 lines"),
+    "garbage named .parquet": (lambda w, t: train(w, t, data=data_file(t, "g.parquet", bytes(range(256)))), BAD_INPUT,
+                               "g.parquet: not a Parquet file (it does not start with PAR1)"),
+    "JSON Lines named .parquet": (lambda w, t: train(w, t, data=data_file(t, "j.parquet", w["data"].read_bytes())), BAD_INPUT,
+                                  "it looks like JSON: name it .jsonl or .json"),
+    "a damaged Parquet file": (lambda w, t: train(w, t, data=data_file(t, "d.parquet", b"PAR1" + bytes(64))), BAD_INPUT,
+                               "d.parquet: cannot be read as parquet"),
+    "a dataset that is a pipe": (lambda w, t: train(w, t, data=fifo(t)), BAD_INPUT, "pipe.jsonl: not a regular file"),
+    "general: names a directory": (lambda w, t: run_config(w, t, lambda c: c.update(general=str(w["thesis"]))), BAD_INPUT,
+                                   "thesis: a directory, not a file"),
+    "a CSV label cell left empty": (lambda w, t: train(w, t, data=data_file(t, "e.csv", "prompt,response\nnice,1\nbad,\n")),
+                                    BAD_INPUT, "e.csv row 2: 'response' is empty"),
+}  # fmt: skip
+
 TABLES = {"user data": USER_DATA, "diverged": DIVERGED_RUNS, "settings": SETTINGS, "stale results": STALE_RESULTS,
           "wrong answers": WRONG_ANSWERS, "common mistakes": COMMON_MISTAKES, "corrupt state": CORRUPT_STATE,
-          "unbounded": UNBOUNDED, "small things": SMALL_THINGS}  # fmt: skip
+          "unbounded": UNBOUNDED, "small things": SMALL_THINGS, "messages": MESSAGES}  # fmt: skip
 CASES = {f"{table}: {name}": case for table, cases in TABLES.items() for name, case in cases.items()}
 
 
@@ -585,6 +620,20 @@ def test_paths_in_a_config_are_read_from_its_directory(world, tmp_path, monkeypa
     assert (folder / "out" / "ilora_task.json").is_file() and not any(elsewhere.iterdir())
     manifest = json.loads((folder / "out" / "ilora_task.json").read_text())
     assert manifest["lora"]["target_modules"] == ["q_proj", "v_proj"]
+
+
+def test_a_csv_label_column_of_numbers_is_read_as_text(world, tmp_path):
+    path = data_file(tmp_path, "n.csv", "prompt,response\n" + "".join(f"review {i},{i % 2}\n" for i in range(8)))
+    assert main(train(world, tmp_path, data=path)) == 0
+    assert (tmp_path / "out" / "ilora_task.json").is_file()
+
+
+def test_no_library_noise_on_a_command_that_quantizes_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "ilora.cli", "train", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "gemm_4bit_forward" not in result.stderr, result.stderr[-500:]
 
 
 def test_a_byte_order_mark_is_accepted_in_data_and_config(world, tmp_path):

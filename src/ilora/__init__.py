@@ -7,8 +7,19 @@ Exports load lazily: `import ilora.metrics` (a pure module) must not pull in tor
 from __future__ import annotations
 
 import importlib
+import logging
 
 __version__ = "0.1.0"
+
+
+def _not_kernel_noise(record: logging.LogRecord) -> bool:
+    """peft and transformers import bitsandbytes whenever it is installed; on CPUs with AVX512-BF16 it
+    then tries to fetch a kernel from the hub and logs its failure, although nothing may be quantized.
+    A quantized base still works without that kernel (bitsandbytes falls back to its own)."""
+    return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_kernel_noise)
 
 _EXPORTS = {
     "DataArguments": "config",

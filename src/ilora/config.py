@@ -24,6 +24,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from . import precision
 from .errors import ILoRAError
+from .paths import check_regular_file
 from .jsonfile import read_json
 from .suggest import did_you_mean
 
@@ -735,8 +736,7 @@ MAX_CONFIG_NODES = 100_000
 
 
 def load_yaml_mapping(path: Path) -> dict:
-    if not path.is_file():
-        raise ILoRAError(f"{path}: no such file")
+    check_regular_file(path)
     size = path.stat().st_size
     if size > MAX_CONFIG_BYTES:
         raise ILoRAError(f"{path}: {size} bytes; a config may be at most {MAX_CONFIG_BYTES} bytes")

@@ -29,6 +29,7 @@ from typing import Any
 from .digest import file_digest
 from .errors import ILoRAError
 from .jsonfile import read_json
+from .paths import check_regular_file
 from .suggest import did_you_mean
 
 FORMATTINGS = ("auto", "alpaca", "sharegpt")
@@ -161,15 +162,18 @@ def read_rows(path: str | Path, fmt: Format = Format()):
 
 @contextlib.contextmanager
 def quiet():
-    """No `datasets` progress bars for ilora's own small steps (a refusal stays one line on stderr);
-    the user's setting is restored after."""
+    """No `datasets` progress bars or warnings for ilora's own small steps (a refusal stays one line on
+    stderr: ilora names the file and the cause itself); the user's settings are restored after."""
     import datasets
 
     enabled = datasets.is_progress_bar_enabled()
+    verbosity = datasets.logging.get_verbosity()
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors are re-raised, naming the file
     try:
         yield
     finally:
+        datasets.logging.set_verbosity(verbosity)
         if enabled:
             datasets.enable_progress_bars()
 
@@ -181,23 +185,103 @@ def _where(path: Path, index: int) -> str:
 def _load_table(path: Path, fmt: Format):
     import datasets
 
-    if not path.exists():
-        raise ILoRAError(f"{path}: no such file")
     if path.is_dir():
         if not (path / "state.json").is_file():
             raise ILoRAError(f"{path}: a directory, but not one written by Dataset.save_to_disk (no state.json)")
         return datasets.load_from_disk(str(path))
+    check_regular_file(path)
     kind = SUFFIXES.get(path.suffix.lower(), "json")  # ilora has always read JSON Lines by any name
     if kind == "json":
         _check_json(path, fmt)
+    if kind == "parquet":
+        _check_parquet(path)
+    options = _csv_as_text(path) if kind == "csv" else {}
     try:
         # `datasets` keys its cache by path and modification time: a file replaced by one with the same
         # time (cp -p, rsync -t, tar) would read back the old rows. A cache per content cannot.
         cache = Path(datasets.config.HF_DATASETS_CACHE) / "ilora-by-content" / file_digest(path)
-        return datasets.load_dataset(kind, data_files=str(path), split="train", cache_dir=str(cache))
+        return datasets.load_dataset(kind, data_files=str(path), split="train", cache_dir=str(cache), **options)
     except Exception as err:  # pyarrow / datasets parse errors: one line naming the file  # noqa: BLE001
         cause = err.__cause__ or err
         raise ILoRAError(f"{path}: cannot be read as {kind} ({' '.join(str(cause).split())[:300]})") from None
+
+
+def _csv_as_text(path: Path) -> dict:
+    """CSV cells read as text, as in every other format: a label column of 0/1 stays "0"/"1" (pandas
+    would make it a number), an empty cell stays "" (not NaN)."""
+    import csv
+
+    import datasets
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            header = next(csv.reader(handle), None)
+    except UnicodeDecodeError as err:
+        raise ILoRAError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    if not header:
+        raise ILoRAError(f"{path}: no examples (the file is empty)")
+    repeated = sorted({c for c in header if header.count(c) > 1})
+    if repeated:
+        raise ILoRAError(f"{path}: the header repeats column {repeated[0]!r}")
+    return {"features": datasets.Features({c: datasets.Value("string") for c in header}), "keep_default_na": False}
+
+
+def _check_parquet(path: Path) -> None:
+    """A Parquet file starts with PAR1; anything else is named for what it looks like."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head == b"PAR1":
+        return
+    looks = head.lstrip()[:1]
+    hint = ("; it looks like JSON: name it .jsonl or .json" if looks in (b"{", b"[")
+            else "; it looks like text: name it .csv or .jsonl for what it holds" if head.isascii() and head.strip() else "")  # fmt: skip
+    raise ILoRAError(f"{path}: not a Parquet file (it does not start with PAR1){hint}")
+
+
+def _lone_surrogate(value: Any, where: str = "") -> str | None:
+    """The field of a parsed JSON value holding a lone UTF-16 surrogate (JSON allows the escape,
+    UTF-8 cannot hold it), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "the value"
+    elif isinstance(value, dict):
+        return next((f for k, v in value.items() if (f := _lone_surrogate(v, f"{where}.{k}" if where else str(k)))), None)
+    elif isinstance(value, list):
+        return next((f for i, v in enumerate(value) if (f := _lone_surrogate(v, f"{where}[{i + 1}]"))), None)
+    return None
+
+
+def _check_row(row: Any, where: str, fmt: Format) -> None:
+    if not isinstance(row, dict):
+        raise ILoRAError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    field_name = _lone_surrogate(row)
+    if field_name:
+        raise ILoRAError(f"{where}: '{field_name}' holds a lone UTF-16 surrogate (half of an emoji or other "
+                         "character cut by the writer), which is not text")  # fmt: skip
+    normalise_row(row, where, fmt)
+
+
+def _refuse_wrapped_object(path: Path, handle) -> None:
+    """A .json file starting with '{': one row per line is JSON Lines; one object around the rows
+    (`{"data": [...]}`) or a pretty-printed object is not a list of rows."""
+    handle.seek(0)
+    try:
+        whole = json.load(handle)
+    except json.JSONDecodeError:
+        return  # several objects, one per line: JSON Lines, checked line by line
+    if not isinstance(whole, dict):
+        return
+    wrapper = next((k for k, v in whole.items() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)), None)
+    handle.seek(0)
+    lines = sum(1 for line in handle if line.strip())
+    if wrapper is not None:
+        raise ILoRAError(f"{path}: holds one JSON object, not a list of rows; its key {wrapper!r} holds a list of "
+                         "rows: write that list alone ([{...}, ...])")  # fmt: skip
+    if lines > 1:
+        raise ILoRAError(f"{path}: holds one JSON object over {lines} lines; a .json file holds a list of rows "
+                         "([{...}, ...]), a .jsonl file one row per line")  # fmt: skip
 
 
 def _check_json(path: Path, fmt: Format) -> None:
@@ -213,7 +297,11 @@ def _check_json(path: Path, fmt: Format) -> None:
                     raise ILoRAError(f"{path}: a JSON file must hold a list of objects")
                 if not rows:
                     raise ILoRAError(f"{path}: no examples (the list is empty)")
+                for index, row in enumerate(rows):
+                    _check_row(row, f"{path} row {index + 1}", fmt)
                 return
+            if path.suffix.lower() == ".json" and first.lstrip().startswith("{"):
+                _refuse_wrapped_object(path, handle)
             if not first:
                 raise ILoRAError(f"{path}: no examples (the file is empty)")
             handle.seek(0)
@@ -224,9 +312,7 @@ def _check_json(path: Path, fmt: Format) -> None:
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise ILoRAError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
-                if not isinstance(row, dict):
-                    raise ILoRAError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-                normalise_row(row, f"{path}:{line_no}", fmt)
+                _check_row(row, f"{path}:{line_no}", fmt)
     except UnicodeDecodeError as err:
         raise ILoRAError(f"{path}: not UTF-8 text (byte {err.start})") from None
     except json.JSONDecodeError as err:

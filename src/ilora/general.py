@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ILoRAError, TrainingDiverged
+from .paths import check_regular_file
 
 
 def read_text(path: str | Path) -> str:
     """A .txt file's text, or the `text` fields of a JSON Lines file, joined by blank lines."""
     path = Path(path)
-    if not path.is_file():
-        raise ILoRAError(f"general: {path}: no such file")
+    check_regular_file(path, "general: ")
     try:
         raw = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
