@@ -303,7 +303,7 @@ STALE_RESULTS = {
                                                       BAD_INPUT, "other settings (max_new_tokens: 16 -> 40)"),
     "eval_batch_size changed": (lambda w, t: run_copy(w, t, lambda c: c.update(eval_batch_size=3)), BAD_INPUT,
                                 "other settings (eval_batch_size: 16 -> 3)"),
-    "a task's scoring changed": (lambda w, t: run_copy(w, t, lambda c: c["tasks"][1].update(scoring="exact_match")),
+    "a task's choices changed": (lambda w, t: run_copy(w, t, lambda c: c["tasks"][1].update(choices=c["tasks"][1]["choices"][::-1])),
                                  BAD_INPUT, "other settings (tasks:"),
     "a trainer setting outside any list changed": (lambda w, t: run_copy(w, t, lambda c: c.update(label_smoothing_factor=0.1)),
                                                    BAD_INPUT, "other settings (label_smoothing_factor: 0.0 -> 0.1)"),
@@ -538,9 +538,44 @@ MESSAGES = {
                                     BAD_INPUT, "e.csv row 2: 'response' is empty"),
 }  # fmt: skip
 
+def json_config(w, t, text: str) -> list[str]:
+    path = t / "train.json"
+    path.write_text(text)
+    return ["train", str(path)]
+
+
+SILENT_SUCCESS = {
+    "hidden_state_layers [0]: the embeddings": (lambda w, t: train(w, t, "--hidden_state_layers", "0"), BAD_INPUT,
+                                                "only the embeddings' output"),
+    "max_steps 0 next to epochs": (lambda w, t: train(w, t, "--max_steps", "0", "--num_train_epochs", "2"), BAD_INPUT,
+                                   "max_steps=0 is not a number of steps"),
+    "output_dir: null in a run config": (lambda w, t: run_config(w, t, lambda c: c.update(output_dir=None)), BAD_INPUT,
+                                         "output_dir is None: name a directory"),
+    "a run config's dataset key": (lambda w, t: run_config(w, t, lambda c: c.update(dataset=str(w["data"]))), BAD_INPUT,
+                                   "'dataset' is a setting of one `ilora train`"),
+    "a run config's previous_task_model": (lambda w, t: run_config(w, t, lambda c: c.update(previous_task_model=str(w["t1"]))),
+                                           BAD_INPUT, "'previous_task_model' is a setting of one `ilora train`"),
+    "a key twice in a YAML config": (lambda w, t: yaml_train(w, t, "learning_rate: 0.1\nlearning_rate: 0.2\n"), BAD_INPUT,
+                                     "key 'learning_rate' appears twice"),
+    "a key twice in a run config": (lambda w, t: run_config(w, t, text=f"model_name_or_path: {w['model']}\nmax_steps: 1\nmax_steps: 2\n"),
+                                    BAD_INPUT, "key 'max_steps' appears twice"),
+    "exact_match scoring on a task with choices": (
+        lambda w, t: run_config(w, t, lambda c: c["tasks"][0].update(scoring="exact_match")), BAD_INPUT,
+        "choices are read only by scoring: choice"),
+    "compare: the same run twice": (lambda w, t: ["compare", str(w["run"] / "out" / "ilora"), str(w["run"] / "out" / "ilora")],
+                                    BAD_INPUT, "is given twice"),
+    "compare: a run and its copy": (lambda w, t: ["compare", str(w["run"] / "out" / "ilora"), str(copy_of(w, t, "run") / "out" / "ilora")],
+                                    BAD_INPUT, "hold the same run (identical metrics.json)"),
+    "a .json config holding YAML": (lambda w, t: json_config(w, t, f"model: {w['model']}\n"), BAD_INPUT,
+                                    "train.json: not valid JSON"),
+    "a key twice in a .json config": (lambda w, t: json_config(w, t, json.dumps({"model": str(w["model"])})[:-1] + ', "model": "x"}'),
+                                      BAD_INPUT, "key 'model' appears twice in one object"),
+}  # fmt: skip
+
 TABLES = {"user data": USER_DATA, "diverged": DIVERGED_RUNS, "settings": SETTINGS, "stale results": STALE_RESULTS,
           "wrong answers": WRONG_ANSWERS, "common mistakes": COMMON_MISTAKES, "corrupt state": CORRUPT_STATE,
-          "unbounded": UNBOUNDED, "small things": SMALL_THINGS, "messages": MESSAGES}  # fmt: skip
+          "unbounded": UNBOUNDED, "small things": SMALL_THINGS, "messages": MESSAGES,
+          "silent success": SILENT_SUCCESS}  # fmt: skip
 CASES = {f"{table}: {name}": case for table, cases in TABLES.items() for name, case in cases.items()}
 
 
@@ -620,6 +655,14 @@ def test_paths_in_a_config_are_read_from_its_directory(world, tmp_path, monkeypa
     assert (folder / "out" / "ilora_task.json").is_file() and not any(elsewhere.iterdir())
     manifest = json.loads((folder / "out" / "ilora_task.json").read_text())
     assert manifest["lora"]["target_modules"] == ["q_proj", "v_proj"]
+
+
+def test_a_json_config_trains_like_the_same_yaml(world, tmp_path):
+    settings = {"model": str(world["model"]), "dataset": str(world["data"]), "output_dir": str(tmp_path / "out"),
+                "lora_target": "q_proj", "max_steps": 1, "report_to": "none", "use_cpu": True, "save_strategy": "no"}  # fmt: skip
+    (tmp_path / "train.json").write_text(json.dumps(settings))
+    assert main(["train", str(tmp_path / "train.json")]) == 0
+    assert json.loads((tmp_path / "out" / "ilora_task.json").read_text())["lora"]["target_modules"] == ["q_proj"]
 
 
 def test_a_csv_label_column_of_numbers_is_read_as_text(world, tmp_path):

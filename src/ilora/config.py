@@ -301,6 +301,9 @@ class TaskSpec:
             raise ILoRAError(f"task {self.name!r}: columns must map names to column names, got {self.columns!r}")
         if self.choices is not None:
             check_choices(self.choices, f"task {self.name!r}")
+            if self.scoring != "choice":
+                raise ILoRAError(f"task {self.name!r}: choices are read only by scoring: choice; scoring "
+                                 f"{self.scoring!r} generates an answer and compares it with the reference")  # fmt: skip
 
 
 def check_choices(choices: Any, where: str) -> list[str]:
@@ -420,7 +423,7 @@ def parse_train_args(argv: list[str], method_arguments: dict[str, type] | None =
     `method_arguments` are the methods' own dataclasses by method name (`ilora.methods.argument_classes()`).
     Returns model, data, ILoRA and training arguments, and every method's options by method name."""
     extra = tuple((method_arguments or {}).values())
-    if argv and argv[0].endswith((".yaml", ".yml")):
+    if argv and argv[0].endswith(CONFIG_SUFFIXES):
         path = Path(argv[0])
         mapping = config_mapping(checked_keys(load_yaml_mapping(path), TRAIN_ARGUMENTS + extra, path), path)
         argv = to_argv(mapping) + argv[1:]
@@ -616,6 +619,9 @@ def check_training_arguments(args: TrainingArguments) -> None:
             f"num_train_epochs={args.num_train_epochs} with max_steps={args.max_steps} trains no step: "
             "set num_train_epochs > 0 or max_steps > 0"
         )
+    if args.max_steps == 0 or args.max_steps < -1:
+        raise ILoRAError(f"max_steps={args.max_steps} is not a number of steps (the Trainer would ignore it and train "
+                         f"num_train_epochs={args.num_train_epochs}): set max_steps > 0, or -1 to train by epochs")  # fmt: skip
     for name in ("max_grad_norm", "weight_decay", "adam_epsilon", "warmup_steps"):
         check_value(name, getattr(args, name), at_least(0), "must be >= 0")
     for name in ("adam_beta1", "adam_beta2", "label_smoothing_factor"):
@@ -650,6 +656,13 @@ def parse_run_config(path: Path, overrides: dict[str, Any] | None = None, method
     mapping = config_mapping(checked_keys(load_yaml_mapping(path), TRAIN_ARGUMENTS + extra + (RunArguments,), path,
                                           BENCHMARK_KEYS), path)  # fmt: skip
     mapping.update(overrides or {})
+    ignored = [key for key in RUN_SETS_ITSELF if key in mapping]
+    if ignored:
+        raise ILoRAError(f"{path}: '{ignored[0]}' is a setting of one `ilora train`; a run sets it for each task "
+                         "itself (the data: each task's train and test; the chain: the order of tasks)")  # fmt: skip
+    if "output_dir" in mapping and not isinstance(mapping["output_dir"], str) or mapping.get("output_dir") == "":
+        raise ILoRAError(f"{path}: output_dir is {mapping['output_dir']!r}: name a directory, or leave the key out "
+                         f"(then {path.parent / 'runs'})")  # fmt: skip
     run_keys = {f.name for f in fields(RunArguments)}
     tasks = _benchmark_tasks(mapping, path) if "benchmark" in mapping else mapping.pop("tasks", None)
     if not isinstance(tasks, list):
@@ -664,6 +677,9 @@ def parse_run_config(path: Path, overrides: dict[str, Any] | None = None, method
 
 
 BENCHMARK_KEYS = ("benchmark", "data_dir", "order")
+# Keys of `ilora train` that a run decides for every task: given in a run config, they would do nothing.
+RUN_SETS_ITSELF = ("dataset", "dataset_dir", "previous_task_model", "prev_task_id", "current_task_id",
+                   "ema_adapter_path", "resume_from_checkpoint", "overwrite_output_dir")  # fmt: skip
 
 
 def _benchmark_tasks(mapping: dict, path: Path) -> list[dict]:
@@ -735,11 +751,39 @@ MAX_CONFIG_BYTES = 1 << 20
 MAX_CONFIG_NODES = 100_000
 
 
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")  # a .json config is read as JSON (LLaMA-Factory reads both)
+
+
 def load_yaml_mapping(path: Path) -> dict:
+    """A config file's top-level mapping: YAML, or JSON for a .json file; a key given twice is refused
+    (both parsers would silently keep the last)."""
     check_regular_file(path)
     size = path.stat().st_size
     if size > MAX_CONFIG_BYTES:
         raise ILoRAError(f"{path}: {size} bytes; a config may be at most {MAX_CONFIG_BYTES} bytes")
+    data = _load_json_config(path) if path.suffix.lower() == ".json" else _load_yaml_config(path)
+    if not isinstance(data, dict):
+        raise ILoRAError(f"{path}: expected a mapping of keys to values at the top level")
+    return data
+
+
+def _load_json_config(path: Path) -> Any:
+    def unique(pairs: list[tuple[str, Any]]) -> dict:
+        keys = [k for k, _ in pairs]
+        repeated = next((k for k in keys if keys.count(k) > 1), None)
+        if repeated is not None:
+            raise ILoRAError(f"{path}: key {repeated!r} appears twice in one object (JSON keeps only the last)")
+        return dict(pairs)
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=unique)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ILoRAError(f"{path}: not valid JSON ({err}); a .json config is read as JSON") from None
+    except RecursionError:
+        raise ILoRAError(f"{path}: nested too deeply") from None
+
+
+def _load_yaml_config(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8-sig")  # a UTF-8 byte-order mark is fine
         nodes = _expanded_nodes(yaml.compose(text, Loader=yaml.SafeLoader))
@@ -747,14 +791,21 @@ def load_yaml_mapping(path: Path) -> dict:
             raise ILoRAError(
                 f"{path}: expands to {nodes} values (YAML aliases); a config may hold at most {MAX_CONFIG_NODES}"
             )
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ILoRAError(f"{path}: invalid YAML ({' '.join(str(err).split())})") from None
     except RecursionError:
         raise ILoRAError(f"{path}: nested too deeply") from None
-    if not isinstance(data, dict):
-        raise ILoRAError(f"{path}: expected a mapping of keys to values at the top level")
-    return data
+
+
+def _refuse_repeated_keys(node: yaml.MappingNode) -> None:
+    seen: set[str] = set()
+    for key, _ in node.value:
+        if isinstance(key, yaml.ScalarNode) and key.value != "<<":  # `<<` merges: it may repeat
+            if key.value in seen:
+                raise yaml.YAMLError(f"line {key.start_mark.line + 1}: key {key.value!r} appears twice in one "
+                                     "mapping (YAML keeps only the last)")  # fmt: skip
+            seen.add(key.value)
 
 
 def _expanded_nodes(root: yaml.Node | None) -> int:
@@ -772,6 +823,7 @@ def _expanded_nodes(root: yaml.Node | None) -> int:
         if isinstance(node, yaml.SequenceNode):
             children = node.value
         elif isinstance(node, yaml.MappingNode):
+            _refuse_repeated_keys(node)
             children = [part for pair in node.value for part in pair]
         else:
             children = []

@@ -210,6 +210,7 @@ def finals_table(summaries: list[dict], tasks: list[str]) -> str:
 
 
 def compare(run_dirs: list[Path], out_dir: Path) -> str:
+    _refuse_repeated_runs(run_dirs)
     summaries = [load_summary(d) for d in run_dirs]
     tasks = comparable(summaries, run_dirs)
     check_directory_target(out_dir, "--out")
@@ -222,6 +223,24 @@ def compare(run_dirs: list[Path], out_dir: Path) -> str:
 
 
 COMPARE_TITLE = "# ilora compare"
+
+
+def _refuse_repeated_runs(run_dirs: list[Path]) -> None:
+    """A run given twice (or a copy of it) would stand in the table as two results that agree."""
+    seen: dict[Path, Path] = {}
+    for run_dir in run_dirs:
+        key = Path(run_dir).resolve()
+        if key in seen:
+            raise ILoRAError(f"{run_dir} is given twice (as {seen[key]}): compare each run once")
+        seen[key] = run_dir
+    contents: dict[bytes, Path] = {}
+    for run_dir in run_dirs:
+        metrics = Path(run_dir) / "metrics.json"
+        if metrics.is_file():
+            content = metrics.read_bytes()
+            if content in contents:
+                raise ILoRAError(f"{run_dir} and {contents[content]} hold the same run (identical metrics.json): compare each run once")
+            contents[content] = run_dir
 
 
 def _check_compare_outputs(out_dir: Path) -> None:

@@ -24,6 +24,7 @@ import inspect
 
 import torch
 from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from .. import distributed
 from ..adapters import PLASTIC, STABLE, add_stable_copy, load_adapter
@@ -39,6 +40,7 @@ class ILoRA(Method):
 
     @classmethod
     def prepare_model(cls, model: PeftModel, previous: dict, args: ILoRAArguments, options) -> None:
+        check_hidden_state_layers(model, args.hidden_state_layers)  # before the Trainer creates output_dir
         if STABLE in model.peft_config:  # a PeftModel handed over with both adapters
             return
         if not previous:
@@ -203,4 +205,8 @@ def check_hidden_state_layers(model: PeftModel, layers: list[int] | list[str]) -
         raise ILoRAError(
             f"hidden_state_layers {bad} out of range: this model has {size} hidden states (indices {-size}..{size - 1})"
         )
-    return sorted({i % size for i in layers})
+    chosen = sorted({i % size for i in layers})
+    if chosen == [0] and not isinstance(model.get_base_model().get_input_embeddings(), BaseTunerLayer):
+        raise ILoRAError(f"hidden_state_layers {list(layers)} is only the embeddings' output, which no adapter "
+                         "changes here: the consistency loss would always be 0 (use -1, the last layer)")  # fmt: skip
+    return chosen
