@@ -129,6 +129,82 @@ def poison(adapter_dir: Path) -> None:
     save_file(tensors, str(weights))
 
 
+def edit_adapter(adapter_dir: Path, change) -> None:
+    """`change(tensors)` on an adapter's weights, saved back."""
+    weights = adapter_dir / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    change(tensors)
+    save_file(tensors, str(weights))
+
+
+def inject_head(tensors: dict) -> None:
+    tensors["base_model.model.lm_head.weight"] = torch.zeros(300, 32)
+
+
+def misshape(tensors: dict) -> None:
+    key = sorted(k for k in tensors if "lora_A" in k)[0]
+    tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 3)
+
+
+def drop_one(tensors: dict) -> None:
+    del tensors[sorted(k for k in tensors if "lora_B" in k)[0]]
+
+
+def integers(tensors: dict) -> None:
+    key = sorted(tensors)[0]
+    tensors[key] = torch.zeros(tensors[key].shape, dtype=torch.int32)
+
+
+def with_adapter(change, adapter: str = "plastic"):
+    """A copy of t1 whose `adapter` was changed by `change(tensors)`; returns the copy."""
+
+    def build(w, t):
+        copy = task_copy(w, t)
+        edit_adapter(copy / adapter, change)
+        return copy
+
+    return build
+
+
+def checkpoint_with(change):
+    """A task stopped after its checkpoint-1, whose plastic adapter `change` edited; resumed."""
+
+    def build(w, t):
+        argv = train(w, t, "--save_strategy", "steps", "--save_steps", "1", "--max_steps", "1")
+        assert main(argv) == 0
+        (t / "out" / "ilora_task.json").unlink()
+        checkpoint = t / "out" / "checkpoint-1"
+        adapter = next(p for p in [checkpoint, *checkpoint.iterdir()] if (p / "adapter_model.safetensors").is_file())
+        edit_adapter(adapter, change)
+        return train(w, t, "--save_strategy", "steps", "--save_steps", "1", "--max_steps", "2",
+                     "--resume_from_checkpoint", str(checkpoint), "--overwrite_output_dir", "true")
+
+    return build
+
+
+ADAPTER_FILES = {
+    "chained on an adapter carrying lm_head.weight": (
+        lambda w, t: train(w, t, "--previous_task_model", str(with_adapter(inject_head)(w, t))), BAD_INPUT,
+        "tensor base_model.model.lm_head.weight is not part of a LoRA adapter"),
+    "eval of an adapter carrying lm_head.weight": (
+        lambda w, t: ["eval", "--model", str(w["model"]), "--adapter", str(with_adapter(inject_head)(w, t)),
+                      "--tasks", str(w["run"] / "config.yaml")], BAD_INPUT, "is not part of a LoRA adapter"),
+    "export --merge of an adapter carrying lm_head.weight": (
+        lambda w, t: ["export", str(with_adapter(inject_head, "stable")(w, t)), "--output", str(t / "merged"), "--merge"],
+        BAD_INPUT, "lm_head.weight is not part of a LoRA adapter"),
+    "chained on a misshapen LoRA tensor": (
+        lambda w, t: train(w, t, "--previous_task_model", str(with_adapter(misshape, "stable")(w, t))), BAD_INPUT,
+        "does not fit this model"),
+    "chained on an adapter missing a tensor": (
+        lambda w, t: train(w, t, "--previous_task_model", str(with_adapter(drop_one)(w, t))), BAD_INPUT, "is missing (1 missing)"),
+    "export of integer adapter weights": (
+        lambda w, t: ["export", str(with_adapter(integers)(w, t)), "--output", str(t / "clean"), "--adapter", "plastic"],
+        BAD_INPUT, "not floating-point weights"),
+    "resume from a checkpoint whose adapter carries lm_head.weight": (checkpoint_with(inject_head), BAD_INPUT,
+                                                                     "is not part of a LoRA adapter"),
+}  # fmt: skip
+
+
 def then(action, result):
     """Run `action` (it prepares the case's folder), then return `result` (the argv)."""
     action()
@@ -322,7 +398,7 @@ WRONG_ANSWERS = {
     "eval: a PEFT adapter made for another architecture": (
         lambda w, t: ["eval", "--model", str(save_tiny_model(t / "wide", hidden_size=64)), "--adapter",
                       str(then(lambda: shutil.copytree(w["t1"] / "plastic", t / "adapter"), t / "adapter")), "--tasks", str(w["run"] / "config.yaml")],
-        BAD_INPUT, "its tensors do not fit model"),
+        BAD_INPUT, "does not fit this model"),
 }  # fmt: skip
 
 
@@ -575,7 +651,7 @@ SILENT_SUCCESS = {
 TABLES = {"user data": USER_DATA, "diverged": DIVERGED_RUNS, "settings": SETTINGS, "stale results": STALE_RESULTS,
           "wrong answers": WRONG_ANSWERS, "common mistakes": COMMON_MISTAKES, "corrupt state": CORRUPT_STATE,
           "unbounded": UNBOUNDED, "small things": SMALL_THINGS, "messages": MESSAGES,
-          "silent success": SILENT_SUCCESS}  # fmt: skip
+          "silent success": SILENT_SUCCESS, "adapter files": ADAPTER_FILES}  # fmt: skip
 CASES = {f"{table}: {name}": case for table, cases in TABLES.items() for name, case in cases.items()}
 
 

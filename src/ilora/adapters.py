@@ -24,11 +24,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 
 from . import distributed, sharding
 from .errors import ILoRAError
+from .jsonfile import read_json
 from .suggest import did_you_mean
 
 PLASTIC = "plastic"
@@ -67,16 +69,110 @@ def check_target_modules(model: torch.nn.Module, targets) -> None:
             raise ILoRAError(f"lora_target {target!r} names no module of this model{did_you_mean(target, names)}")
 
 
+# ------------------------------------------------------------ reading an adapter file
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+SAVED_PREFIX = "base_model.model."  # PEFT's saved names: this prefix, the module's path, then the LoRA part
+
+
+def check_adapter_dir(directory: Path, lora: dict | None = None) -> None:
+    """A saved adapter that will load: readable config, readable safetensors of finite values, and
+    (given the manifest's LoRA settings) the same rank and targets."""
+    config = read_json(directory / ADAPTER_CONFIG, "adapter config")
+    if not isinstance(config, dict) or not isinstance(config.get("r"), int):
+        raise ILoRAError(f"{directory / ADAPTER_CONFIG}: damaged adapter config (no integer 'r')")
+    weights = directory / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise ILoRAError(f"{weights}: missing (adapter weights)")
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ILoRAError(f"{weights}: damaged adapter weights ({' '.join(str(err).split())})") from None
+    if not tensors:
+        raise ILoRAError(f"{weights}: damaged adapter weights (no tensors)")
+    bad = next((key for key, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise ILoRAError(f"{weights}: tensor {bad} holds NaN or inf; this adapter diverged and cannot be used")
+    if lora is not None and config["r"] != lora["r"]:
+        raise ILoRAError(f"{directory / ADAPTER_CONFIG}: rank r={config['r']} but the task manifest says r={lora['r']}")
+    ranks = {min(t.shape) for key, t in tensors.items() if "lora_A" in key and t.dim() == 2}
+    if ranks and ranks != {config["r"]}:
+        raise ILoRAError(f"{weights}: LoRA rank {sorted(ranks)} does not match r={config['r']} in {ADAPTER_CONFIG}")
+
+
+def expected_adapter_tensors(model: torch.nn.Module, config: LoraConfig) -> dict[str, tuple[int, ...]]:
+    """The tensors (saved name -> shape) a LoRA adapter with `config` holds on `model`: A and B of every
+    module PEFT would adapt (and DoRA's magnitudes), nothing else."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from peft.utils.other import get_pattern_key
+
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    expected = {}
+    for name, module in base.named_modules():
+        if ".lora_" in f".{name}" or name.endswith("base_layer") or not check_target_module_exists(config, name):
+            continue
+        layer = getattr(module, "base_layer", module)
+        rank = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r) if config.rank_pattern else config.r
+        prefix = f"{SAVED_PREFIX}{name}"
+        if isinstance(layer, torch.nn.Embedding):
+            expected[f"{prefix}.lora_embedding_A"] = (rank, layer.num_embeddings)
+            expected[f"{prefix}.lora_embedding_B"] = (layer.embedding_dim, rank)
+        elif hasattr(layer, "in_features") and hasattr(layer, "out_features"):
+            expected[f"{prefix}.lora_A.weight"] = (rank, layer.in_features)
+            expected[f"{prefix}.lora_B.weight"] = (layer.out_features, rank)
+            if config.use_dora:
+                expected[f"{prefix}.lora_magnitude_vector"] = (layer.out_features,)
+    return expected
+
+
+def check_adapter_fits(model: torch.nn.Module, directory: Path) -> None:
+    """The adapter file at `directory` holds exactly the tensors its LoRA config implies on `model`:
+    the same names, shapes, floating-point values, nothing missing and nothing more (a base tensor such
+    as `lm_head.weight` in an adapter file would be loaded into the base). Every route that loads an
+    adapter (chaining, evaluation, export, resume) loads it through here."""
+    check_adapter_dir(directory)  # readable config and weights, finite values
+    config = LoraConfig.from_pretrained(str(directory))
+    if config.modules_to_save:
+        raise ILoRAError(f"{directory}: modules_to_save {sorted(config.modules_to_save)} replaces base layers; "
+                         "ilora's adapters hold LoRA tensors only")  # fmt: skip
+    expected = expected_adapter_tensors(model, config)
+    weights = Path(directory) / ADAPTER_WEIGHTS
+    with safe_open(str(weights), framework="pt") as handle:
+        found = {key: (tuple(handle.get_slice(key).get_shape()), handle.get_slice(key).get_dtype()) for key in handle.keys()}
+    extra = sorted(set(found) - set(expected))
+    if extra:
+        raise ILoRAError(f"{weights}: tensor {extra[0]} is not part of a LoRA adapter with this config on this model "
+                         f"({len(extra)} such tensor{'s' if len(extra) > 1 else ''}); it would be loaded into the base")  # fmt: skip
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise ILoRAError(f"{weights}: tensor {missing[0]} is missing ({len(missing)} missing) for the targets in "
+                         "its adapter_config.json")  # fmt: skip
+    for key, (shape, dtype) in found.items():
+        if shape != expected[key]:
+            raise ILoRAError(f"{weights}: tensor {key} has shape {list(shape)} and does not fit this model, which needs "
+                             f"{list(expected[key])} (an adapter made for another base)")  # fmt: skip
+        if dtype not in ("F32", "BF16", "F16", "F64"):
+            raise ILoRAError(f"{weights}: tensor {key} holds {dtype}, not floating-point weights")
+
+
 def load_adapter(peft_model: PeftModel, name: str, directory: Path) -> None:
     """Load a saved adapter under `name`, frozen: only `plastic` is ever trained."""
+    check_adapter_fits(peft_model, directory)
     peft_model.load_adapter(str(directory), adapter_name=name, is_trainable=False)
     peft_model.set_adapter(PLASTIC)  # PEFT's set_adapter: plastic trainable, every other adapter frozen
+
+
+def load_first_adapter(base: torch.nn.Module, directory: Path, trainable: bool) -> PeftModel:
+    """A PeftModel on `base` with the adapter at `directory` as `plastic`, checked first."""
+    check_adapter_fits(base, directory)
+    return PeftModel.from_pretrained(base, str(directory), adapter_name=PLASTIC, is_trainable=trainable)
 
 
 def load_saved_adapters(base: torch.nn.Module, adapters: dict[str, Path]) -> PeftModel:
     """A base model with every adapter a task saved, by name, all frozen (plastic first: the PeftModel
     is built on it)."""
-    model = PeftModel.from_pretrained(base, str(adapters[PLASTIC]), adapter_name=PLASTIC)
+    model = load_first_adapter(base, adapters[PLASTIC], trainable=False)
     for name, path in adapters.items():
         if name != PLASTIC:
             load_adapter(model, name, path)

@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import distributed, sharding
-from .adapters import PLASTIC, STABLE, AdapterPair, save_adapter
+from .adapters import ADAPTER_CONFIG, PLASTIC, STABLE, AdapterPair, check_adapter_dir, save_adapter
 from .buffer import ReplayBuffer
 from .config import ILoRAArguments
 from .errors import ILoRAError
@@ -39,8 +39,6 @@ METHOD_STATE = "method_state.safetensors"  # a method's tensors (EWC's Fisher), 
 CHECKPOINT_BUFFER = "ilora_buffer"
 SHARDED_ADAPTERS = "ilora_adapters_sharded"  # under FSDP2: every adapter's slices (torch.distributed.checkpoint)
 STAGING = ".ilora-staging"  # inside output_dir; only ilora ever creates a folder of this name
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 FORMAT_VERSION = 1
 RESUME_LATEST = ("true", "True", "last")  # resume_from_checkpoint values meaning "the newest complete one"
 # What a manifest must hold, with the type of each value: anything else is a damaged file.
@@ -72,32 +70,6 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     if not isinstance(manifest["base_model"].get("fingerprint"), str):
         raise ILoRAError(f"{path}: damaged task manifest (no base model fingerprint)")
     return manifest
-
-
-def check_adapter_dir(directory: Path, lora: dict | None = None) -> None:
-    """A saved adapter that will load: readable config, readable safetensors of finite values, and
-    (given the manifest's LoRA settings) the same rank and targets."""
-    config = read_json(directory / ADAPTER_CONFIG, "adapter config")
-    if not isinstance(config, dict) or not isinstance(config.get("r"), int):
-        raise ILoRAError(f"{directory / ADAPTER_CONFIG}: damaged adapter config (no integer 'r')")
-    weights = directory / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        raise ILoRAError(f"{weights}: missing (adapter weights)")
-    try:
-        with safe_open(str(weights), framework="pt") as handle:
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise ILoRAError(f"{weights}: damaged adapter weights ({' '.join(str(err).split())})") from None
-    if not tensors:
-        raise ILoRAError(f"{weights}: damaged adapter weights (no tensors)")
-    bad = next((key for key, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
-    if bad is not None:
-        raise ILoRAError(f"{weights}: tensor {bad} holds NaN or inf; this adapter diverged and cannot be used")
-    if lora is not None and config["r"] != lora["r"]:
-        raise ILoRAError(f"{directory / ADAPTER_CONFIG}: rank r={config['r']} but the task manifest says r={lora['r']}")
-    ranks = {min(t.shape) for key, t in tensors.items() if "lora_A" in key and t.dim() == 2}
-    if ranks and ranks != {config["r"]}:
-        raise ILoRAError(f"{weights}: LoRA rank {sorted(ranks)} does not match r={config['r']} in {ADAPTER_CONFIG}")
 
 
 def lora_identity(config: LoraConfig) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from . import methods, precision, sharding, taskdir
-from .adapters import PLASTIC, attach_adapters
+from .adapters import ADAPTER_CONFIG, PLASTIC, attach_adapters, check_adapter_fits, load_first_adapter
 from .buffer import ReplayBuffer
 from .config import DEEPSPEED_HALF, DEEPSPEED_ZERO3_BF16, ILoRAArguments, check_deepspeed, check_training_arguments
 from .data import PadCollator, prepare_dataset
@@ -146,7 +146,7 @@ class ILoRATrainer(Trainer):
         """The trainable adapter: the previous task's, fresh, or as given on a PeftModel."""
         if self.previous is not None:
             path = self.previous.adapters[PLASTIC]
-            return PeftModel.from_pretrained(model, str(path), adapter_name=PLASTIC, is_trainable=True), self.previous.lora
+            return load_first_adapter(model, path, trainable=True), self.previous.lora
         if isinstance(model, PeftModel):
             if PLASTIC not in model.peft_config:
                 raise ILoRAError(f"the PeftModel has adapters {list(model.peft_config)}; ilora needs one named 'plastic'")
@@ -227,6 +227,9 @@ class ILoRATrainer(Trainer):
         """(EMA step, this rank's buffer, method state, task loss) of a checkpoint checked to be complete."""
         # (an empty buffer is falsy: test for None)
         state = taskdir.load_checkpoint_state(folder, with_buffer=self.method.buffer is not None)
+        for adapter in [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]:
+            if (adapter / ADAPTER_CONFIG).is_file():  # what the Trainer will load into the model
+                check_adapter_fits(self.model, adapter)
         logger.info("resuming from %s", folder)
         return state
 

@@ -457,12 +457,7 @@ def evaluate_adapters(model_name: str, adapter_dir: Path, config: Path) -> dict:
     tests = [_test_set(t, test_rows[t.name], tokenizer, data_args) for t in run.tasks]
     scorer = _Scorer(tokenizer, tests, run.eval_batch_size, run.max_new_tokens,
                      precision.autocast_dtype(training_args.bf16, training_args.fp16))  # fmt: skip
-    try:
-        model = on_device(load_saved_adapters(base, adapters), training_args.device)
-    except RuntimeError as err:  # PEFT's state-dict load: the adapter was made for another architecture
-        if "size mismatch" not in str(err):
-            raise
-        raise ILoRAError(f"{adapter_dir}: its tensors do not fit model {model_name!r} (trained on another base)") from None
+    model = on_device(load_saved_adapters(base, adapters), training_args.device)  # checked to fit `base` first
     if manifest is not None:
         evaluated = methods.get(taskdir.manifest_method(manifest)).evaluated(model, ilora_args)
     else:
