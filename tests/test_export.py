@@ -114,7 +114,7 @@ def test_bad_export_input_is_one_line_and_writes_nothing(case, tiny_model_dir, t
         expected = "neither a finished ilora task directory"
     else:
         argv += ["--model", str(save_tiny_model(tmp_path / "other", seed=9))]
-        expected = "trained on another base model"
+        expected = "holds other weights"
     capsys.readouterr()
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

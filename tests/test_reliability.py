@@ -182,6 +182,36 @@ def checkpoint_with(change):
     return build
 
 
+def other_tokenizer_model(t: Path) -> Path:
+    """The tiny model's weights beside another chat template: the same base, another tokenizer."""
+    model = t / "model-other-tokenizer"
+    save_tiny_model(model)
+    tiny_tokenizer(chat_template=True).save_pretrained(model)
+    return model
+
+
+IDENTITY = {
+    "chain a task on the same base with another tokenizer": (
+        lambda w, t: ["train", "--model", str(other_tokenizer_model(t)), "--dataset", str(w["data"]), "--output_dir", str(t / "out"),
+                      *TRAIN, "--previous_task_model", str(w["t1"])], BAD_INPUT, "was trained with another tokenizer"),
+    "eval with another tokenizer": (
+        lambda w, t: ["eval", "--model", str(other_tokenizer_model(t)), "--adapter", str(w["run"] / "out" / "ilora" / "tasks" / "1-alpha"),
+                      "--tasks", str(w["run"] / "config.yaml")], BAD_INPUT, "was trained with another tokenizer"),
+    "export with another tokenizer": (
+        lambda w, t: ["export", str(w["run"] / "out" / "ilora" / "tasks" / "1-alpha"), "--output", str(t / "x"),
+                      "--model", str(other_tokenizer_model(t))], BAD_INPUT, "was trained with another tokenizer"),
+    "export on another base": (
+        lambda w, t: ["export", str(w["run"] / "out" / "ilora" / "tasks" / "1-alpha"), "--output", str(t / "x"),
+                      "--model", str(save_tiny_model(t / "other", seed=9))], BAD_INPUT, "holds other weights"),
+    "resume after the LoRA rank changed": (
+        lambda w, t: then(lambda: main(train(w, t, "--save_strategy", "steps", "--save_steps", "1", "--max_steps", "1")) == 0
+                          and (t / "out" / "ilora_task.json").unlink(),
+                          train(w, t, "--lora_rank", "2", "--resume_from_checkpoint", str(t / "out" / "checkpoint-1"),
+                                "--overwrite_output_dir", "true")),
+        BAD_INPUT, "does not match"),
+}  # fmt: skip
+
+
 ADAPTER_FILES = {
     "chained on an adapter carrying lm_head.weight": (
         lambda w, t: train(w, t, "--previous_task_model", str(with_adapter(inject_head)(w, t))), BAD_INPUT,
@@ -651,7 +681,8 @@ SILENT_SUCCESS = {
 TABLES = {"user data": USER_DATA, "diverged": DIVERGED_RUNS, "settings": SETTINGS, "stale results": STALE_RESULTS,
           "wrong answers": WRONG_ANSWERS, "common mistakes": COMMON_MISTAKES, "corrupt state": CORRUPT_STATE,
           "unbounded": UNBOUNDED, "small things": SMALL_THINGS, "messages": MESSAGES,
-          "silent success": SILENT_SUCCESS, "adapter files": ADAPTER_FILES}  # fmt: skip
+          "silent success": SILENT_SUCCESS, "adapter files": ADAPTER_FILES,
+          "identity": IDENTITY}  # fmt: skip
 CASES = {f"{table}: {name}": case for table, cases in TABLES.items() for name, case in cases.items()}
 
 

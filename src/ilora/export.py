@@ -44,8 +44,7 @@ def export(source: Path, output: Path, adapter: str | None = None, merge: bool =
         raise ILoRAError(f"{task_dir} was trained on a {quantization['bits']}-bit base: merging into quantized weights "
                          "loses the adapter's precision; export the adapter (without --merge)")  # fmt: skip
     base, tokenizer = load_model_and_tokenizer(base_name, quantization=quantization)
-    if taskdir.base_model_identity(base)["fingerprint"] != manifest["base_model"]["fingerprint"]:
-        raise ILoRAError(f"{task_dir} was trained on another base model than {base_name!r} (pass the right --model)")
+    taskdir.check_identity(manifest, task_dir, taskdir.base_model_identity(base, tokenizer))
     saved = taskdir.saved_adapters(task_dir, manifest)
     for path in saved.values():
         taskdir.check_adapter_dir(path, manifest["lora"])

@@ -33,13 +33,6 @@ METRICS_FILE = "metrics.json"
 TASKS_DIR = "tasks"
 
 
-def tokenizer_digest(tokenizer) -> str:
-    """What the tokenizer does, by content: vocabulary, special tokens, chat template."""
-    record = {"vocab": sorted(tokenizer.get_vocab().items()), "special": tokenizer.special_tokens_map,
-              "chat_template": getattr(tokenizer, "chat_template", None)}  # fmt: skip
-    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def inputs_record(model_fingerprint: str, tokenizer, tasks, general: str | None = None) -> dict[str, Any]:
     """The run's inputs by content: a changed file at the same path is a changed input."""
     from .formats import source_files
@@ -50,7 +43,7 @@ def inputs_record(model_fingerprint: str, tokenizer, tasks, general: str | None 
 
     return {
         "model": model_fingerprint,
-        "tokenizer": tokenizer_digest(tokenizer),
+        "tokenizer": taskdir.tokenizer_digest(tokenizer),
         "train": {t.name: digest(t.train, t.dataset_dir) for t in tasks},
         "test": {t.name: digest(t.test, t.dataset_dir) for t in tasks},
         "general": file_digest(general) if general else None,

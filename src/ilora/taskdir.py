@@ -80,10 +80,17 @@ def lora_identity(config: LoraConfig) -> dict[str, Any]:
     return {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": targets, "use_dora": config.use_dora}
 
 
-def base_model_identity(model: torch.nn.Module) -> dict[str, Any]:
+def tokenizer_digest(tokenizer) -> str:
+    """What the tokenizer does, by content: vocabulary, special tokens, chat template."""
+    record = {"vocab": sorted(tokenizer.get_vocab().items()), "special": tokenizer.special_tokens_map,
+              "chat_template": getattr(tokenizer, "chat_template", None)}  # fmt: skip
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def base_model_identity(model: torch.nn.Module, tokenizer=None) -> dict[str, Any]:
     """Name and a fingerprint of the base weights: the config's shape plus the first and last values
     of every weight tensor, so base weights replaced at the same path are told apart (cheap: a few
-    values per tensor, not the whole model)."""
+    values per tensor, not the whole model); with `tokenizer`, its digest too."""
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     config = base.config.to_dict()
     keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
@@ -94,7 +101,26 @@ def base_model_identity(model: torch.nn.Module) -> dict[str, Any]:
         flat = tensor.detach().reshape(-1)
         digest.update(name.replace(".base_layer", "").encode() + str(tuple(tensor.shape)).encode())
         digest.update(torch.cat([flat[:16], flat[-16:]]).float().cpu().numpy().tobytes())
-    return {"name_or_path": config.get("_name_or_path", ""), "fingerprint": digest.hexdigest()[:16]}
+    identity = {"name_or_path": config.get("_name_or_path", ""), "fingerprint": digest.hexdigest()[:16]}
+    if tokenizer is not None:
+        identity["tokenizer"] = tokenizer_digest(tokenizer)
+    return identity
+
+
+def check_identity(recorded: dict, directory: Path, base: dict, lora: dict | None = None) -> None:
+    """The one comparison every route makes before it continues, evaluates, exports or resumes a task:
+    `recorded` is what the task or checkpoint wrote (`base_model`, `lora`), `base` the identity of the
+    base model and tokenizer at hand, `lora` the LoRA settings about to be used (None: not compared).
+    A tokenizer is compared where both sides recorded one (manifests of older ilora did not)."""
+    before = recorded["base_model"]
+    if before["fingerprint"] != base["fingerprint"]:
+        raise ILoRAError(f"{directory} was trained on base model {before.get('name_or_path')!r}; {base['name_or_path']!r} "
+                         "holds other weights: a task is continued, evaluated and exported on the base it was trained on")  # fmt: skip
+    if before.get("tokenizer") and base.get("tokenizer") and before["tokenizer"] != base["tokenizer"]:
+        raise ILoRAError(f"{directory} was trained with another tokenizer than {base['name_or_path']!r}'s (vocabulary, "
+                         "special tokens or chat template differ): the same token ids would stand for other text")  # fmt: skip
+    if lora is not None and recorded.get("lora") != lora:
+        raise ILoRAError(f"LoRA config {lora} does not match {recorded.get('lora')}, the one {directory} was trained with")
 
 
 def check_compatible(manifest: dict, directory: Path, lora: dict, base: dict, prev_task_id: str | None) -> None:
@@ -102,13 +128,7 @@ def check_compatible(manifest: dict, directory: Path, lora: dict, base: dict, pr
         raise ILoRAError(
             f"prev_task_id={prev_task_id!r} but {directory} holds task {manifest.get('task_id')!r}"
         )
-    if manifest["lora"] != lora:
-        raise ILoRAError(f"LoRA config {lora} does not match the previous task's {manifest['lora']} ({directory})")
-    if manifest["base_model"]["fingerprint"] != base["fingerprint"]:
-        raise ILoRAError(
-            f"base model {base['name_or_path']!r} differs from the previous task's "
-            f"{manifest['base_model']['name_or_path']!r} ({directory})"
-        )
+    check_identity(manifest, directory, base, lora)
 
 
 def manifest_method(manifest: dict) -> str:
@@ -381,7 +401,7 @@ def claim_checkpoint(folder: Path) -> None:
 
 
 def save_checkpoint_state(folder: Path, step: int, task_id: str | None, buffer: ReplayBuffer | None,
-                          method_state: tuple[dict[str, torch.Tensor], dict], task_loss: dict) -> None:  # fmt: skip
+                          method_state: tuple[dict[str, torch.Tensor], dict], task_loss: dict, identity: dict) -> None:  # fmt: skip
     """What ilora adds to a Trainer checkpoint: every rank's buffer, the method's state, and last the
     marker that says the checkpoint is complete."""
     if buffer is not None:  # every rank saves its own buffer
@@ -391,7 +411,7 @@ def save_checkpoint_state(folder: Path, step: int, task_id: str | None, buffer: 
         if method_state[0]:
             save_file({k: v.detach().cpu().contiguous() for k, v in method_state[0].items()}, str(folder / METHOD_STATE))
         write_json_atomically(folder / CHECKPOINT_MARKER, {"ema_step": step, "task_id": task_id, "format_version": 1,
-                                                           "method_state": method_state[1], "task_loss": task_loss})  # fmt: skip
+                                                           "method_state": method_state[1], "task_loss": task_loss, **identity})  # fmt: skip
 
 
 def sharded_adapters(folder: Path) -> Path:
@@ -402,7 +422,7 @@ def sharded_adapters(folder: Path) -> Path:
     return path
 
 
-def load_checkpoint_state(folder: Path, with_buffer: bool):
+def load_checkpoint_state(folder: Path, with_buffer: bool, identity: dict):
     """Check a checkpoint before the Trainer reads it; return (step, this rank's buffer, method state,
     the task's loss so far or None)."""
     if not is_complete_checkpoint(folder):
@@ -410,6 +430,8 @@ def load_checkpoint_state(folder: Path, with_buffer: bool):
     state = read_json(folder / CHECKPOINT_MARKER, "checkpoint marker")
     if not isinstance(state, dict) or not isinstance(state.get("ema_step"), int):
         raise ILoRAError(f"{folder / CHECKPOINT_MARKER}: damaged checkpoint marker (no integer ema_step)")
+    if isinstance(state.get("base_model"), dict) and isinstance(state["base_model"].get("fingerprint"), str):
+        check_identity(state, folder, identity["base_model"], identity["lora"])  # (older checkpoints recorded none)
     for adapter in folder.iterdir():
         if (adapter / ADAPTER_CONFIG).is_file():
             check_adapter_dir(adapter)

@@ -66,7 +66,7 @@ class ILoRATrainer(Trainer):
         check_training_arguments(args)
         precision.warn_if_emulated(args.bf16, precision.detect(args.device.type))
         set_seed(args.seed)  # LoRA initialisation below draws random numbers
-        self.base_identity = taskdir.base_model_identity(model)
+        self.base_identity = taskdir.base_model_identity(model, processing_class)
         self.quantization = quantization_of(model)  # QLoRA: the base in 4 or 8 bits (None: full precision)
         if self.quantization and not isinstance(model, PeftModel):
             # norms and embeddings to fp32, the base frozen, inputs that carry gradients into the adapters
@@ -193,7 +193,7 @@ class ILoRATrainer(Trainer):
         if self._adapters_outside_trainer_checkpoint():
             sharding.save_adapters(self.model, folder / taskdir.SHARDED_ADAPTERS)
         taskdir.save_checkpoint_state(folder, self.method.step, self.ilora_args.current_task_id, self.method.buffer,
-                                      self.method.state(), self.method.task_loss())  # fmt: skip
+                                      self.method.state(), self.method.task_loss(), self._identity())  # fmt: skip
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Under ZeRO-3 the Trainer gathers only the trainable adapter and writes it under every adapter's
@@ -226,12 +226,16 @@ class ILoRATrainer(Trainer):
     def _checked_checkpoint(self, folder: Path) -> tuple:
         """(EMA step, this rank's buffer, method state, task loss) of a checkpoint checked to be complete."""
         # (an empty buffer is falsy: test for None)
-        state = taskdir.load_checkpoint_state(folder, with_buffer=self.method.buffer is not None)
+        state = taskdir.load_checkpoint_state(folder, self.method.buffer is not None, self._identity())
         for adapter in [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]:
             if (adapter / ADAPTER_CONFIG).is_file():  # what the Trainer will load into the model
                 check_adapter_fits(self.model, adapter)
         logger.info("resuming from %s", folder)
         return state
+
+    def _identity(self) -> dict:
+        """What a checkpoint records and a resume compares: base weights, tokenizer, LoRA settings."""
+        return {"base_model": self.base_identity, "lora": self.lora_identity}
 
     def _restore(self, folder: Path, step: int, buffer, method_state, task_loss) -> None:
         self.method.pair_adapters()  # after DeepSpeed's cast to bf16: the stable adapter in fp32 before it loads
