@@ -934,3 +934,52 @@ def test_a_demo_directory_with_nothing_trained_is_reused(tmp_path, monkeypatch):
     (tmp_path / demo.DEMO_MARKER).write_text(json.dumps({"full": False, "tasks": demo.DEMO["tasks"]}))
     (tmp_path / "seq_lora").mkdir()
     demo._check_same_tasks(tmp_path, False, demo.DEMO["tasks"])  # the same tasks: continues
+
+
+# ----------------------------------------------------------- a full disk
+NO_SPACE = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+
+
+def _fail_after_writing_part(target_of, error):
+    """A write that puts half a file where it writes, then fails as a full disk does."""
+
+    def fail(*args, **kwargs):
+        target = Path(target_of(*args, **kwargs))
+        folder = target if target.suffix == "" else target.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "half-written.bin").write_bytes(b"\0" * 64)
+        raise error
+
+    return fail
+
+
+def full_disk_cases():
+    from safetensors import SafetensorError
+
+    return {
+        "export --merge": ("transformers.PreTrainedModel.save_pretrained", lambda self, path, *a, **k: path,
+                           SafetensorError(NO_SPACE), lambda w, t: ["export", str(w["t1"]), "--output", str(t / "merged"), "--merge"]),
+        "a Trainer checkpoint": ("torch.save", lambda obj, f, *a, **k: f,
+                                 RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"),
+                                 lambda w, t: train(w, t, "--save_strategy", "steps", "--save_steps", "1")),
+        "publishing a finished task": ("ilora.taskdir.save_adapter", lambda model, name, directory, *a, **k: directory,
+                                       OSError(28, "No space left on device"), lambda w, t: train(w, t)),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ["export --merge", "a Trainer checkpoint", "publishing a finished task"])
+def test_a_full_disk_is_one_line_exit_1_and_the_retry_succeeds(case, world, tmp_path, capsys, monkeypatch):
+    target, where, error, build = full_disk_cases()[case]
+    argv = build(world, tmp_path)
+    module, name = target.rsplit(".", 1)
+    import importlib
+
+    owner = importlib.import_module(module) if module != "transformers.PreTrainedModel" else __import__("transformers").PreTrainedModel
+    with monkeypatch.context() as patch:
+        patch.setattr(owner, name, _fail_after_writing_part(where, error))
+        capsys.readouterr()
+        assert main(argv) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("{")]
+    assert len(lines) == 1 and "could not write" in lines[0] and ("No space left" in lines[0] or "write failed" in lines[0]), lines
+    assert not any(p.name in ("ilora_task.json", "ilora_export.json") for p in tmp_path.rglob("*")), "written as finished"
+    assert main(argv) == 0  # space is back: the same command succeeds, nothing left over blocks it

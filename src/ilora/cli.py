@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .config import ArgumentParser, parse_train_args
-from .errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, ILoRAError
+from .errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_WRITE_FAILED, ILoRAError, is_refused_write
 from .suggest import did_you_mean
 
 USAGE = """usage: ilora COMMAND [ARGS]
@@ -149,11 +149,16 @@ def _main(argv: list[str]) -> int:
             raise
         print(f"ilora {command}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return err.exit_code
-    except OSError as err:  # a path the file system refuses (name too long, permission, disk full)
+    except Exception as err:
         if debug:
             raise
-        print(f"ilora {command}: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        if is_refused_write(err):  # a write the machine refused (disk full, I/O error), wherever it happened
+            print(f"ilora {command}: error: could not write: {' '.join(str(err).split())[:300]}", file=sys.stderr)
+            return EXIT_WRITE_FAILED
+        if isinstance(err, OSError):  # a path the file system refuses (name too long, permission)
+            print(f"ilora {command}: error: {err}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        raise
     except KeyboardInterrupt:
         if debug:
             raise

@@ -3,9 +3,13 @@
 The CLI prints them as a single line; everything else is a bug and keeps its traceback.
 """
 
+import contextlib
+import errno
+
 # Exit codes of the `ilora` command (the README lists them).
 EXIT_BAD_INPUT = 2  # a flag, config key, data file, path or saved state we cannot use
-EXIT_DIVERGED = 1  # training produced a non-finite loss or adapter: nothing was marked finished
+EXIT_DIVERGED = 1  # training diverged or collapsed: nothing was marked finished
+EXIT_WRITE_FAILED = 1  # the machine refused a write (disk full, I/O error, read-only): retry once it is fixed
 EXIT_INTERRUPTED = 130  # Ctrl-C: re-running the same command resumes
 
 
@@ -19,3 +23,39 @@ class TrainingDiverged(ILoRAError):
     """A loss, adapter or score stopped being finite. The task is not written as finished."""
 
     exit_code = EXIT_DIVERGED
+
+
+class WriteFailed(ILoRAError):
+    """A write the machine refused. Nothing half-written is left where it would block the retry."""
+
+    exit_code = EXIT_WRITE_FAILED
+
+
+# What a refused write looks like once a library has wrapped the OSError: safetensors' Rust IoError,
+# torch's stream writer.
+WRITE_FAILURE_SIGNS = ("IoError", "No space left", "file write failed", "Disk quota", "Read-only file system",
+                       "Input/output error")  # fmt: skip
+REFUSED_WRITES = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG}
+
+
+def is_refused_write(err: BaseException) -> bool:
+    if isinstance(err, OSError):
+        return err.errno in REFUSED_WRITES
+    return isinstance(err, RuntimeError | ValueError) and any(sign in str(err) for sign in WRITE_FAILURE_SIGNS) or (
+        type(err).__name__ == "SafetensorError" and any(sign in str(err) for sign in WRITE_FAILURE_SIGNS))
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Around a write into `path`: a refused write (full disk, I/O error) becomes one `WriteFailed`
+    line naming the path and the cause; any other error is left as it is."""
+    try:
+        yield
+    except ILoRAError:
+        raise
+    except Exception as err:  # noqa: BLE001 (re-raised unless it is a refused write)
+        if not is_refused_write(err):
+            raise
+        cause = err.strerror if isinstance(err, OSError) and err.strerror else " ".join(str(err).split())[:200]
+        where = err.filename if isinstance(err, OSError) and err.filename else path
+        raise WriteFailed(f"could not write {where}: {cause}") from None

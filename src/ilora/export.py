@@ -12,6 +12,8 @@ sum: merged into the weights, or concatenated into one LoRA of the summed rank (
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from peft import PeftModel
 
 from . import __version__, methods, rundir, taskdir
 from .adapters import AdapterPair, load_saved_adapters, save_adapter
-from .errors import ILoRAError
+from .errors import ILoRAError, writing
 from .loader import load_model_and_tokenizer
 from .paths import check_directory_target
 from .suggest import did_you_mean
@@ -54,11 +56,6 @@ def export(source: Path, output: Path, adapter: str | None = None, merge: bool =
         available = [r for r, names in evaluated.items() if all(n in peft_model.peft_config for n in names)]
         raise ILoRAError(f"--adapter {report!r}: {task_dir} offers {available}{did_you_mean(report, available)}")
     names = evaluated[report]
-    output.mkdir(parents=True, exist_ok=True)
-    if merge:
-        _write_merged(peft_model, names, tokenizer, output)
-    else:
-        _write_adapter(peft_model, names, output, _base_path(base_name))
     record = {
         "source": str(source.resolve()), "task_dir": str(task_dir.resolve()), "task_id": manifest.get("task_id"),
         "method": method.name, "adapter": report, "adapters_summed": names, "merged": merge,
@@ -66,7 +63,22 @@ def export(source: Path, output: Path, adapter: str | None = None, merge: bool =
         "metrics": _metrics_of(summary, report), "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "ilora_version": __version__,
     }  # fmt: skip
-    taskdir.write_json_atomically(output / PROVENANCE, record)
+    # written beside `output`, moved into place when complete: a failed export (a full disk) leaves
+    # nothing at `output`, so the retry runs as the first try did
+    staging = output.parent / f".{output.name}.exporting-{os.getpid()}"
+    try:
+        with writing(output):
+            staging.mkdir(parents=True)
+            if merge:
+                _write_merged(peft_model, names, tokenizer, staging)
+            else:
+                _write_adapter(peft_model, names, staging, _base_path(base_name))
+            taskdir.write_json_atomically(staging / PROVENANCE, record)
+            if output.exists():
+                output.rmdir()  # the empty directory the user named
+            os.replace(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return output
 
 

@@ -30,7 +30,7 @@ from . import distributed, sharding
 from .adapters import ADAPTER_CONFIG, PLASTIC, STABLE, AdapterPair, check_adapter_dir, save_adapter
 from .buffer import ReplayBuffer
 from .config import ILoRAArguments
-from .errors import ILoRAError
+from .errors import ILoRAError, writing
 from .jsonfile import read_json
 from .paths import CHECKPOINT_CLAIM, CHECKPOINT_MARKER, TaskOutputs, check_directory_target, check_replaceable, is_ilora_checkpoint
 
@@ -310,11 +310,12 @@ def write_task(
         try:
             targets = {name: stable_save_path(output_dir, args) if name == STABLE else output_dir / name
                        for name in adapters}  # fmt: skip
-            if method_state[0]:
-                save_file({k: v.detach().cpu().contiguous() for k, v in method_state[0].items()},
-                          str(staging / METHOD_STATE))  # fmt: skip
-            _publish(output_dir, staging, model, targets, whole)
-        except OSError as err:  # disk full, permissions: say so in one line; nothing is marked finished
+            with writing(output_dir):  # a full disk: one line, exit 1; the staging folder is cleared on retry
+                if method_state[0]:
+                    save_file({k: v.detach().cpu().contiguous() for k, v in method_state[0].items()},
+                              str(staging / METHOD_STATE))  # fmt: skip
+                _publish(output_dir, staging, model, targets, whole)
+        except OSError as err:  # permissions and the like: say so in one line; nothing is marked finished
             raise ILoRAError(f"could not write the task to {output_dir}: {err}; it is not marked finished") from None
         manifest = {
             **manifest,

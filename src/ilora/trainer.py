@@ -27,7 +27,7 @@ from .adapters import ADAPTER_CONFIG, PLASTIC, attach_adapters, check_adapter_fi
 from .buffer import ReplayBuffer
 from .config import DEEPSPEED_HALF, DEEPSPEED_ZERO3_BF16, ILoRAArguments, check_deepspeed, check_training_arguments
 from .data import PadCollator, prepare_dataset
-from .errors import ILoRAError
+from .errors import ILoRAError, writing
 from .loader import quantization_of
 
 logger = logging.getLogger(__name__)
@@ -189,11 +189,13 @@ class ILoRATrainer(Trainer):
         self.method.check_diverged(f"by optimizer step {self.state.global_step}", adapters=True)
         folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
         taskdir.claim_checkpoint(folder)
-        super()._save_checkpoint(model, trial)
-        if self._adapters_outside_trainer_checkpoint():
-            sharding.save_adapters(self.model, folder / taskdir.SHARDED_ADAPTERS)
-        taskdir.save_checkpoint_state(folder, self.method.step, self.ilora_args.current_task_id, self.method.buffer,
-                                      self.method.state(), self.method.task_loss(), self._identity())  # fmt: skip
+        # a full disk: one line, exit 1; the folder has no completion marker, so a retry resumes from the one before
+        with writing(folder):
+            super()._save_checkpoint(model, trial)
+            if self._adapters_outside_trainer_checkpoint():
+                sharding.save_adapters(self.model, folder / taskdir.SHARDED_ADAPTERS)
+            taskdir.save_checkpoint_state(folder, self.method.step, self.ilora_args.current_task_id, self.method.buffer,
+                                          self.method.state(), self.method.task_loss(), self._identity())  # fmt: skip
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Under ZeRO-3 the Trainer gathers only the trainable adapter and writes it under every adapter's
