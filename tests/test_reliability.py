@@ -235,6 +235,82 @@ ADAPTER_FILES = {
 }  # fmt: skip
 
 
+def edit_buffer(task: Path, tensors=None, state=None) -> None:
+    if tensors:
+        path = task / "buffer" / "buffer.safetensors"
+        saved = load_file(str(path))
+        tensors(saved)
+        save_file(saved, str(path))
+    if state:
+        edit_json(task / "buffer" / "buffer.json", state)
+
+
+def model_with(t: Path, tokenizer_change=None, config_change=None, template: str | None = None) -> Path:
+    """A copy of the tiny model with its tokenizer or config edited (as JSON), or another chat template."""
+    model = save_tiny_model(t / "odd-model")
+    if template is not None:
+        tokenizer = tiny_tokenizer()
+        tokenizer.chat_template = template
+        tokenizer.save_pretrained(model)
+    if tokenizer_change:
+        edit_json(model / "tokenizer_config.json", tokenizer_change)
+    if config_change:
+        edit_json(model / "config.json", config_change)
+    return model
+
+
+RAISES_ON_SYSTEM = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system turns') }}{% endif %}"
+                    "{{ m['content'] }}{% endfor %}")  # fmt: skip
+
+
+def stray_folder_in_tasks(w, t) -> Path:
+    run = copy_of(w, t, "run") / "out" / "ilora"
+    (run / "tasks" / "9-notes").mkdir()
+    (run / "tasks" / "9-notes" / "todo.txt").write_text("mine")
+    return run
+
+
+DAMAGED_STATE = {
+    "buffer token ids beyond the vocabulary": (
+        lambda w, t: chained(w, t, "--ilora_buffer_size", "4") if False else train(
+            w, t, "--previous_task_model", str(then(lambda: edit_buffer(t / "t1", tensors=lambda d: d.update(input_ids=d["input_ids"] + 1000)),
+                                                    task_copy(w, t)))),
+        BAD_INPUT, "beyond this model's vocabulary"),
+    "a garbage RNG state in buffer.json": (
+        lambda w, t: train(w, t, "--previous_task_model", str(then(lambda: edit_buffer(t / "t1", state=lambda d: d.update(rng_state=[3, [7] * 10, None])),
+                                                                   task_copy(w, t)))),
+        BAD_INPUT, "is not a saved random state"),
+    "float token ids in the buffer": (
+        lambda w, t: train(w, t, "--previous_task_model", str(then(lambda: edit_buffer(t / "t1", tensors=lambda d: d.update(input_ids=d["input_ids"].float())),
+                                                                   task_copy(w, t)))),
+        BAD_INPUT, "holds float32 token ids in 'input_ids'"),
+    "a chat template that raises on a system turn": (
+        lambda w, t: train(w, t, "--model", str(model_with(t, template=RAISES_ON_SYSTEM)),
+                           data=write_jsonl(t / "sys.jsonl", [{**r, "system": "be brief"} for r in sentiment_rows(4)])),
+        BAD_INPUT, "sys.jsonl row 1: the tokenizer's chat template fails on this conversation (TemplateError: no system turns)"),
+    "a chat template that does not parse": (
+        lambda w, t: train(w, t, "--model", str(model_with(t, template="{% for m in messages %}{{ m"))),
+        BAD_INPUT, "chat template"),
+    "an unknown model_type": (lambda w, t: train(w, t, "--model", str(model_with(t, config_change=lambda c: c.update(model_type="llamma")))),
+                              BAD_INPUT, "model_type 'llamma' in config.json is not an architecture"),
+    "a tokenizer that needs remote code, via eval": (
+        lambda w, t: ["eval", "--model", str(model_with(t, lambda c: c.update(tokenizer_class="MyTokenizer",
+                                                                            auto_map={"AutoTokenizer": ["tok.MyTokenizer", None]}))),
+                      "--adapter", str(w["run"] / "out" / "ilora" / "tasks" / "1-alpha"), "--tasks", str(w["run"] / "config.yaml")],
+        BAD_INPUT, "its tokenizer is custom code"),
+    "compare: metrics.json without timings": (
+        lambda w, t: ["compare", str(w["run"] / "out" / "ilora"),
+                      str(then(lambda: edit_json(t / "run/out/ilora/metrics.json", lambda m: m.pop("timings")), copy_of(w, t, "run") / "out" / "ilora"))],
+        BAD_INPUT, "metrics.json: damaged (no timings (total_seconds))"),
+    "compare: a list where a number belongs": (
+        lambda w, t: ["compare", str(w["run"] / "out" / "ilora"),
+                      str(then(lambda: edit_json(t / "run/out/ilora/metrics.json", lambda m: m["timings"].update(total_seconds=[1, 2])),
+                               copy_of(w, t, "run") / "out" / "ilora"))], BAD_INPUT, "metrics.json: damaged (no timings"),
+    "YAML nested 5,000 deep": (lambda w, t: yaml_train(w, t, "deep: " + "{a: " * 5000 + "1" + "}" * 5000 + "\n"), BAD_INPUT,
+                               "nested too deeply"),
+}  # fmt: skip
+
+
 def then(action, result):
     """Run `action` (it prepares the case's folder), then return `result` (the argv)."""
     action()
@@ -682,7 +758,7 @@ TABLES = {"user data": USER_DATA, "diverged": DIVERGED_RUNS, "settings": SETTING
           "wrong answers": WRONG_ANSWERS, "common mistakes": COMMON_MISTAKES, "corrupt state": CORRUPT_STATE,
           "unbounded": UNBOUNDED, "small things": SMALL_THINGS, "messages": MESSAGES,
           "silent success": SILENT_SUCCESS, "adapter files": ADAPTER_FILES,
-          "identity": IDENTITY}  # fmt: skip
+          "identity": IDENTITY, "damaged state": DAMAGED_STATE}  # fmt: skip
 CASES = {f"{table}: {name}": case for table, cases in TABLES.items() for name, case in cases.items()}
 
 
@@ -762,6 +838,13 @@ def test_paths_in_a_config_are_read_from_its_directory(world, tmp_path, monkeypa
     assert (folder / "out" / "ilora_task.json").is_file() and not any(elsewhere.iterdir())
     manifest = json.loads((folder / "out" / "ilora_task.json").read_text())
     assert manifest["lora"]["target_modules"] == ["q_proj", "v_proj"]
+
+
+def test_export_of_a_run_takes_its_own_last_task_whatever_else_tasks_holds(world, tmp_path):
+    run = stray_folder_in_tasks(world, tmp_path)
+    assert main(["export", str(run), "--output", str(tmp_path / "x")]) == 0
+    assert json.loads((tmp_path / "x" / "ilora_export.json").read_text())["task_dir"].endswith("2-beta")
+    assert (run / "tasks" / "9-notes" / "todo.txt").read_text() == "mine"
 
 
 def test_a_json_config_trains_like_the_same_yaml(world, tmp_path):

@@ -34,7 +34,7 @@ def test_a_pickle_posing_as_the_replay_buffer_is_refused(tmp_path):
     assert not marker.exists()
 
 
-def test_a_pickle_in_a_checkpoint_is_refused_on_resume(tiny_model_dir, tmp_path):
+def test_a_pickle_in_a_checkpoint_is_refused_on_resume(tiny_model_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(8))
     args = ["train", "--model", str(tiny_model_dir), "--dataset", str(data), "--output_dir", str(tmp_path / "o"),
             "--lora_target", "q_proj,v_proj", "--max_steps", "2", "--save_steps", "1", "--report_to", "none",
@@ -43,8 +43,24 @@ def test_a_pickle_in_a_checkpoint_is_refused_on_resume(tiny_model_dir, tmp_path)
     marker = tmp_path / "pwned"
     crafted(tmp_path / "o" / "checkpoint-1" / "optimizer.pt", marker)
     (tmp_path / "o" / "ilora_task.json").unlink()  # unfinished: its adapters are leftovers ilora may replace
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-        main(args + ["--resume_from_checkpoint", str(tmp_path / "o" / "checkpoint-1"), "--overwrite_output_dir", "true"])
+    assert main(args + ["--resume_from_checkpoint", str(tmp_path / "o" / "checkpoint-1"), "--overwrite_output_dir", "true"]) == 2
+    assert "a file holds objects other than tensors" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_a_pickled_rng_state_in_a_checkpoint_is_one_line(tiny_model_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(8))
+    args = ["train", "--model", str(tiny_model_dir), "--dataset", str(data), "--output_dir", str(tmp_path / "o"),
+            "--lora_target", "q_proj,v_proj", "--max_steps", "2", "--save_steps", "1", "--report_to", "none",
+            "--use_cpu", "true", "--disable_tqdm", "true"]  # fmt: skip
+    assert main(args) == 0
+    marker = tmp_path / "pwned"
+    crafted(tmp_path / "o" / "checkpoint-1" / "rng_state.pth", marker)
+    (tmp_path / "o" / "ilora_task.json").unlink()
+    capsys.readouterr()
+    assert main(args + ["--resume_from_checkpoint", str(tmp_path / "o" / "checkpoint-1"), "--overwrite_output_dir", "true"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ilora")]
+    assert len(lines) == 1 and "checkpoint-1: a file holds objects other than tensors" in lines[0]
     assert not marker.exists()
 
 

@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .data import IGNORE_INDEX
 from .errors import ILoRAError
 
 TENSORS_FILE = "buffer.safetensors"
@@ -136,6 +137,18 @@ class ReplayBuffer:
         return buffer
 
 
+def check_token_ids(buffer: "ReplayBuffer", vocab_size: int, where: str) -> None:
+    """Every stored token id (and label other than the ignored ones) is one the model has: an id past
+    the vocabulary would index past the embedding table in the first replay step."""
+    for ids, labels in zip(buffer.input_ids, buffer.labels):
+        bad = ids[(ids < 0) | (ids >= vocab_size)]
+        bad_labels = labels[(labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))]
+        if bad.numel() or bad_labels.numel():
+            token = int((bad if bad.numel() else bad_labels)[0])
+            raise ILoRAError(f"replay buffer of {where} holds token id {token}, beyond this model's vocabulary of "
+                             f"{vocab_size} (a buffer written for another model or tokenizer?)")  # fmt: skip
+
+
 def _check_saved(directory: Path, state, tensors: dict[str, torch.Tensor]) -> None:
     """The JSON and the tensors of a saved buffer describe the same rows (a crash or an edit can part them)."""
 
@@ -150,9 +163,16 @@ def _check_saved(directory: Path, state, tensors: dict[str, torch.Tensor]) -> No
     rng = state["rng_state"]
     if len(rng) != 3 or not isinstance(rng[1], list) or not all(isinstance(v, int) for v in rng[1]):
         raise bad(f"'rng_state' in {STATE_FILE} is not a saved random state")
+    try:
+        random.Random().setstate((rng[0], tuple(rng[1]), rng[2]))  # what `load` will do, on a throwaway generator
+    except (ValueError, TypeError, OverflowError) as err:
+        raise bad(f"'rng_state' in {STATE_FILE} is not a saved random state ({err})") from None
     missing = sorted({"input_ids", "labels", "lengths"} - set(tensors))
     if missing:
         raise bad(f"{TENSORS_FILE} lacks {missing}")
+    for key in ("input_ids", "labels", "lengths"):
+        if tensors[key].is_floating_point() or tensors[key].is_complex() or tensors[key].dtype == torch.bool:
+            raise bad(f"{TENSORS_FILE} holds {str(tensors[key].dtype).removeprefix('torch.')} token ids in '{key}'")
     lengths, rows = tensors["lengths"], len(state["task_ids"])
     if lengths.dim() != 1 or len(lengths) != rows:
         raise bad(f"{TENSORS_FILE} holds {lengths.numel()} rows, {STATE_FILE} names {rows}")

@@ -8,6 +8,7 @@ user or system text. With a chat template the context before each answer is the 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,7 +58,8 @@ def context_before_answer(tokenizer, messages: list[dict], use_chat_template: bo
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        context = _context_ids(tokenizer, messages, answered, i, use_chat_template)
+        with _template_errors(where):
+            context = _context_ids(tokenizer, messages, answered, i, use_chat_template)
         if i == len(messages) - 1:
             return ids + context, labels + [IGNORE_INDEX] * len(context)
         answer = answer_ids(tokenizer, message["content"])
@@ -65,6 +67,18 @@ def context_before_answer(tokenizer, messages: list[dict], use_chat_template: bo
         labels += [IGNORE_INDEX] * len(context) + answer
         answered = i + 1
     raise ILoRAError(f"{where}: the conversation does not end with an assistant turn")
+
+
+@contextlib.contextmanager
+def _template_errors(where: str):
+    """A chat template that does not parse, or raises on this conversation: one line naming the row."""
+    import jinja2
+
+    try:
+        yield
+    except jinja2.TemplateError as err:
+        raise ILoRAError(f"{where}: the tokenizer's chat template fails on this conversation ({type(err).__name__}: "
+                         f"{' '.join(str(err).split())[:200]}); fix the template, or set use_chat_template: false") from None
 
 
 def answer_ids(tokenizer, text: str) -> list[int]:

@@ -90,10 +90,11 @@ def _task_of(source: Path) -> tuple[Path, dict | None]:
         from .report import load_summary
 
         summary = load_summary(source)
-        tasks = sorted((source / rundir.TASKS_DIR).glob("*-*"), key=lambda p: int(p.name.split("-", 1)[0]))
-        if not tasks or not taskdir.is_finished(tasks[-1]):
-            raise ILoRAError(f"{source}: its last task directory is missing or unfinished")
-        return tasks[-1], summary
+        joint = methods.get(summary["method"]).trains_jointly if summary["method"] in methods.REGISTRY else False
+        last = source / rundir.TASKS_DIR / rundir.stage_dir_names(summary["method"], summary["tasks"], joint)[-1]
+        if not taskdir.is_finished(last):  # the run's own last task, whatever else tasks/ holds
+            raise ILoRAError(f"{source}: its last task directory {last.name} is missing or unfinished")
+        return last, summary
     raise ILoRAError(f"{source}: neither a finished ilora task directory nor a finished run directory (no metrics.json)")
 
 

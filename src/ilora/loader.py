@@ -21,6 +21,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from .errors import ILoRAError
+from .jsonfile import read_json
+from .suggest import did_you_mean
 
 SMOLLM2 = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -48,7 +50,14 @@ def load_model_and_tokenizer(name_or_path: str | None, trust_remote_code: bool =
         )
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise ILoRAError(f"model {name_or_path!r}: {path} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    _check_model_type(path, name_or_path, trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise ILoRAError(f"model {name_or_path!r}: its tokenizer is custom code in {path}; ilora runs code from a model "
+                         "directory only with trust_remote_code: true (read that code first)") from None
     try:
         with _quiet_loading(), _whole_weights():
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code,
@@ -59,6 +68,24 @@ def load_model_and_tokenizer(name_or_path: str | None, trust_remote_code: bool =
         tokenizer.pad_token = tokenizer.eos_token
     model.config._name_or_path = name_or_path
     return model, tokenizer
+
+
+def _check_model_type(path: Path, name_or_path: str, trust_remote_code: bool) -> None:
+    """config.json names an architecture this transformers knows (or, with trust_remote_code, brings its own)."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    config = read_json(path / "config.json", "model config")
+    if not isinstance(config, dict):
+        raise ILoRAError(f"{path / 'config.json'}: damaged model config (not a JSON object)")
+    model_type = config.get("model_type")
+    if model_type in CONFIG_MAPPING_NAMES or (trust_remote_code and "auto_map" in config):
+        return
+    if "auto_map" in config:
+        raise ILoRAError(f"model {name_or_path!r}: its architecture is custom code in {path}; ilora runs code from a "
+                         "model directory only with trust_remote_code: true (read that code first)")  # fmt: skip
+    raise ILoRAError(f"model {name_or_path!r}: model_type {model_type!r} in config.json is not an architecture transformers "
+                     f"{transformers.__version__} knows{did_you_mean(str(model_type), CONFIG_MAPPING_NAMES)}")
 
 
 def _quantized(quantization: dict | None, compute_dtype) -> dict:

@@ -149,6 +149,17 @@ def _summary_problem(summary) -> str | None:
         metrics = values.get(adapter)
         if not isinstance(metrics, dict) or not all(v is None or _is_finite(v) for v in metrics.values()):
             return f"the {adapter} metrics are missing or not finite"
+    return _timings_problem(summary.get("timings"))
+
+
+def _timings_problem(timings) -> str | None:
+    """`timings`: total_seconds, and per task its train_seconds and eval_seconds, all numbers."""
+    if not isinstance(timings, dict) or not _is_finite(timings.get("total_seconds")):
+        return "no timings (total_seconds)"
+    per_task = timings.get("per_task")
+    if not isinstance(per_task, list) or not all(
+            isinstance(t, dict) and _is_finite(t.get("train_seconds")) and _is_finite(t.get("eval_seconds")) for t in per_task):  # fmt: skip
+        return "timings.per_task must list train_seconds and eval_seconds for each task"
     return None
 
 

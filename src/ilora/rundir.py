@@ -50,6 +50,13 @@ def inputs_record(model_fingerprint: str, tokenizer, tasks, general: str | None 
     }
 
 
+def stage_dir_names(method: str, tasks: list[str], joint: bool) -> list[str]:
+    """The folders under tasks/, in training order: `<k>-<task>`, or one `1-<method>` for joint training."""
+    if joint and len(tasks) > 1:
+        return [f"1-{method}"]
+    return [f"{k}-{name}" for k, name in enumerate(tasks, start=1)]
+
+
 # ------------------------------------------------------------ continuing a run
 def check_run_dir(run_dir: Path) -> None:
     """A run writes into `run_dir` only if it is new, empty, or an ilora run directory."""

@@ -10,6 +10,7 @@ on `on_optimizer_step`), its end-of-task hook, and the task output directory (`s
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -24,7 +25,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from . import methods, precision, sharding, taskdir
 from .adapters import ADAPTER_CONFIG, PLASTIC, attach_adapters, check_adapter_fits, load_first_adapter
-from .buffer import ReplayBuffer
+from .buffer import ReplayBuffer, check_token_ids
 from .config import DEEPSPEED_HALF, DEEPSPEED_ZERO3_BF16, ILoRAArguments, check_deepspeed, check_training_arguments
 from .data import PadCollator, prepare_dataset
 from .errors import ILoRAError, writing
@@ -67,6 +68,7 @@ class ILoRATrainer(Trainer):
         precision.warn_if_emulated(args.bf16, precision.detect(args.device.type))
         set_seed(args.seed)  # LoRA initialisation below draws random numbers
         self.base_identity = taskdir.base_model_identity(model, processing_class)
+        self._vocab_size = model.get_input_embeddings().num_embeddings  # what a replay buffer's ids must stay below
         self.quantization = quantization_of(model)  # QLoRA: the base in 4 or 8 bits (None: full precision)
         if self.quantization and not isinstance(model, PeftModel):
             # norms and embeddings to fp32, the base frozen, inputs that carry gradients into the adapters
@@ -159,6 +161,7 @@ class ILoRATrainer(Trainer):
         if not method_cls.uses_replay(self.ilora_args):
             return None
         if self.previous is not None:
+            self._check_buffer(self.previous.buffer, self.previous.directory)
             return self.previous.buffer
         # each rank keeps its own reservoir over its own data shard, with its own random stream
         return ReplayBuffer(self.ilora_args.ilora_buffer_size, seed=args.seed + args.process_index)
@@ -211,6 +214,10 @@ class ILoRATrainer(Trainer):
         every frozen parameter: under either, ilora checkpoints every adapter itself."""
         return sharding.is_sharded(self.model) or self.is_deepspeed_enabled
 
+    def _load_rng_state(self, checkpoint):
+        with _only_tensors(checkpoint):
+            super()._load_rng_state(checkpoint)
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         folder = Path(resume_from_checkpoint)
         state = self._checked_checkpoint(folder)  # before the Trainer reads it
@@ -220,7 +227,8 @@ class ILoRATrainer(Trainer):
     def _load_optimizer_and_scheduler(self, checkpoint):
         """A DeepSpeed resume never calls `_load_from_checkpoint` (the engine loads its own checkpoint
         first); this runs on every resume path, after the model's weights are loaded."""
-        super()._load_optimizer_and_scheduler(checkpoint)
+        with _only_tensors(checkpoint):
+            super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None and self.is_deepspeed_enabled:
             folder = Path(checkpoint)
             self._restore(folder, *self._checked_checkpoint(folder))
@@ -229,11 +237,17 @@ class ILoRATrainer(Trainer):
         """(EMA step, this rank's buffer, method state, task loss) of a checkpoint checked to be complete."""
         # (an empty buffer is falsy: test for None)
         state = taskdir.load_checkpoint_state(folder, self.method.buffer is not None, self._identity())
+        if state[1] is not None:
+            self._check_buffer(state[1], folder)
         for adapter in [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]:
             if (adapter / ADAPTER_CONFIG).is_file():  # what the Trainer will load into the model
                 check_adapter_fits(self.model, adapter)
         logger.info("resuming from %s", folder)
         return state
+
+    def _check_buffer(self, buffer: ReplayBuffer, where: Path) -> None:
+        """A buffer read from disk holds only token ids this model has (whichever route read it)."""
+        check_token_ids(buffer, self._vocab_size, str(where))
 
     def _identity(self) -> dict:
         """What a checkpoint records and a resume compares: base weights, tokenizer, LoRA settings."""
@@ -303,6 +317,20 @@ class ILoRATrainer(Trainer):
         method = type(self.method)
         adapters = method.saved_adapters(args) + sorted(n for n in self.model.peft_config if n.startswith(method.saved_prefixes))
         return taskdir.write_task(output_dir, self.model, self.method.buffer, args, manifest, adapters, self.method.state())
+
+
+@contextlib.contextmanager
+def _only_tensors(checkpoint):
+    """The Trainer reads its checkpoint files with weights-only unpickling: a file carrying anything
+    else (a crafted pickle) is refused there; say so in one line, naming the checkpoint."""
+    try:
+        yield
+    except Exception as err:
+        if type(err).__name__ != "UnpicklingError":
+            raise
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise ILoRAError(f"{checkpoint}: a file holds objects other than tensors ({first}); ilora never runs code "
+                         "from a checkpoint: resume from another one") from None
 
 
 def requested_fsdp(args: TrainingArguments) -> tuple[int, str] | None:

@@ -199,7 +199,8 @@ def run_sequence(
                 "inputs": rundir.inputs_record(identity["fingerprint"], tokenizer, run.tasks, run.general)}  # fmt: skip
     rundir.check_same_settings(run_dir, settings)
     stages = [run.tasks] if method.trains_jointly else [[t] for t in run.tasks]
-    task_dirs = [run_dir / rundir.TASKS_DIR / f"{k}-{_stage_name(run, stage)}" for k, stage in enumerate(stages, 1)]
+    names = rundir.stage_dir_names(run.method, [t.name for t in run.tasks], method.trains_jointly)
+    task_dirs = [run_dir / rundir.TASKS_DIR / name for name in names]
     rows = {t.name: len(t) for t in tests}
     # the test sets scored after each stage, and their row counts (what each eval.json must hold)
     scored = [_rows_of(rows, scored_tasks(list(rows), k, k == len(stages), run.eval_tasks)) for k in range(1, len(stages) + 1)]
