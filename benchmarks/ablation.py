@@ -35,7 +35,10 @@ def run_variant(seed_dir: Path, name: str, change: dict) -> Path:
 
 
 def table(rows: dict[str, Path]) -> str:
-    lines = ["| I-LoRA variant | AP stable | forgetting stable | AP plastic | forgetting plastic |", "|---|---|---|---|---|"]
+    lines = [
+        "| I-LoRA variant | AP stable | forgetting stable | AP plastic | forgetting plastic |",
+        "|---|---|---|---|---|",
+    ]
     for name, run_dir in rows.items():
         metrics = json.loads((run_dir / "metrics.json").read_text())["metrics"]
         cells = [f"{100 * metrics[a]['AP']:.1f} | {100 * metrics[a]['forgetting']:.1f}" for a in ("stable", "plastic")]

@@ -34,8 +34,10 @@ def rows(root: Path):
         weight = largest_weight(path.parent, manifest)
         ok = all(v <= ceiling for v in losses.values()) and weight <= EXPLODED_WEIGHT
         shown = ", ".join(f"{k} {v:.3f}" for k, v in losses.items())
-        yield (f"| {path.parent.relative_to(root)} | {shown} | {ceiling:.2f} | {min(ceiling - v for v in losses.values()):.2f} "
-               f"| {weight:.3g} | {'ok' if ok else 'REFUSED'} |")
+        yield (
+            f"| {path.parent.relative_to(root)} | {shown} | {ceiling:.2f} | {min(ceiling - v for v in losses.values()):.2f} "
+            f"| {weight:.3g} | {'ok' if ok else 'REFUSED'} |"
+        )
 
 
 if __name__ == "__main__":

@@ -23,17 +23,39 @@ from ilora.evaluate import build_test_set, predict_choices, score_choices, score
 
 
 def tiny_setup(rows: int):
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    words = "the a film movie was great dull boring superb plot review fresh rotten yes no".split()
+    words = [
+        "the",
+        "a",
+        "film",
+        "movie",
+        "was",
+        "great",
+        "dull",
+        "boring",
+        "superb",
+        "plot",
+        "review",
+        "fresh",
+        "rotten",
+        "yes",
+        "no",
+    ]
     vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>"] + words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=4)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    )
     g = torch.Generator().manual_seed(0)
     data = []
     for i in range(rows):
@@ -50,7 +72,11 @@ def smollm2_setup(rows: int, data_dir: Path):
 
     model, tokenizer = load_model_and_tokenizer("smollm2")
     entries = build_benchmark(data_dir, ["tweets", "debate"], 30, rows, seed=0)
-    return model.eval(), tokenizer, [(e["name"], read_rows(data_dir / e["test"]).to_list(), e["choices"]) for e in entries]
+    return (
+        model.eval(),
+        tokenizer,
+        [(e["name"], read_rows(data_dir / e["test"]).to_list(), e["choices"]) for e in entries],
+    )
 
 
 def main() -> None:
@@ -68,7 +94,9 @@ def main() -> None:
     model, tokenizer, tasks = tiny_setup(args.rows) if args.model == "tiny" else smollm2_setup(args.rows, args.data_dir)
     model = model.to(args.device)
     hardware = precision.detect(args.device)
-    print(f"hardware: {hardware.label()}, native bf16: {hardware.native_bf16}, precision: {'bf16' if args.bf16 else 'fp32'}")
+    print(
+        f"hardware: {hardware.label()}, native bf16: {hardware.native_bf16}, precision: {'bf16' if args.bf16 else 'fp32'}"
+    )
     autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.bf16)
     pad = tokenizer.pad_token_id
     totals = {"fast": 0.0, "naive": 0.0}
@@ -94,9 +122,14 @@ def main() -> None:
         same &= agree
         print(f"{name}: {len(test)} rows x {len(choices)} choices, identical picks: {agree}")
     print(f"fast {totals['fast']:.2f}s  naive {totals['naive']:.2f}s  (model={args.model}, threads={args.threads})")
-    summary = {"speedup": round(totals["naive"] / totals["fast"], 3), "identical_choices": same,
-               "fast_s": round(totals["fast"], 3), "naive_s": round(totals["naive"], 3),
-               "hardware": hardware.label(), "precision": "bf16" if args.bf16 else "fp32"}  # fmt: skip
+    summary = {
+        "speedup": round(totals["naive"] / totals["fast"], 3),
+        "identical_choices": same,
+        "fast_s": round(totals["fast"], 3),
+        "naive_s": round(totals["naive"], 3),
+        "hardware": hardware.label(),
+        "precision": "bf16" if args.bf16 else "fp32",
+    }
     if peaks:
         summary["gpu_peak_mib"] = {k: round(v) for k, v in peaks.items()}
     print(json.dumps(summary))

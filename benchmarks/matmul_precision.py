@@ -31,15 +31,28 @@ def gflops(dtype: torch.dtype, size: int = 1024, repeats: int = 10) -> float:
 def main() -> None:
     torch.manual_seed(0)
     hardware = precision.detect("cpu")
-    env = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS") if k in os.environ}
+    env = {
+        k: os.environ[k]
+        for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+        if k in os.environ
+    }
     print(f"{hardware.label()}, threads {torch.get_num_threads()}, native bf16 {hardware.native_bf16}, env {env}")
     result = {"fp32_gflops": gflops(torch.float32, repeats=20), "bf16_gflops": gflops(torch.bfloat16, repeats=5)}
     bf16, fp16 = precision.choose(precision.AUTO, precision.AUTO, hardware)
     result["auto_choice"] = precision.name(bf16, fp16)
-    print(f"fp32 {result['fp32_gflops']:.1f} GFLOPS, bf16 {result['bf16_gflops']:.1f} GFLOPS; bf16: auto chooses "
-          f"{result['auto_choice']}")  # fmt: skip
-    print(json.dumps({**{k: round(v, 1) if isinstance(v, float) else v for k, v in result.items()},
-                      "cpu": hardware.label(), "env": env}))  # fmt: skip
+    print(
+        f"fp32 {result['fp32_gflops']:.1f} GFLOPS, bf16 {result['bf16_gflops']:.1f} GFLOPS; bf16: auto chooses "
+        f"{result['auto_choice']}"
+    )
+    print(
+        json.dumps(
+            {
+                **{k: round(v, 1) if isinstance(v, float) else v for k, v in result.items()},
+                "cpu": hardware.label(),
+                "env": env,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

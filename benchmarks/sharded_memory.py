@@ -59,18 +59,37 @@ def main(argv=None) -> None:
     from ilora import precision
 
     hardware = precision.detect(args.device)
-    print(f"hardware: {hardware.label()}, native bf16: {hardware.native_bf16}, precision: "
-          f"{'bf16' if args.bf16 else 'fp32'}, 2 processes, model {args.model}", flush=True)  # fmt: skip
+    print(
+        f"hardware: {hardware.label()}, native bf16: {hardware.native_bf16}, precision: "
+        f"{'bf16' if args.bf16 else 'fp32'}, 2 processes, model {args.model}",
+        flush=True,
+    )
     results = {}
     for mode in args.modes.split(","):
         output = Path(f"/tmp/ilora-sharded-{os.getpid()}-{mode}.json")
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29641",
-                   __file__, *(argv if argv is not None else sys.argv[1:]), "--worker", mode, "--output", str(output)]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29641",
+            __file__,
+            *(argv if argv is not None else sys.argv[1:]),
+            "--worker",
+            mode,
+            "--output",
+            str(output),
+        ]
         subprocess.run(command, check=True)
         results[mode] = json.loads(output.read_text())
         output.unlink()
         for rank, row in enumerate(results[mode]["ranks"]):
-            print(f"{mode:6s} rank {rank}: " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+            print(
+                f"{mode:6s} rank {rank}: "
+                + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+            )
     ratios = {}
     for mode in (m for m in SHARDED if m in results and "ddp" in results):
         ratios[mode] = {
@@ -106,14 +125,29 @@ def worker(args) -> None:
     sharded = {
         "ddp": {},
         "fsdp2": {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": [layer]}},
-        "zero3": {"deepspeed": {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
-                                "train_batch_size": "auto", "gradient_accumulation_steps": "auto"}},
+        "zero3": {
+            "deepspeed": {
+                "zero_optimization": {"stage": 3},
+                "train_micro_batch_size_per_gpu": "auto",
+                "train_batch_size": "auto",
+                "gradient_accumulation_steps": "auto",
+            }
+        },
     }[args.worker]
     training = TrainingArguments(
-        output_dir=f"/tmp/ilora-sharded-{args.worker}", per_device_train_batch_size=args.batch, max_steps=steps,
-        learning_rate=1e-4, save_strategy="no", report_to=[], logging_steps=steps, disable_tqdm=True,
-        use_cpu=args.device == "cpu", bf16=args.bf16, ddp_backend="gloo" if args.device == "cpu" else "nccl", **sharded,
-    )  # fmt: skip
+        output_dir=f"/tmp/ilora-sharded-{args.worker}",
+        per_device_train_batch_size=args.batch,
+        max_steps=steps,
+        learning_rate=1e-4,
+        save_strategy="no",
+        report_to=[],
+        logging_steps=steps,
+        disable_tqdm=True,
+        use_cpu=args.device == "cpu",
+        bf16=args.bf16,
+        ddp_backend="gloo" if args.device == "cpu" else "nccl",
+        **sharded,
+    )
 
     class Clock(TrainerCallback):
         def __init__(self):
@@ -135,9 +169,18 @@ def worker(args) -> None:
             self.times.append(time.perf_counter() - self.started)
 
     clock = Clock()
-    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
-    trainer = ILoRATrainer(model=model, args=training, ilora_args=ILoRAArguments(ilora_buffer_size=64),
-                           peft_config=lora, train_dataset=examples, processing_class=tokenizer, callbacks=[clock])  # fmt: skip
+    lora = LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"
+    )
+    trainer = ILoRATrainer(
+        model=model,
+        args=training,
+        ilora_args=ILoRAArguments(ilora_buffer_size=64),
+        peft_config=lora,
+        train_dataset=examples,
+        processing_class=tokenizer,
+        callbacks=[clock],
+    )
     trainer.train()
     row = {
         "param_mib": clock.param_mib,

@@ -35,11 +35,10 @@ import time
 import torch
 from peft import LoraConfig
 
-from ilora import precision
+from ilora import methods, precision
 from ilora.adapters import PLASTIC, STABLE, AdapterPair, attach_adapters
 from ilora.buffer import ReplayBuffer
 from ilora.config import ILoRAArguments
-from ilora import methods
 from ilora.methods.base import causal_lm_loss
 from ilora.methods.ilora import consistency_loss, ema_coefficient
 
@@ -59,11 +58,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (LoRA weights stay fp32)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model and batches live")
     p.add_argument("--memory", action="store_true", help="also measure peak RSS per variant (one process each)")
-    p.add_argument("--gradient_checkpointing", action="store_true",
-                   help="recompute the plastic pass's activations in the backward (with --memory: measured beside)")
-    p.add_argument("--quantization_bit", type=int, choices=(4, 8),
-                   help="also time the I-LoRA step and measure its peak memory on a 4/8-bit base (QLoRA, "
-                        "bitsandbytes) against the full-precision base, in one run")
+    p.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="recompute the plastic pass's activations in the backward (with --memory: measured beside)",
+    )
+    p.add_argument(
+        "--quantization_bit",
+        type=int,
+        choices=(4, 8),
+        help="also time the I-LoRA step and measure its peak memory on a 4/8-bit base (QLoRA, "
+        "bitsandbytes) against the full-precision base, in one run",
+    )
     p.add_argument("--quantized", action="store_true", help=argparse.SUPPRESS)  # a child on the quantized base
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -80,20 +86,28 @@ def build_model(name: str, quantization_bit: int | None = None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+    )
     model = LlamaForCausalLM(config)
     if quantization is None:
         return model
     import tempfile
 
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
     with tempfile.TemporaryDirectory() as directory:  # the loader quantizes what it reads from a directory
         model.save_pretrained(directory)
-        PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")),
-                                eos_token="<unk>").save_pretrained(directory)  # fmt: skip
+        PreTrainedTokenizerFast(
+            tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")), eos_token="<unk>"
+        ).save_pretrained(directory)
         return load_model_and_tokenizer(directory, quantization=quantization)[0]
 
 
@@ -114,8 +128,12 @@ def synchronize(device: str) -> None:
 
 def batch_of(rows: list[torch.Tensor]) -> dict:
     ids = torch.stack(rows)
-    return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids),
-            "lengths": [len(r) for r in rows]}  # fmt: skip
+    return {
+        "input_ids": ids,
+        "labels": ids.clone(),
+        "attention_mask": torch.ones_like(ids),
+        "lengths": [len(r) for r in rows],
+    }
 
 
 class Variant:
@@ -140,7 +158,9 @@ class Variant:
         if self.method.buffer is not None:
             self.method.buffer.capacity = 0  # keep replay rows fixed-length: the stream is not stored
         self.optimizer = torch.optim.AdamW(self.method.adapters.plastic, lr=1e-4)
-        self.batches = [to_device(batch_of(random_rows(args.batch, args.length, vocab, seed=s)), args.device) for s in range(4)]
+        self.batches = [
+            to_device(batch_of(random_rows(args.batch, args.length, vocab, seed=s)), args.device) for s in range(4)
+        ]
         self.rows_per_step = args.batch if name == "seq_lora" else 2 * args.batch
         self.autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.bf16)
         self.calls = 0
@@ -166,7 +186,9 @@ class Variant:
 def bare_stable_forward(method, batch: dict) -> None:
     """The stable adapter's forward over replay-batch-sized rows, its output unused."""
     with method.adapters.active(STABLE):
-        method.model.get_base_model().get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        method.model.get_base_model().get_decoder()(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        )
 
 
 # ------------------------------------------------ the public implementations' step
@@ -237,8 +259,12 @@ def time_variants(args) -> dict:
     medians = {name: statistics.median(t) for name, t in times.items()}
     adapters = variants[VARIANTS.index("ilora")].method.adapters
     tokens = {v.name: v.rows_per_step * args.length / medians[v.name] for v in variants}
-    result = {"median_step_s": medians, "ema_s": ema_seconds(adapters, args.device), "tokens_per_s": tokens,
-              "adapter_params": adapters.num_parameters()}  # fmt: skip
+    result = {
+        "median_step_s": medians,
+        "ema_s": ema_seconds(adapters, args.device),
+        "tokens_per_s": tokens,
+        "adapter_params": adapters.num_parameters(),
+    }
     if args.device == "cuda":
         result["gpu_peak_mib"] = {name: peak / 2**20 for name, peak in gpu_peak.items()}
     return result
@@ -255,9 +281,10 @@ def ema_seconds(adapters: AdapterPair, device: str, repeats: int = 50) -> float:
 
 
 def _status_mib(field: str) -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
     raise KeyError(field)
 
 
@@ -275,9 +302,24 @@ def child_peak_rss(args) -> None:
 
 
 def peak_rss(args, variant: str, checkpointing: bool = False, quantized: bool = False) -> dict:
-    argv = [sys.executable, __file__, "--child", variant, "--model", args.model, "--batch", str(args.batch),
-            "--length", str(args.length), "--targets", args.targets, "--rank", str(args.rank),
-            "--threads", str(args.threads)] + (["--bf16"] if args.bf16 else [])  # fmt: skip
+    argv = [
+        sys.executable,
+        __file__,
+        "--child",
+        variant,
+        "--model",
+        args.model,
+        "--batch",
+        str(args.batch),
+        "--length",
+        str(args.length),
+        "--targets",
+        args.targets,
+        "--rank",
+        str(args.rank),
+        "--threads",
+        str(args.threads),
+    ] + (["--bf16"] if args.bf16 else [])
     argv += ["--gradient_checkpointing"] if checkpointing else []
     argv += ["--quantization_bit", str(args.quantization_bit), "--quantized"] if quantized else []
     out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
@@ -310,15 +352,21 @@ def main(argv=None) -> None:
     result = time_variants(args)
     step = result["median_step_s"]
     hardware = precision.detect(args.device)
-    print(f"hardware: {hardware.label()}, native bf16: {hardware.native_bf16}, precision: "
-          f"{'bf16 autocast' if args.bf16 else 'fp32'}")  # fmt: skip
-    print(f"model={args.model} batch={args.batch}+{args.batch} length={args.length} targets={args.targets} "
-          f"threads={args.threads} bf16={args.bf16} rounds={args.rounds}")  # fmt: skip
+    print(
+        f"hardware: {hardware.label()}, native bf16: {hardware.native_bf16}, precision: "
+        f"{'bf16 autocast' if args.bf16 else 'fp32'}"
+    )
+    print(
+        f"model={args.model} batch={args.batch}+{args.batch} length={args.length} targets={args.targets} "
+        f"threads={args.threads} bf16={args.bf16} rounds={args.rounds}"
+    )
     gpu = result.get("gpu_peak_mib")
     print(f"{'variant':<12}{'s/step':>10}{'tokens/s':>12}{'vs er':>8}" + (f"{'GPU MiB':>10}" if gpu else ""))
     for name in VARIANTS:
-        print(f"{name:<12}{step[name]:>10.4f}{result['tokens_per_s'][name]:>12.0f}{step[name] / step['er']:>8.3f}"
-              + (f"{gpu[name]:>10.0f}" if gpu else ""))  # fmt: skip
+        print(
+            f"{name:<12}{step[name]:>10.4f}{result['tokens_per_s'][name]:>12.0f}{step[name] / step['er']:>8.3f}"
+            + (f"{gpu[name]:>10.0f}" if gpu else "")
+        )
     print(f"EMA update alone: {1000 * result['ema_s']:.3f} ms for {result['adapter_params']:,} adapter parameters")
     summary = {
         "ilora_over_er": step["ilora"] / step["er"],
@@ -336,8 +384,10 @@ def main(argv=None) -> None:
     if args.quantization_bit:
         quantized = time_quantized(args)
         label = f"{args.quantization_bit}-bit"
-        print(f"I-LoRA step on the base: full precision {quantized['full']:.4f} s, {label} {quantized[label]:.4f} s "
-              f"({quantized[label] / quantized['full']:.2f}x)")  # fmt: skip
+        print(
+            f"I-LoRA step on the base: full precision {quantized['full']:.4f} s, {label} {quantized[label]:.4f} s "
+            f"({quantized[label] / quantized['full']:.2f}x)"
+        )
         summary["quantized_step_s"] = quantized
         if args.memory:
             full, low = peak_rss(args, "ilora"), peak_rss(args, "ilora", quantized=True)
@@ -345,15 +395,19 @@ def main(argv=None) -> None:
             summary["quantized_peak_rss_mib"] = {"full": full["peak_rss_mib"], label: low["peak_rss_mib"]}
     if args.memory:
         measured = {name: peak_rss(args, name) for name in ("seq_lora", "er", "ilora", "three_pass")}
-        print("peak RSS, MiB (whole process / added by the steps): "
-              + ", ".join(f"{k}={v['peak_rss_mib']:.0f}/{v['step_rss_mib']:.0f}" for k, v in measured.items()))
+        print(
+            "peak RSS, MiB (whole process / added by the steps): "
+            + ", ".join(f"{k}={v['peak_rss_mib']:.0f}/{v['step_rss_mib']:.0f}" for k, v in measured.items())
+        )
         summary["peak_rss_mib"] = {k: v["peak_rss_mib"] for k, v in measured.items()}
         summary["step_rss_mib"] = {k: v["step_rss_mib"] for k, v in measured.items()}
         summary["peak_rss_ilora_over_er"] = measured["ilora"]["peak_rss_mib"] / measured["er"]["peak_rss_mib"]
         # gradient checkpointing: the I-LoRA step's added memory with and without it
         plain, checkpointed = peak_rss(args, "ilora", False), peak_rss(args, "ilora", True)
-        print(f"gradient checkpointing, I-LoRA step: added {plain['step_rss_mib']:.0f} MiB without, "
-              f"{checkpointed['step_rss_mib']:.0f} MiB with")  # fmt: skip
+        print(
+            f"gradient checkpointing, I-LoRA step: added {plain['step_rss_mib']:.0f} MiB without, "
+            f"{checkpointed['step_rss_mib']:.0f} MiB with"
+        )
         summary["gc_step_rss_mib"] = {"without": plain["step_rss_mib"], "with": checkpointed["step_rss_mib"]}
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}))
 

@@ -10,7 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import save_tiny_model  # noqa: E402
+from tiny import save_tiny_model
 
 
 def pytest_collection_modifyitems(config, items):

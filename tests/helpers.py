@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 from peft import LoraConfig
+from tiny import sentiment_rows, tiny_llama, tiny_tokenizer, write_jsonl
 
+from ilora import methods
 from ilora.adapters import attach_adapters
 from ilora.buffer import ReplayBuffer
 from ilora.config import ILoRAArguments
 from ilora.data import PadCollator, encode_rows
-from ilora import methods
 from ilora.methods.base import Method
-from tiny import sentiment_rows, tiny_llama, tiny_tokenizer, write_jsonl
 
 TOKENIZER = tiny_tokenizer()
 PAD = TOKENIZER.pad_token_id
@@ -22,7 +22,17 @@ def first_task(root, model_dir, flags: list[str]):
     from ilora.cli import main
 
     data = write_jsonl(root / "good.jsonl", sentiment_rows(8))
-    argv = ["train", "--model", str(model_dir), "--dataset", str(data), "--output_dir", str(root / "t1"), "--current_task_id", "t1"]
+    argv = [
+        "train",
+        "--model",
+        str(model_dir),
+        "--dataset",
+        str(data),
+        "--output_dir",
+        str(root / "t1"),
+        "--current_task_id",
+        "t1",
+    ]
     assert main(argv + flags) == 0
     return data, root / "t1"
 

@@ -11,6 +11,7 @@ import signal
 import sys
 
 from transformers import TrainerCallback
+
 import ilora.trainer as trainer_module
 import ilora.workflow as workflow_module
 from ilora.cli import main
@@ -27,26 +28,39 @@ class KillAtStep(TrainerCallback):
         if state.global_step == at:
             die()
 
+
 original_init = trainer_module.ILoRATrainer.__init__
+
+
 def init(self, *args, **kwargs):
     original_init(self, *args, **kwargs)
     if mode == "step":
         self.add_callback(KillAtStep())
+
+
 trainer_module.ILoRATrainer.__init__ = init
 
 original_save = trainer_module.ReplayBuffer.save
+
+
 def save(self, directory):
     if mode == "checkpoint" and f"checkpoint-{at}" in str(directory):
         die()
     original_save(self, directory)
+
+
 trainer_module.ReplayBuffer.save = save
 
 original_summary = workflow_module._summary_line
+
+
 def summary_line(k, *args):
     line = original_summary(k, *args)
     if mode == "task" and k == at:
         die()
     return line
+
+
 workflow_module._summary_line = summary_line
 
 sys.exit(main(sys.argv[3:]))

@@ -8,14 +8,14 @@ import sys
 from pathlib import Path
 
 import torch
+from helpers import assert_closed_form_ema, lora
+from test_trainer import examples
+from tiny import tiny_llama, tiny_tokenizer
 from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback, TrainingArguments
 
-from helpers import assert_closed_form_ema, lora
 from ilora import ILoRAArguments, ILoRATrainer
 from ilora.adapters import AdapterPair
-from test_trainer import examples
-from tiny import tiny_llama, tiny_tokenizer
 
 EMA_ALPHA = 0.6
 
@@ -24,11 +24,25 @@ SHARDING = {
     "fsdp2": {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}},
     # DeepSpeed's default persistence threshold: every tensor of the tiny model is "persistent", kept
     # whole between forwards besides its partition (the case where the EMA must drop stale copies)
-    "zero3": {"deepspeed": {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
-                            "train_batch_size": "auto", "gradient_accumulation_steps": "auto"}},
+    "zero3": {
+        "deepspeed": {
+            "zero_optimization": {"stage": 3},
+            "train_micro_batch_size_per_gpu": "auto",
+            "train_batch_size": "auto",
+            "gradient_accumulation_steps": "auto",
+        }
+    },
     # DeepSpeed's bf16 mode casts the module, stable adapter too; ilora puts the stable one back in fp32
-    "zero2-bf16": {"bf16": True, "deepspeed": {"zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"},
-                   "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_accumulation_steps": "auto"}},
+    "zero2-bf16": {
+        "bf16": True,
+        "deepspeed": {
+            "zero_optimization": {"stage": 2},
+            "bf16": {"enabled": "auto"},
+            "train_micro_batch_size_per_gpu": "auto",
+            "train_batch_size": "auto",
+            "gradient_accumulation_steps": "auto",
+        },
+    },
 }
 
 
@@ -64,15 +78,28 @@ class RecordWhole(TrainerCallback):
 
 def main(output_dir: Path, sharding: str) -> None:
     args = TrainingArguments(
-        output_dir=str(output_dir), per_device_train_batch_size=2, learning_rate=0.05, max_steps=5,
-        save_strategy="no", report_to=[], use_cpu=True, seed=1, disable_tqdm=True, ddp_backend="gloo",
+        output_dir=str(output_dir),
+        per_device_train_batch_size=2,
+        learning_rate=0.05,
+        max_steps=5,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=1,
+        disable_tqdm=True,
+        ddp_backend="gloo",
         **SHARDING[sharding],
-    )  # fmt: skip
+    )
     recorder = RecordWhole()
     trainer = ILoRATrainer(
-        model=tiny_llama(), args=args, ilora_args=ILoRAArguments(ema_alpha=EMA_ALPHA, ilora_buffer_size=8),
-        peft_config=lora(), train_dataset=examples(), processing_class=tiny_tokenizer(), callbacks=[recorder],
-    )  # fmt: skip
+        model=tiny_llama(),
+        args=args,
+        ilora_args=ILoRAArguments(ema_alpha=EMA_ALPHA, ilora_buffer_size=8),
+        peft_config=lora(),
+        train_dataset=examples(),
+        processing_class=tiny_tokenizer(),
+        callbacks=[recorder],
+    )
     recorder.trainer = trainer
     trainer.train()
     stable = whole(trainer.method.adapters.stable)

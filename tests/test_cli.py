@@ -4,18 +4,33 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
+from tiny import sentiment_rows, write_jsonl
+from transformers import AutoModelForCausalLM
 
 from ilora.buffer import ReplayBuffer
 from ilora.cli import main
 from ilora.methods.ilora import ema_coefficient
-from tiny import sentiment_rows, write_jsonl
-from transformers import AutoModelForCausalLM
 
 COMMON = [
-    "--lora_target", "q_proj,v_proj", "--lora_rank", "4", "--per_device_train_batch_size", "4",
-    "--report_to", "none", "--ilora_buffer_size", "6", "--save_strategy", "no", "--disable_tqdm", "true",
-    "--use_cpu", "true", "--ema_alpha", "0.9",
-]  # fmt: skip
+    "--lora_target",
+    "q_proj,v_proj",
+    "--lora_rank",
+    "4",
+    "--per_device_train_batch_size",
+    "4",
+    "--report_to",
+    "none",
+    "--ilora_buffer_size",
+    "6",
+    "--save_strategy",
+    "no",
+    "--disable_tqdm",
+    "true",
+    "--use_cpu",
+    "true",
+    "--ema_alpha",
+    "0.9",
+]
 
 
 def adapter(directory):
@@ -53,9 +68,20 @@ def test_second_task_starts_from_first_tasks_plastic_stable_and_buffer(task1, ti
     data = write_jsonl(tmp_path / "t2.jsonl", sentiment_rows(8, offset=50))
     # learning rate 0: the plastic adapter cannot move, so task 2's adapters show exactly where it started
     code = train(
-        tiny_model_dir, data, tmp_path / "t2", "--current_task_id", "t2", "--previous_task_model", str(task1),
-        "--prev_task_id", "t1", "--learning_rate", "0", "--max_steps", "3",
-    )  # fmt: skip
+        tiny_model_dir,
+        data,
+        tmp_path / "t2",
+        "--current_task_id",
+        "t2",
+        "--previous_task_model",
+        str(task1),
+        "--prev_task_id",
+        "t1",
+        "--learning_rate",
+        "0",
+        "--max_steps",
+        "3",
+    )
     assert code == 0
     plastic1, stable1 = adapter(task1 / "plastic"), adapter(task1 / "stable")
     plastic2, stable2 = adapter(tmp_path / "t2" / "plastic"), adapter(tmp_path / "t2" / "stable")

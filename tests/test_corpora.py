@@ -5,6 +5,7 @@ import pytest
 
 from ilora.corpora import TASKS, build_benchmark, normalise
 
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     first, second = tmp_path_factory.mktemp("a"), tmp_path_factory.mktemp("b")

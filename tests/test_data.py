@@ -1,10 +1,10 @@
 import pytest
 import torch
+from tiny import tiny_tokenizer, write_jsonl
 
 from ilora import ILoRAError
 from ilora.data import IGNORE_INDEX, PadCollator, encode_example, format_context
 from ilora.formats import read_rows
-from tiny import tiny_tokenizer, write_jsonl
 
 TOK = tiny_tokenizer()
 CHAT = tiny_tokenizer(chat_template=True)

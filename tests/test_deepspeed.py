@@ -11,21 +11,35 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import peft_model
 from peft import PeftModel
 from safetensors.torch import load_file
+from test_fsdp import (
+    TASKS,
+    adapter,
+    assert_killed_in_each_task_resumes_bitwise,
+    assert_method_outputs_equal,
+    assert_task_equals_ddp_and_loads,
+    config,
+    ilora_run,
+    method_runs_beside_ddp,
+    torchrun,
+)
 from transformers import AutoModelForCausalLM
 
-from helpers import peft_model
 from ilora import sharding
 from ilora.errors import ILoRAError
 
-from test_fsdp import (TASKS, adapter, assert_killed_in_each_task_resumes_bitwise, assert_method_outputs_equal,
-                       assert_task_equals_ddp_and_loads, config, ilora_run, method_runs_beside_ddp, torchrun)
-
 pytest.importorskip("deepspeed")  # `make test` installs it (the deepspeed extra)
 
-ZERO2 = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
-         "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "bf16": {"enabled": "auto"}}  # fmt: skip
+ZERO2 = {
+    "zero_optimization": {"stage": 2},
+    "train_micro_batch_size_per_gpu": "auto",
+    "train_batch_size": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "bf16": {"enabled": "auto"},
+}
 
 
 def deepspeed_config(tmp_path, model_dir, name: str, ds: dict, **settings) -> Path:
@@ -85,8 +99,9 @@ def test_under_zero2_bf16_the_stable_adapter_is_the_closed_form_ema_in_fp32(tmp_
 def test_a_zero2_bf16_run_killed_in_each_task_resumes_bitwise_identical(zero2_bf16_run, tiny_model_dir, tmp_path):
     """Through DeepSpeed's loader, with ilora's adapters, buffer and EMA step restored; the stable adapter
     back in fp32 before its saved values load. (The same test in fp32 passed: README.)"""
-    assert_killed_in_each_task_resumes_bitwise(deepspeed_config(tmp_path, tiny_model_dir, "bf16", ZERO2, bf16=True),
-                                               zero2_bf16_run)  # fmt: skip
+    assert_killed_in_each_task_resumes_bitwise(
+        deepspeed_config(tmp_path, tiny_model_dir, "bf16", ZERO2, bf16=True), zero2_bf16_run
+    )
 
 
 @pytest.mark.parametrize("method", ["ewc"])  # O-LoRA, LwF, DER++ and ER passed too, once (README)
@@ -94,8 +109,9 @@ def test_a_baseline_under_zero2_matches_ddp(method, tiny_model_dir, tmp_path, dd
     """EWC's Fisher takes per-row gradients with autograd.grad, outside the engine's backward (DeepSpeed's
     gradient hooks must not fire)."""
     (tmp_path / "ds_zero2.json").write_text(json.dumps(ZERO2))
-    runs = method_runs_beside_ddp(tmp_path, tiny_model_dir, method, ("zero2", {"deepspeed": "ds_zero2.json"}),
-                                  ddp_method_run)  # fmt: skip
+    runs = method_runs_beside_ddp(
+        tmp_path, tiny_model_dir, method, ("zero2", {"deepspeed": "ds_zero2.json"}), ddp_method_run
+    )
     for task in TASKS:
         assert_method_outputs_equal(runs, task, method)
 
@@ -136,8 +152,9 @@ def test_a_zero3_run_killed_in_each_task_resumes_bitwise_identical(zero3_run, ti
 @pytest.mark.parametrize("method", ["derpp"])  # stored logits with replay; LwF (a frozen teacher) passed once (README)
 def test_a_baseline_under_zero3_matches_ddp(method, tiny_model_dir, tmp_path, ddp_method_run):
     (tmp_path / "ds_zero3.json").write_text(json.dumps(ZERO3))
-    runs = method_runs_beside_ddp(tmp_path, tiny_model_dir, method, ("zero3", {"deepspeed": "ds_zero3.json"}),
-                                  ddp_method_run)  # fmt: skip
+    runs = method_runs_beside_ddp(
+        tmp_path, tiny_model_dir, method, ("zero3", {"deepspeed": "ds_zero3.json"}), ddp_method_run
+    )
     for task in TASKS:
         assert_method_outputs_equal(runs, task, method)
 

@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import tiny_llama, tiny_tokenizer
 
 from ilora import ILoRAError
 from ilora.evaluate import (
@@ -12,7 +13,6 @@ from ilora.evaluate import (
     score_choices,
     score_choices_naive,
 )
-from tiny import tiny_llama, tiny_tokenizer
 
 TOK = tiny_tokenizer()
 CHOICES = ["positive", "negative", "neutral", "great film"]
@@ -21,8 +21,10 @@ CHOICES = ["positive", "negative", "neutral", "great film"]
 def rows(n=9):
     words = ["great", "dull", "superb"]
     return [
-        {"prompt": f"Review {i}: the film was {words[i % 3]}" + " really" * (i % 4) + ". Sentiment:",
-         "response": CHOICES[i % 3]}  # fmt: skip
+        {
+            "prompt": f"Review {i}: the film was {words[i % 3]}" + " really" * (i % 4) + ". Sentiment:",
+            "response": CHOICES[i % 3],
+        }
         for i in range(n)
     ]
 

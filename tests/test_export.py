@@ -6,20 +6,52 @@ import pytest
 import torch
 import yaml
 from peft import PeftModel
+from tiny import sentiment_rows, two_task_config, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ilora.cli import main
-from tiny import sentiment_rows, two_task_config, write_jsonl
 
-COMMON = ["--lora_target", "q_proj,v_proj", "--lora_rank", "4", "--per_device_train_batch_size", "4",
-          "--report_to", "none", "--ilora_buffer_size", "6", "--save_strategy", "no", "--disable_tqdm", "true",
-          "--use_cpu", "true", "--learning_rate", "0.05", "--max_steps", "3", "--ema_alpha", "0.5"]  # fmt: skip
+COMMON = [
+    "--lora_target",
+    "q_proj,v_proj",
+    "--lora_rank",
+    "4",
+    "--per_device_train_batch_size",
+    "4",
+    "--report_to",
+    "none",
+    "--ilora_buffer_size",
+    "6",
+    "--save_strategy",
+    "no",
+    "--disable_tqdm",
+    "true",
+    "--use_cpu",
+    "true",
+    "--learning_rate",
+    "0.05",
+    "--max_steps",
+    "3",
+    "--ema_alpha",
+    "0.5",
+]
 
 
 def train(model_dir, root, name, *extra):
     data = write_jsonl(root / f"{name}.jsonl", sentiment_rows(8, offset=len(name) * 10))
-    argv = ["train", "--model", str(model_dir), "--dataset", str(data), "--output_dir", str(root / name),
-            "--current_task_id", name, *COMMON, *extra]  # fmt: skip
+    argv = [
+        "train",
+        "--model",
+        str(model_dir),
+        "--dataset",
+        str(data),
+        "--output_dir",
+        str(root / name),
+        "--current_task_id",
+        name,
+        *COMMON,
+        *extra,
+    ]
     assert main(argv) == 0
     return root / name
 
@@ -32,7 +64,9 @@ def logits(model, ids):
 @pytest.fixture(scope="module")
 def ids(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    return tokenizer(["Review 3: the film was great. Sentiment:", "a dull film"], return_tensors="pt", padding=True).input_ids
+    return tokenizer(
+        ["Review 3: the film was great. Sentiment:", "a dull film"], return_tensors="pt", padding=True
+    ).input_ids
 
 
 def with_adapter(model_dir, adapter_dir):
@@ -61,7 +95,9 @@ def test_unmerged_export_is_a_clean_peft_adapter_defaulting_to_stable(tiny_model
     assert config["base_model_name_or_path"] == str(tiny_model_dir.resolve())
     assert not config.get("modules_to_save") and config["r"] == 4
     exported = with_adapter(config["base_model_name_or_path"], tmp_path / "adapter")
-    torch.testing.assert_close(logits(exported, ids), logits(with_adapter(tiny_model_dir, task / "stable"), ids), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        logits(exported, ids), logits(with_adapter(tiny_model_dir, task / "stable"), ids), atol=1e-5, rtol=0
+    )
     assert json.loads((tmp_path / "adapter" / "ilora_export.json").read_text())["adapter"] == "stable"
 
 
@@ -77,13 +113,17 @@ def test_olora_exports_the_sum_of_every_tasks_lora_as_one_lora(tiny_model_dir, t
     both.base_model.set_adapter(["default", "new"])
     want = logits(both, ids)
     torch.testing.assert_close(logits(with_adapter(tiny_model_dir, tmp_path / "sum"), ids), want, atol=1e-5, rtol=0)
-    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), ids), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), ids), want, atol=1e-5, rtol=0
+    )
     assert json.loads((tmp_path / "sum" / "ilora_export.json").read_text())["adapters_summed"] == ["olora-1", "plastic"]
 
 
 def test_a_run_exports_its_last_task_and_best_adapter_with_its_provenance(tiny_model_dir, tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(two_task_config(tmp_path, tiny_model_dir, max_steps=2, output_dir=str(tmp_path / "out"))))
+    config.write_text(
+        yaml.safe_dump(two_task_config(tmp_path, tiny_model_dir, max_steps=2, output_dir=str(tmp_path / "out")))
+    )
     assert main(["run", str(config)]) == 0
     run = tmp_path / "out" / "ilora"
     summary = json.loads((run / "metrics.json").read_text())

@@ -7,12 +7,12 @@ import re
 
 import datasets
 import pytest
+from tiny import sentiment_rows, tiny_tokenizer, two_task_config, write_jsonl
 
 from ilora import ILoRAError
 from ilora.cli import main
 from ilora.data import IGNORE_INDEX, encode_messages
 from ilora.formats import read_data, read_rows
-from tiny import sentiment_rows, tiny_tokenizer, two_task_config, write_jsonl
 
 TOK = tiny_tokenizer()
 CHAT = tiny_tokenizer(chat_template=True)
@@ -63,8 +63,18 @@ def test_multi_turn_with_a_chat_template_trains_only_the_answers():
 
 
 def test_alpaca_with_system_and_history_becomes_the_same_conversation(tmp_path):
-    path = write_jsonl(tmp_path / "a.jsonl", [{"system": "Be brief.", "history": [["Review: great", "positive"]],
-                                               "instruction": "Review:", "input": "dull", "output": "negative"}])  # fmt: skip
+    path = write_jsonl(
+        tmp_path / "a.jsonl",
+        [
+            {
+                "system": "Be brief.",
+                "history": [["Review: great", "positive"]],
+                "instruction": "Review:",
+                "input": "dull",
+                "output": "negative",
+            }
+        ],
+    )
     [row] = read_rows(path).to_list()
     assert row["messages"] == CONVERSATION[:3] + [{"role": "user", "content": "Review:\ndull"}, CONVERSATION[4]]
     assert row["prompt"] == "Review:\ndull" and row["response"] == "negative"
@@ -103,15 +113,21 @@ def dataset_dir(tmp_path):
     """A LLaMA-Factory data directory: an alpaca file with renamed columns, a sharegpt file with tags."""
     directory = tmp_path / "data"
     write_jsonl(directory / "reviews.jsonl", [{"q": r["prompt"], "a": r["response"]} for r in sentiment_rows(4)])
-    chats = [{"dialog": [{"speaker": "me", "text": r["prompt"]}, {"speaker": "bot", "text": r["response"]}]}
-             for r in sentiment_rows(3, offset=10)]  # fmt: skip
+    chats = [
+        {"dialog": [{"speaker": "me", "text": r["prompt"]}, {"speaker": "bot", "text": r["response"]}]}
+        for r in sentiment_rows(3, offset=10)
+    ]
     (directory / "chats.json").write_text(json.dumps(chats))
     info = {
         "reviews": {"file_name": "reviews.jsonl", "columns": {"prompt": "q", "response": "a"}},
-        "chats": {"file_name": "chats.json", "formatting": "sharegpt", "columns": {"messages": "dialog"},
-                  "tags": {"role_tag": "speaker", "content_tag": "text", "user_tag": "me", "assistant_tag": "bot"}},
+        "chats": {
+            "file_name": "chats.json",
+            "formatting": "sharegpt",
+            "columns": {"messages": "dialog"},
+            "tags": {"role_tag": "speaker", "content_tag": "text", "user_tag": "me", "assistant_tag": "bot"},
+        },
         "remote": {"hf_hub_url": "someone/something"},
-    }  # fmt: skip
+    }
     (directory / "dataset_info.json").write_text(json.dumps(info))
     return directory
 
@@ -143,28 +159,37 @@ def test_num_samples_draws_as_llama_factory_does_every_row_before_any_twice(num_
     assert prompts == [r["prompt"] for r in read_data("more", with_entry(tmp_path / "again", num_samples=num_samples))]
 
 
-@pytest.mark.parametrize("names, entry, message", [
-    ("reveiws", {}, "dataset 'reveiws' is not in"),
-    ("remote", {}, "'hf_hub_url' needs a download"),
-    ("more", {"formating": "alpaca"}, "unknown key 'formating' (did you mean 'formatting'?)"),
-    ("more", {"num_sample": 3}, "unknown key 'num_sample' (did you mean 'num_samples'?)"),
-    ("more", {"num_samples": 0}, "num_samples must be a whole number >= 1"),
-    ("more", {"num_samples": "4"}, "num_samples must be a whole number >= 1"),
-    ("more", {"split": "test"}, "a local file has one split"),
-    ("more", {"subset": "en"}, "'subset' selects part of a hub dataset"),
-    ("more", {"formatting": "sharegtp"}, "(did you mean 'sharegpt'?)"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "names, entry, message",
+    [
+        ("reveiws", {}, "dataset 'reveiws' is not in"),
+        ("remote", {}, "'hf_hub_url' needs a download"),
+        ("more", {"formating": "alpaca"}, "unknown key 'formating' (did you mean 'formatting'?)"),
+        ("more", {"num_sample": 3}, "unknown key 'num_sample' (did you mean 'num_samples'?)"),
+        ("more", {"num_samples": 0}, "num_samples must be a whole number >= 1"),
+        ("more", {"num_samples": "4"}, "num_samples must be a whole number >= 1"),
+        ("more", {"split": "test"}, "a local file has one split"),
+        ("more", {"subset": "en"}, "'subset' selects part of a hub dataset"),
+        ("more", {"formatting": "sharegtp"}, "(did you mean 'sharegpt'?)"),
+    ],
+)
 def test_dataset_info_refusals_name_the_culprit(names, entry, message, tmp_path):
     with pytest.raises(ILoRAError, match=re.escape(message)):
         read_data(names, with_entry(tmp_path, **entry))
 
 
-@pytest.mark.parametrize("row, message", [
-    ({"conversations": [{"from": "gpt", "value": "hi"}]}, "must alternate user and assistant"),
-    ({"conversations": [{"from": "human", "value": "x"}, {"from": "function_call", "value": "f()"}]}, "tool turn"),
-    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": 3}]}, r"messages\[2\].content' must be a string"),
-    ({"instruction": "x", "output": "y", "history": [["only one"]]}, "'history' entry 1 must be a"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"conversations": [{"from": "gpt", "value": "hi"}]}, "must alternate user and assistant"),
+        ({"conversations": [{"from": "human", "value": "x"}, {"from": "function_call", "value": "f()"}]}, "tool turn"),
+        (
+            {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": 3}]},
+            r"messages\[2\].content' must be a string",
+        ),
+        ({"instruction": "x", "output": "y", "history": [["only one"]]}, "'history' entry 1 must be a"),
+    ],
+)
 def test_malformed_rows_are_one_line_errors_naming_file_line_and_field(row, message, tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", [sentiment_rows(1)[0], row])
     with pytest.raises(ILoRAError, match=rf"bad.jsonl:2: .*{message}"):
@@ -173,16 +198,51 @@ def test_malformed_rows_are_one_line_errors_naming_file_line_and_field(row, mess
 
 def test_train_and_run_read_a_dataset_dir(tiny_model_dir, tmp_path):
     directory = dataset_dir(tmp_path)
-    common = ["--lora_target", "q_proj,v_proj", "--lora_rank", "4", "--per_device_train_batch_size", "4",
-              "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", "--use_cpu", "true",
-              "--max_steps", "1", "--ilora_buffer_size", "4"]  # fmt: skip
-    argv = ["train", "--model", str(tiny_model_dir), "--dataset", "reviews,chats", "--dataset_dir", str(directory),
-            "--output_dir", str(tmp_path / "t1"), *common]  # fmt: skip
+    common = [
+        "--lora_target",
+        "q_proj,v_proj",
+        "--lora_rank",
+        "4",
+        "--per_device_train_batch_size",
+        "4",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--disable_tqdm",
+        "true",
+        "--use_cpu",
+        "true",
+        "--max_steps",
+        "1",
+        "--ilora_buffer_size",
+        "4",
+    ]
+    argv = [
+        "train",
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        "reviews,chats",
+        "--dataset_dir",
+        str(directory),
+        "--output_dir",
+        str(tmp_path / "t1"),
+        *common,
+    ]
     assert main(argv) == 0
     assert json.loads((tmp_path / "t1" / "ilora_task.json").read_text())["buffer"]["num_seen"] == 4
     config = two_task_config(tmp_path, tiny_model_dir, max_steps=1, output_dir=str(tmp_path / "out"))
-    config["tasks"] = [{"name": "r", "train": "reviews", "test": "reviews", "dataset_dir": "data", "choices": ["positive", "negative"]},
-                       {"name": "c", "train": "chats", "test": "chats", "dataset_dir": "data", "choices": ["positive", "negative"]}]  # fmt: skip
+    config["tasks"] = [
+        {
+            "name": "r",
+            "train": "reviews",
+            "test": "reviews",
+            "dataset_dir": "data",
+            "choices": ["positive", "negative"],
+        },
+        {"name": "c", "train": "chats", "test": "chats", "dataset_dir": "data", "choices": ["positive", "negative"]},
+    ]
     import yaml
 
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))

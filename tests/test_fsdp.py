@@ -14,10 +14,9 @@ import torch
 import yaml
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
-
 from test_resume import KILLER
 from tiny import two_task_config
+from transformers import AutoModelForCausalLM
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
 FSDP = {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
@@ -25,8 +24,12 @@ TASKS = ("1-alpha", "2-beta")
 
 
 # what `accelerate launch --config_file` exports for an FSDP2 config (accelerate/utils/launch.py)
-ACCELERATE_FSDP2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
-                    "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer"}  # fmt: skip
+ACCELERATE_FSDP2 = {
+    "ACCELERATE_USE_FSDP": "true",
+    "FSDP_VERSION": "2",
+    "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+    "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer",
+}
 
 
 def torchrun(script: Path, *args, env=None):
@@ -34,8 +37,13 @@ def torchrun(script: Path, *args, env=None):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), **(env or {})}
-    return subprocess.run([*TORCHRUN, "--master_port", str(port), str(script), *args],
-                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    return subprocess.run(
+        [*TORCHRUN, "--master_port", str(port), str(script), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
 
 
 def ilora_run(config: Path, kill=("none", "0"), env=None):
@@ -45,10 +53,22 @@ def ilora_run(config: Path, kill=("none", "0"), env=None):
 def config(tmp_path, model_dir, name, **settings) -> Path:
     # plain SGD, no dropout: DDP and FSDP2 then differ only by the order of the gradient reduction;
     # selective update: the stable pass with the LM head over the whole batch, the decision agreed by the ranks
-    values = two_task_config(tmp_path, model_dir, per_device_train_batch_size=2, seed=1, num_train_epochs=2,
-                             optim="sgd", learning_rate=0.1, lora_dropout=0.0, save_steps=1, ddp_backend="gloo",
-                             selective_update=True, min_update_threshold=0.0, output_dir=str(tmp_path / name),
-                             **settings)  # fmt: skip
+    values = two_task_config(
+        tmp_path,
+        model_dir,
+        per_device_train_batch_size=2,
+        seed=1,
+        num_train_epochs=2,
+        optim="sgd",
+        learning_rate=0.1,
+        lora_dropout=0.0,
+        save_steps=1,
+        ddp_backend="gloo",
+        selective_update=True,
+        min_update_threshold=0.0,
+        output_dir=str(tmp_path / name),
+        **settings,
+    )
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(values))
     return path
@@ -102,8 +122,9 @@ def test_a_two_task_fsdp2_run_shards_saves_whole_adapters_and_matches_ddp(fsdp_r
 METHOD_SETTINGS = {"derpp_top_k": 8, "ewc_fisher_samples": 4}  # small: every kept logit, a few Fisher rows
 
 
-def method_runs_beside_ddp(tmp_path: Path, model_dir: Path, method: str, parallel: tuple[str, dict],
-                           ddp_method_run) -> dict[str, Path]:  # fmt: skip
+def method_runs_beside_ddp(
+    tmp_path: Path, model_dir: Path, method: str, parallel: tuple[str, dict], ddp_method_run
+) -> dict[str, Path]:
     """The method's two-task run under `parallel` (a name and its settings) and under DDP (the session's
     `ddp_method_run`): their task folders."""
     name, settings = parallel
@@ -136,7 +157,9 @@ def test_a_baseline_under_fsdp2_matches_ddp(method, tiny_model_dir, tmp_path, dd
     for task in TASKS:
         assert_method_outputs_equal(runs, task, method)
         for rank in (0, 1) if method == "derpp" else ():  # the same rows replayed; stored logits to float16 precision
-            sharded, replicated = (load_file(str(runs[n] / task / "buffer" / f"rank-{rank}" / "buffer.safetensors")) for n in runs)
+            sharded, replicated = (
+                load_file(str(runs[n] / task / "buffer" / f"rank-{rank}" / "buffer.safetensors")) for n in runs
+            )
             assert all(torch.equal(sharded[k], replicated[k]) for k in ("input_ids", "labels", "lengths"))
             # top-k indices may swap near-ties: compare the values, sorted
             values = [t["extra.logit_values"].float().sort(dim=-1).values for t in (sharded, replicated)]

@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 import yaml
+from tiny import two_task_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ilora import ILoRAError
 from ilora.cli import main
 from ilora.general import perplexity, read_text, windows
-from tiny import two_task_config
 
 TEXT = " ".join(f"The movie was great and the acting superb, said review {i}." for i in range(40))
 
@@ -45,15 +45,26 @@ def test_general_text_reads_txt_and_jsonl_and_refuses_a_short_one(tmp_path, tiny
 
 def test_a_run_reports_general_perplexity_before_and_after_each_task(tiny_model_dir, tmp_path):
     (tmp_path / "general.txt").write_text(TEXT)
-    config = two_task_config(tmp_path, tiny_model_dir, max_steps=2, learning_rate=0.05, general="general.txt",
-                             general_windows=3, cutoff_len=32, bf16=False, output_dir=str(tmp_path / "out"))  # fmt: skip
+    config = two_task_config(
+        tmp_path,
+        tiny_model_dir,
+        max_steps=2,
+        learning_rate=0.05,
+        general="general.txt",
+        general_windows=3,
+        cutoff_len=32,
+        bf16=False,
+        output_dir=str(tmp_path / "out"),
+    )
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     assert main(["run", str(tmp_path / "run.yaml")]) == 0
     run = tmp_path / "out" / "ilora"
     summary = json.loads((run / "metrics.json").read_text())
     general = summary["general"]
     assert general["windows"] == 3 and general["tokens"] == 96
-    assert set(general["perplexity"]) == {"plastic", "stable"} and all(len(v) == 2 for v in general["perplexity"].values())
+    assert set(general["perplexity"]) == {"plastic", "stable"} and all(
+        len(v) == 2 for v in general["perplexity"].values()
+    )
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     chunks = windows(TEXT, AutoTokenizer.from_pretrained(tiny_model_dir), 32, 3)
     assert general["base"] == pytest.approx(perplexity(base, chunks), rel=1e-6)

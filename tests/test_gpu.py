@@ -7,7 +7,6 @@ import signal
 import pytest
 import torch
 import yaml
-
 from helpers import batches, method, peft_model, train
 from test_resume import TRAIN_FLAGS, assert_same_task, run_cli
 from tiny import sentiment_rows, two_task_config, write_jsonl
@@ -43,8 +42,9 @@ def test_selective_update_decides_on_the_gpu():
 
 
 def test_two_task_chain_in_bf16_on_the_gpu(tiny_model_dir, tmp_path):
-    settings = two_task_config(tmp_path, tiny_model_dir, use_cpu=False, bf16=True, max_steps=3,
-                               output_dir=str(tmp_path / "runs"))  # fmt: skip
+    settings = two_task_config(
+        tmp_path, tiny_model_dir, use_cpu=False, bf16=True, max_steps=3, output_dir=str(tmp_path / "runs")
+    )
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(settings))
     result = run_cli(["run", str(tmp_path / "config.yaml")])
     assert result.returncode == 0, result.stderr

@@ -4,12 +4,11 @@ states. Same loss and same plastic gradients (1e-5) as without it, replay and co
 
 import pytest
 import torch
+from helpers import TOKENIZER, batches, lora, method, peft_model
+from tiny import sentiment_rows, tiny_llama
 
-from helpers import batches, method, peft_model
 from ilora import ILoRAArguments, ILoRATrainer
 from ilora.data import encode_rows
-from tiny import sentiment_rows, tiny_llama
-from helpers import TOKENIZER, lora
 
 
 def one_replay_step(checkpointing: bool):
@@ -41,12 +40,27 @@ def test_the_trainer_flag_trains_the_same_trajectory(tmp_path):
     from transformers import TrainingArguments
 
     def losses(checkpointing: bool):
-        args = TrainingArguments(output_dir=str(tmp_path / str(checkpointing)), per_device_train_batch_size=4, max_steps=4,
-                                 learning_rate=5e-3, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-                                 seed=3, disable_tqdm=True, gradient_checkpointing=checkpointing)  # fmt: skip
-        trainer = ILoRATrainer(model=tiny_llama(), args=args, ilora_args=ILoRAArguments(ilora_buffer_size=8),
-                               peft_config=lora(), train_dataset=encode_rows(sentiment_rows(16), TOKENIZER, 64, False),
-                               processing_class=TOKENIZER)  # fmt: skip
+        args = TrainingArguments(
+            output_dir=str(tmp_path / str(checkpointing)),
+            per_device_train_batch_size=4,
+            max_steps=4,
+            learning_rate=5e-3,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            seed=3,
+            disable_tqdm=True,
+            gradient_checkpointing=checkpointing,
+        )
+        trainer = ILoRATrainer(
+            model=tiny_llama(),
+            args=args,
+            ilora_args=ILoRAArguments(ilora_buffer_size=8),
+            peft_config=lora(),
+            train_dataset=encode_rows(sentiment_rows(16), TOKENIZER, 64, False),
+            processing_class=TOKENIZER,
+        )
         trainer.train()
         logs = [e for e in trainer.state.log_history if "loss" in e]
         return [e["loss"] for e in logs], [e.get("consistency_loss", 0.0) for e in logs]

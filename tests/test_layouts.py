@@ -12,8 +12,12 @@ from ilora.config import parse_run_config
 from ilora.evaluate import generation_scores
 from ilora.layouts import CL_FOLDERS, ORDERS
 
-LABELS = {"dbpedia": ["Company", "Artist"], "amazon": ["positive", "negative"], "yahoo": ["Sports", "Health"],
-          "ag": ["World", "Business"]}  # fmt: skip
+LABELS = {
+    "dbpedia": ["Company", "Artist"],
+    "amazon": ["positive", "negative"],
+    "yahoo": ["Sports", "Health"],
+    "ag": ["World", "Business"],
+}
 
 
 def cl_benchmark(root, names):
@@ -39,9 +43,20 @@ def trace_benchmark(root):
 
 
 def run_config(tmp_path, model_dir, **entries):
-    config = {"model_name_or_path": str(model_dir), "lora_target": "q_proj,v_proj", "lora_rank": 4, "max_steps": 1,
-              "per_device_train_batch_size": 2, "report_to": "none", "use_cpu": True, "disable_tqdm": True,
-              "ilora_buffer_size": 4, "output_dir": str(tmp_path / "out"), "max_new_tokens": 4, **entries}  # fmt: skip
+    config = {
+        "model_name_or_path": str(model_dir),
+        "lora_target": "q_proj,v_proj",
+        "lora_rank": 4,
+        "max_steps": 1,
+        "per_device_train_batch_size": 2,
+        "report_to": "none",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "ilora_buffer_size": 4,
+        "output_dir": str(tmp_path / "out"),
+        "max_new_tokens": 4,
+        **entries,
+    }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -61,7 +76,9 @@ def test_standard_cl_orders_expand_with_labels_as_choices(order, tmp_path, tiny_
 @pytest.mark.parametrize("order", [4, 5, 6])
 def test_long_sequence_orders_have_fifteen_tasks_in_the_papers_order(order, tmp_path, tiny_model_dir):
     cl_benchmark(tmp_path / "CL", CL_FOLDERS)
-    run = parse_run_config(run_config(tmp_path, tiny_model_dir, benchmark="long_sequence", data_dir="CL", order=order))[4]
+    run = parse_run_config(run_config(tmp_path, tiny_model_dir, benchmark="long_sequence", data_dir="CL", order=order))[
+        4
+    ]
     names = [t.name for t in run.tasks]
     assert len(names) == 15 and len(set(names)) == 15 and names == ORDERS["long_sequence"][order]
     assert names[0] == {4: "mnli", 5: "multirc", 6: "yelp"}[order]
@@ -80,8 +97,16 @@ def test_trace_expands_in_order_with_its_scorings_and_runs(tmp_path, tiny_model_
     trace_benchmark(tmp_path / "TRACE")
     config = run_config(tmp_path, tiny_model_dir, benchmark="trace", data_dir="TRACE")
     run = parse_run_config(config)[4]
-    assert [t.name for t in run.tasks] == ["C-STANCE", "FOMC", "MeetingBank", "Py150", "ScienceQA", "NumGLUE-cm",
-                                           "NumGLUE-ds", "20Minuten"]  # fmt: skip
+    assert [t.name for t in run.tasks] == [
+        "C-STANCE",
+        "FOMC",
+        "MeetingBank",
+        "Py150",
+        "ScienceQA",
+        "NumGLUE-cm",
+        "NumGLUE-ds",
+        "20Minuten",
+    ]
     scorings = {t.name: t.scoring for t in run.tasks}
     assert scorings["MeetingBank"] == scorings["20Minuten"] == "rouge_l" and scorings["Py150"] == "edit_similarity"
     assert scorings["FOMC"] == "exact_match"
@@ -95,7 +120,10 @@ def test_generation_scores_come_from_the_metric_libraries():
     from rapidfuzz import fuzz
     from rouge_score import rouge_scorer
 
-    preds, refs = ["Die Stadt plant Parks", "def f(x): return x"], ["die stadt plant grössere parks", "def f(y): return y"]
+    preds, refs = (
+        ["Die Stadt plant Parks", "def f(x): return x"],
+        ["die stadt plant grössere parks", "def f(y): return y"],
+    )
     assert generation_scores("exact_match", ["A b.", "c"], ["a b", "d"]) == [1.0, 0.0]
     rouge = generation_scores("rouge_l", preds, refs)
     assert rouge[0] == pytest.approx(2 * 4 / (4 + 5))  # LCS of 4 words; non-ASCII words count
@@ -104,12 +132,15 @@ def test_generation_scores_come_from_the_metric_libraries():
     assert generation_scores("edit_similarity", preds, refs)[1] == pytest.approx(fuzz.ratio(preds[1], refs[1]) / 100)
 
 
-@pytest.mark.parametrize("entries, message", [
-    ({"benchmark": "standard", "data_dir": "CL"}, "did you mean 'standard_cl'"),
-    ({"benchmark": "standard_cl", "data_dir": "CL", "order": 4}, r"order 4 is not one of \[1, 2, 3\]"),
-    ({"benchmark": "standard_cl"}, "needs data_dir"),
-    ({"benchmark": "trace", "data_dir": "CL"}, "C-STANCE/train.json: missing"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "entries, message",
+    [
+        ({"benchmark": "standard", "data_dir": "CL"}, "did you mean 'standard_cl'"),
+        ({"benchmark": "standard_cl", "data_dir": "CL", "order": 4}, r"order 4 is not one of \[1, 2, 3\]"),
+        ({"benchmark": "standard_cl"}, "needs data_dir"),
+        ({"benchmark": "trace", "data_dir": "CL"}, "C-STANCE/train.json: missing"),
+    ],
+)
 def test_benchmark_refusals_name_the_culprit(entries, message, tmp_path, tiny_model_dir):
     cl_benchmark(tmp_path / "CL", ORDERS["standard_cl"][1])
     with pytest.raises(ILoRAError, match=message):

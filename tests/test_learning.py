@@ -6,9 +6,9 @@ import statistics
 
 import pytest
 import yaml
+from tiny import LEARNER, keyword_rows, save_tiny_model, write_jsonl
 
 from ilora.cli import main
-from tiny import LEARNER, keyword_rows, save_tiny_model, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -21,13 +21,24 @@ def learned(tmp_path_factory):
     write_jsonl(root / "beta.train.jsonl", keyword_rows(32, flipped=True, offset=50))
     write_jsonl(root / "beta.test.jsonl", keyword_rows(12, flipped=True, offset=300))
     config = {
-        "model_name_or_path": "model", "output_dir": "runs", "lora_target": "q_proj,v_proj", "lora_rank": 4,
-        "per_device_train_batch_size": 4, "num_train_epochs": 6, "learning_rate": 0.02, "lr_scheduler_type": "constant",
+        "model_name_or_path": "model",
+        "output_dir": "runs",
+        "lora_target": "q_proj,v_proj",
+        "lora_rank": 4,
+        "per_device_train_batch_size": 4,
+        "num_train_epochs": 6,
+        "learning_rate": 0.02,
+        "lr_scheduler_type": "constant",
         "bf16": False,  # fp32 on every machine: the thresholds below were measured in fp32
-        "report_to": "none", "use_cpu": True, "save_strategy": "no", "disable_tqdm": True,
-        "tasks": [{"name": n, "train": f"{n}.train.jsonl", "test": f"{n}.test.jsonl", "choices": ["positive", "negative"]}
-                  for n in ("alpha", "beta")],
-    }  # fmt: skip
+        "report_to": "none",
+        "use_cpu": True,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "tasks": [
+            {"name": n, "train": f"{n}.train.jsonl", "test": f"{n}.test.jsonl", "choices": ["positive", "negative"]}
+            for n in ("alpha", "beta")
+        ],
+    }
     (root / "config.yaml").write_text(yaml.safe_dump(config))
     assert main(["run", str(root / "config.yaml"), "--method", "seq_lora"]) == 0
     run = root / "runs" / "seq_lora"
@@ -61,7 +72,9 @@ def test_accuracy_is_recounted_from_the_predictions_and_the_test_files(learned):
             predictions = saved[name]["predictions"]
             assert len(predictions) == len(gold)
             recount = sum(p == g for p, g in zip(predictions, gold)) / len(gold)
-            assert recount == saved[name]["accuracy"] == summary["matrices"]["plastic"][k][["alpha", "beta"].index(name)]
+            assert (
+                recount == saved[name]["accuracy"] == summary["matrices"]["plastic"][k][["alpha", "beta"].index(name)]
+            )
 
 
 def test_the_report_shows_the_measured_numbers(learned):

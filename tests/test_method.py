@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from helpers import PAD, batches, method, peft_model, train
+
 from ilora import ILoRAError
 from ilora.adapters import PLASTIC, STABLE, AdapterPair
 from ilora.data import pad_rows

@@ -3,8 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import batches, method, peft_model, train
+
 from ilora.adapters import PLASTIC, STABLE, AdapterPair, load_adapter, save_adapter
 from ilora.buffer import ReplayBuffer
 from ilora.data import IGNORE_INDEX
@@ -30,8 +30,11 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_grows_with_the_fisher():
 
 
 def test_ewc_fisher_is_the_mean_squared_per_example_gradient_folded_online():
-    ewc = method(model=peft_model(with_stable=False, init_lora_weights=False), method="ewc",
-                 options=EWCArguments(ewc_fisher_samples=3, ewc_gamma=0.5))  # fmt: skip
+    ewc = method(
+        model=peft_model(with_stable=False, init_lora_weights=False),
+        method="ewc",
+        options=EWCArguments(ewc_fisher_samples=3, ewc_gamma=0.5),
+    )
     data = batches(2)
     rows = list(zip(*split_rows(data[0])))[:3]
     direct = [torch.zeros_like(t) for t in ewc.adapters.plastic]
@@ -71,7 +74,10 @@ def test_distillation_is_zero_when_student_equals_teacher_and_a_kl_otherwise():
     # positions whose next token is labelled: row 0 -> 1, 2; row 1 -> 0, 1, 2, 3
     positions = [(0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (1, 3)]
     want = sum(
-        (F.softmax(teacher[r, c] / 2, -1) * (F.log_softmax(teacher[r, c] / 2, -1) - F.log_softmax(logits[r, c] / 2, -1))).sum()
+        (
+            F.softmax(teacher[r, c] / 2, -1)
+            * (F.log_softmax(teacher[r, c] / 2, -1) - F.log_softmax(logits[r, c] / 2, -1))
+        ).sum()
         for r, c in positions
     ) / len(positions)
     assert got == pytest.approx(want.item(), rel=1e-5)
@@ -184,8 +190,9 @@ def _with_replay(**args):
 
 def _hidden(ilora, rows, name):
     with torch.no_grad(), ilora.adapters.active(name):
-        return ilora.model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"],
-                           output_hidden_states=True).hidden_states  # fmt: skip
+        return ilora.model(
+            input_ids=rows["input_ids"], attention_mask=rows["attention_mask"], output_hidden_states=True
+        ).hidden_states
 
 
 def test_consistency_target_max_is_the_elementwise_maximum_of_plastic_and_stable():
@@ -212,8 +219,12 @@ def test_replay_loss_mean_of_parts_is_the_mean_of_current_and_replay_losses():
     current = batches(1)[0]
     ilora.loss(current)
     with torch.no_grad():
-        parts = [causal_lm_loss(ilora.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
-                                b["labels"]) for b in (current, replay)]  # fmt: skip
+        parts = [
+            causal_lm_loss(
+                ilora.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"]
+            )
+            for b in (current, replay)
+        ]
     assert ilora.pop_logs()["ce_loss"] == pytest.approx(((parts[0] + parts[1]) / 2).item(), rel=1e-5)
 
 
@@ -238,8 +249,10 @@ def test_pure_modules_import_nothing_heavy():
     import subprocess
     import sys
 
-    code = ("import sys, ilora.metrics, ilora.methods, ilora.paths, ilora.suggest; "
-            "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")  # fmt: skip
+    code = (
+        "import sys, ilora.metrics, ilora.methods, ilora.paths, ilora.suggest; "
+        "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -252,7 +265,9 @@ def _zero_lm_head(m):
 def _confidently_wrong(m):
     """With the adapters on, logits flipped and sharpened: finite, input-dependent, far worse than untrained."""
     layer = m.adapters.layers[0]
-    m.model.get_base_model().lm_head.register_forward_hook(lambda mod, i, out: out if layer.disable_adapters else -50 * out)
+    m.model.get_base_model().lm_head.register_forward_hook(
+        lambda mod, i, out: out if layer.disable_adapters else -50 * out
+    )
 
 
 def _exploded(m):
@@ -265,7 +280,10 @@ def _nan(m):
 
 COLLAPSES = {
     "logits constant across positions": (_zero_lm_head, "the plastic model's outputs no longer depend on its input"),
-    "loss far above the untrained model's": (_confidently_wrong, "loss on its training rows is far above the untrained"),
+    "loss far above the untrained model's": (
+        _confidently_wrong,
+        "loss on its training rows is far above the untrained",
+    ),
     "an adapter weight past the limit": (_exploded, "an adapter weight grew past 1e+06"),
     "a NaN in the stable adapter": (_nan, "a loss or adapter weight became NaN or inf"),
 }

@@ -9,19 +9,38 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
+from tiny import sentiment_rows, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 from ilora import ILoRAArguments, ILoRATrainer, methods
 from ilora.cli import main
-from ilora.workflow import lora_config
 from ilora.config import ModelArguments
-from tiny import sentiment_rows, write_jsonl
+from ilora.workflow import lora_config
 
 COMMON = [
-    "--lora_target", "q_proj,v_proj", "--lora_rank", "4", "--per_device_train_batch_size", "4",
-    "--report_to", "none", "--ilora_buffer_size", "6", "--disable_tqdm", "true", "--use_cpu", "true",
-    "--learning_rate", "0.01", "--ema_alpha", "0.8", "--max_steps", "4", "--seed", "3",
-]  # fmt: skip
+    "--lora_target",
+    "q_proj,v_proj",
+    "--lora_rank",
+    "4",
+    "--per_device_train_batch_size",
+    "4",
+    "--report_to",
+    "none",
+    "--ilora_buffer_size",
+    "6",
+    "--disable_tqdm",
+    "true",
+    "--use_cpu",
+    "true",
+    "--learning_rate",
+    "0.01",
+    "--ema_alpha",
+    "0.8",
+    "--max_steps",
+    "4",
+    "--seed",
+    "3",
+]
 
 # method: (its flags in these tests, adapters besides plastic that may change while it trains,
 #          a bad argument of its own, the words its one-line refusal must contain)
@@ -45,8 +64,22 @@ def train(model_dir, tmp, name, method, *extra, task="", rows=12):
     """Task `name` (its data: `task`'s rows, default its own) through the CLI."""
     task = task or name
     data = write_jsonl(tmp / f"{task}.jsonl", sentiment_rows(rows, offset=40 * len(task)))
-    argv = ["train", "--model", str(model_dir), "--dataset", str(data), "--output_dir", str(tmp / name),
-            "--method", method, "--current_task_id", name, *COMMON, *CASES[method][0], *extra]  # fmt: skip
+    argv = [
+        "train",
+        "--model",
+        str(model_dir),
+        "--dataset",
+        str(data),
+        "--output_dir",
+        str(tmp / name),
+        "--method",
+        method,
+        "--current_task_id",
+        name,
+        *COMMON,
+        *CASES[method][0],
+        *extra,
+    ]
     return main(argv)
 
 
@@ -69,14 +102,28 @@ def second_task_trainer(tiny_model_dir, t1, method, out) -> ILoRATrainer:
     """Task t2 chained on t1, in process, so its tensors can be watched."""
     options_cls = methods.get(method).Arguments
     flags = dict(zip(CASES[method][0][::2], CASES[method][0][1::2]))
-    options = options_cls(**{k[2:]: type(getattr(options_cls(), k[2:]))(v) for k, v in flags.items()}) if options_cls else None
-    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, learning_rate=0.01, max_steps=4,
-                             save_strategy="no", report_to=[], use_cpu=True, seed=3, disable_tqdm=True)  # fmt: skip
+    options = (
+        options_cls(**{k[2:]: type(getattr(options_cls(), k[2:]))(v) for k, v in flags.items()})
+        if options_cls
+        else None
+    )
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        learning_rate=0.01,
+        max_steps=4,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=3,
+        disable_tqdm=True,
+    )
     return ILoRATrainer(
         model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
         args=args,
-        ilora_args=ILoRAArguments(method=method, ilora_buffer_size=6, ema_alpha=0.8, previous_task_model=str(t1),
-                                  current_task_id="t2"),  # fmt: skip
+        ilora_args=ILoRAArguments(
+            method=method, ilora_buffer_size=6, ema_alpha=0.8, previous_task_model=str(t1), current_task_id="t2"
+        ),
         peft_config=lora_config(ModelArguments(lora_rank=4, lora_target="q_proj,v_proj")),
         train_dataset=sentiment_rows(12, offset=200),
         processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
@@ -110,7 +157,9 @@ class TestMethodContract:
         base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
         fresh = {n: p.clone() for n, p in base.named_parameters()}
         for name, path in manifest["adapters"].items():
-            loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "t2" / path)
+            loaded = PeftModel.from_pretrained(
+                AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "t2" / path
+            )
             saved = load_file(str(tmp_path / "t2" / path / "adapter_model.safetensors"))
             assert saved and all(torch.isfinite(t).all() for t in saved.values()), name
             assert loaded.peft_config["default"].r == 4
@@ -126,10 +175,26 @@ class TestMethodContract:
         assert train(tiny_model_dir, tmp_path, "t2", method, *chained) == 0
         clean, killed = tmp_path / "t2", tmp_path / "t2-killed"
         shutil.copytree(clean / "checkpoint-2", killed / "checkpoint-2")
-        assert train(tiny_model_dir, tmp_path, "t2-killed", method, *chained, "--resume_from_checkpoint", "true",
-                     "--current_task_id", "t2", task="t2") == 0  # fmt: skip
+        assert (
+            train(
+                tiny_model_dir,
+                tmp_path,
+                "t2-killed",
+                method,
+                *chained,
+                "--resume_from_checkpoint",
+                "true",
+                "--current_task_id",
+                "t2",
+                task="t2",
+            )
+            == 0
+        )
         for name, path in json.loads((clean / "ilora_task.json").read_text())["adapters"].items():
-            a, b = load_file(str(clean / path / "adapter_model.safetensors")), load_file(str(killed / path / "adapter_model.safetensors"))
+            a, b = (
+                load_file(str(clean / path / "adapter_model.safetensors")),
+                load_file(str(killed / path / "adapter_model.safetensors")),
+            )
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{name} differs after resume"
         for extra in ("method_state.safetensors", "buffer/buffer.safetensors"):
             if (clean / extra).exists():

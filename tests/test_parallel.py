@@ -9,15 +9,20 @@ from pathlib import Path
 import pytest
 import yaml
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
-
 from tiny import two_task_config
+from transformers import AutoModelForCausalLM
 
 
 def config(tmp_path, model_dir, name, per_device_batch):
     settings = two_task_config(
-        tmp_path, model_dir, per_device_train_batch_size=per_device_batch, seed=1, num_train_epochs=2,
-        output_dir=str(tmp_path / name), selective_update=True, min_update_threshold=0.0,
+        tmp_path,
+        model_dir,
+        per_device_train_batch_size=per_device_batch,
+        seed=1,
+        num_train_epochs=2,
+        output_dir=str(tmp_path / name),
+        selective_update=True,
+        min_update_threshold=0.0,
     )
     if per_device_batch == 2:
         settings["ddp_backend"] = "gloo"
@@ -29,15 +34,28 @@ def config(tmp_path, model_dir, name, per_device_batch):
 def test_two_processes_train_a_two_task_sequence(tiny_model_dir, tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
     two = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "--master_port", "29533", "-m", "ilora.cli", "run",
-         str(config(tmp_path, tiny_model_dir, "two", per_device_batch=2))],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            str(torchrun),
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            "-m",
+            "ilora.cli",
+            "run",
+            str(config(tmp_path, tiny_model_dir, "two", per_device_batch=2)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     one = subprocess.run(
         [sys.executable, "-m", "ilora.cli", "run", str(config(tmp_path, tiny_model_dir, "one", per_device_batch=4))],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
 
     for task in ("1-alpha", "2-beta"):
@@ -45,7 +63,9 @@ def test_two_processes_train_a_two_task_sequence(tiny_model_dir, tmp_path):
         manifest = json.loads((directory / "ilora_task.json").read_text())
         first, second = manifest["stable_checksum_per_rank"]
         assert first == second, "the ranks' stable adapters differ"
-        assert manifest["buffer"]["ranks"] == 2 and manifest["buffer"]["num_seen_per_rank"] == [16 * int(task[0])] * 2  # 8 rows x 2 epochs per task
+        assert (
+            manifest["buffer"]["ranks"] == 2 and manifest["buffer"]["num_seen_per_rank"] == [16 * int(task[0])] * 2
+        )  # 8 rows x 2 epochs per task
         assert (directory / "buffer" / "rank-0" / "buffer.safetensors").is_file()
         assert (directory / "buffer" / "rank-1" / "buffer.safetensors").is_file()
         single = json.loads((tmp_path / "one" / "ilora" / "tasks" / task / "ilora_task.json").read_text())

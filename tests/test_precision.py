@@ -6,13 +6,13 @@ import logging
 
 import pytest
 import torch
+from tiny import sentiment_rows, write_jsonl
 
 from ilora import precision
 from ilora.cli import main
 from ilora.config import parse_train_args
 from ilora.errors import ILoRAError
 from ilora.precision import AUTO, Hardware
-from tiny import sentiment_rows, write_jsonl
 
 AVX2_CPU = Hardware("cpu", "AMD EPYC", "AVX2", native_bf16=False, native_fp16=False)
 AMX_CPU = Hardware("cpu", "Intel Xeon", "AVX512", native_bf16=True, native_fp16=False)
@@ -44,11 +44,16 @@ def test_both_forced_is_refused():
         precision.choose(True, True, H100)
 
 
-@pytest.mark.parametrize("capability, avx512_bf16, amx, native", [
-    ("AVX2", False, False, False), ("AVX512", True, False, True), ("AVX512", False, True, True),
-    ("AVX2", True, False, False),  # AVX512-BF16 in the CPU, but torch restricted to AVX2 kernels
-    ("DEFAULT", False, False, False),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "capability, avx512_bf16, amx, native",
+    [
+        ("AVX2", False, False, False),
+        ("AVX512", True, False, True),
+        ("AVX512", False, True, True),
+        ("AVX2", True, False, False),  # AVX512-BF16 in the CPU, but torch restricted to AVX2 kernels
+        ("DEFAULT", False, False, False),
+    ],
+)
 def test_cpu_detection_reads_the_capability_queries(monkeypatch, capability, avx512_bf16, amx, native):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
@@ -58,7 +63,9 @@ def test_cpu_detection_reads_the_capability_queries(monkeypatch, capability, avx
     assert precision.choose(AUTO, AUTO, hardware) == (native, False)
 
 
-@pytest.mark.parametrize("value, parsed", [("auto", AUTO), ("AUTO", AUTO), ("true", True), ("False", False), ("1", True)])
+@pytest.mark.parametrize(
+    "value, parsed", [("auto", AUTO), ("AUTO", AUTO), ("true", True), ("False", False), ("1", True)]
+)
 def test_flag_spellings(value, parsed):
     assert precision.parse_flag("bf16", value) == parsed
 
@@ -68,8 +75,10 @@ def test_an_unknown_flag_value_is_one_line():
         parse_train_args(["--output_dir", "x", "--use_cpu", "true", "--bf16", "maybe"])
 
 
-@pytest.mark.parametrize("argv, expected", [([], None), (["--bf16", "false"], False), (["--bf16=auto"], None),
-                                            (["--bf16"], True), (["--bf16", "true"], True)])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv, expected",
+    [([], None), (["--bf16", "false"], False), (["--bf16=auto"], None), (["--bf16"], True), (["--bf16", "true"], True)],
+)
 def test_auto_is_the_default_and_explicit_values_win(argv, expected, monkeypatch):
     args = parse_train_args(["--output_dir", "x", "--use_cpu", "true", *argv])[3]
     native = precision.detect("cpu").native_bf16
@@ -89,8 +98,28 @@ def test_forced_bf16_on_an_emulating_cpu_warns_once(caplog):
 
 def test_a_run_with_auto_records_the_precision_and_hardware_it_used(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(8))
-    assert main(["train", "--model", str(tiny_model_dir), "--dataset", str(data), "--output_dir", str(tmp_path / "t"),
-                 "--lora_target", "q_proj,v_proj", "--max_steps", "1", "--report_to", "none", "--use_cpu", "true"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(tiny_model_dir),
+                "--dataset",
+                str(data),
+                "--output_dir",
+                str(tmp_path / "t"),
+                "--lora_target",
+                "q_proj,v_proj",
+                "--max_steps",
+                "1",
+                "--report_to",
+                "none",
+                "--use_cpu",
+                "true",
+            ]
+        )
+        == 0
+    )
     manifest = json.loads((tmp_path / "t" / "ilora_task.json").read_text())
     here = precision.detect("cpu")
     assert manifest["hardware"]["precision"] == ("bf16" if here.native_bf16 else "fp32")
@@ -109,13 +138,20 @@ def test_under_deepspeed_auto_is_fp32_and_refused_half_precision_is_one_line(lau
     if launch == "accelerate":  # `accelerate launch --use_deepspeed`: no deepspeed setting, the environment says so
         monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     zero3 = SimpleNamespace(is_zero3=lambda: launch == "zero3 config")
-    args = SimpleNamespace(use_cpu=False, deepspeed=None if launch == "accelerate" else "ds.json", bf16=False,
-                           fp16=False, hf_deepspeed_config=None if launch == "accelerate" else zero3)  # fmt: skip
+    args = SimpleNamespace(
+        use_cpu=False,
+        deepspeed=None if launch == "accelerate" else "ds.json",
+        bf16=False,
+        fp16=False,
+        hf_deepspeed_config=None if launch == "accelerate" else zero3,
+    )
     assert _with_precision(args, {}) is args  # auto: fp32, nothing to change
     with pytest.raises(ILoRAError, match="--fp16 true with --deepspeed: DeepSpeed's fp16 mode casts"):
         _with_precision(args, {"fp16": "true"})
-    refusal = {"zero3 config": "--bf16 true with DeepSpeed ZeRO-3: DeepSpeed's bf16 mode casts",
-               "accelerate": "--bf16 true with accelerate launch --use_deepspeed: ilora trains"}  # fmt: skip
+    refusal = {
+        "zero3 config": "--bf16 true with DeepSpeed ZeRO-3: DeepSpeed's bf16 mode casts",
+        "accelerate": "--bf16 true with accelerate launch --use_deepspeed: ilora trains",
+    }
     if launch in refusal:
         with pytest.raises(ILoRAError, match=refusal[launch]):
             _with_precision(args, {"bf16": "true"})

@@ -12,16 +12,36 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-
 from tiny import sentiment_rows, two_task_config, write_jsonl
 
 KILLER = Path(__file__).parent / "killer.py"
 
 TRAIN_FLAGS = [
-    "--lora_target", "q_proj,v_proj", "--lora_rank", "4", "--per_device_train_batch_size", "4",
-    "--report_to", "none", "--ilora_buffer_size", "6", "--save_steps", "2", "--disable_tqdm", "true",
-    "--use_cpu", "true", "--ema_alpha", "0.8", "--max_steps", "8", "--learning_rate", "0.01", "--seed", "3",
-]  # fmt: skip
+    "--lora_target",
+    "q_proj,v_proj",
+    "--lora_rank",
+    "4",
+    "--per_device_train_batch_size",
+    "4",
+    "--report_to",
+    "none",
+    "--ilora_buffer_size",
+    "6",
+    "--save_steps",
+    "2",
+    "--disable_tqdm",
+    "true",
+    "--use_cpu",
+    "true",
+    "--ema_alpha",
+    "0.8",
+    "--max_steps",
+    "8",
+    "--learning_rate",
+    "0.01",
+    "--seed",
+    "3",
+]
 
 
 def run_cli(args, kill=None):
@@ -32,13 +52,18 @@ def run_cli(args, kill=None):
 
 def assert_same_task(a: Path, b: Path):
     for name in ("plastic", "stable"):
-        left, right = load_file(str(a / name / "adapter_model.safetensors")), load_file(str(b / name / "adapter_model.safetensors"))
+        left, right = (
+            load_file(str(a / name / "adapter_model.safetensors")),
+            load_file(str(b / name / "adapter_model.safetensors")),
+        )
         assert left.keys() == right.keys()
         for key in left:
             assert torch.equal(left[key], right[key]), f"{name} {key} differs"
     bl, br = load_file(str(a / "buffer" / "buffer.safetensors")), load_file(str(b / "buffer" / "buffer.safetensors"))
     assert all(torch.equal(bl[k], br[k]) for k in bl)
-    assert json.loads((a / "buffer" / "buffer.json").read_text()) == json.loads((b / "buffer" / "buffer.json").read_text())
+    assert json.loads((a / "buffer" / "buffer.json").read_text()) == json.loads(
+        (b / "buffer" / "buffer.json").read_text()
+    )
     ma, mb = (json.loads((d / "ilora_task.json").read_text()) for d in (a, b))
     assert ma["ema_step"] == mb["ema_step"] and ma["global_steps"] == mb["global_steps"]
     # the whole task's mean loss, not only the steps after the resume
@@ -53,7 +78,9 @@ def task_data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir, task_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "t1"
-    result = run_cli(["train", "--model", str(tiny_model_dir), "--dataset", str(task_data), "--output_dir", str(out), *TRAIN_FLAGS])
+    result = run_cli(
+        ["train", "--model", str(tiny_model_dir), "--dataset", str(task_data), "--output_dir", str(out), *TRAIN_FLAGS]
+    )
     assert result.returncode == 0, result.stderr
     return out
 
@@ -61,7 +88,16 @@ def reference(tiny_model_dir, task_data, tmp_path_factory):
 @pytest.mark.parametrize("kill", [("step", "5"), ("checkpoint", "6")], ids=["mid-task", "while-checkpointing"])
 def test_killed_task_resumes_bitwise_identical(kill, reference, tiny_model_dir, task_data, tmp_path):
     out = tmp_path / "t1"
-    args = ["train", "--model", str(tiny_model_dir), "--dataset", str(task_data), "--output_dir", str(out), *TRAIN_FLAGS]
+    args = [
+        "train",
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(task_data),
+        "--output_dir",
+        str(out),
+        *TRAIN_FLAGS,
+    ]
     killed = run_cli(args, kill)
     assert killed.returncode == -signal.SIGKILL
     assert not (out / "ilora_task.json").exists()
@@ -74,7 +110,16 @@ def test_killed_task_resumes_bitwise_identical(kill, reference, tiny_model_dir, 
 
 def test_resume_refuses_an_incomplete_checkpoint(reference, tiny_model_dir, task_data, tmp_path):
     out = tmp_path / "t1"
-    args = ["train", "--model", str(tiny_model_dir), "--dataset", str(task_data), "--output_dir", str(out), *TRAIN_FLAGS]
+    args = [
+        "train",
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(task_data),
+        "--output_dir",
+        str(out),
+        *TRAIN_FLAGS,
+    ]
     assert run_cli(args, ("checkpoint", "2")).returncode == -signal.SIGKILL
     result = run_cli(args + ["--resume_from_checkpoint", str(out / "checkpoint-2")])
     assert result.returncode == 2 and "not a complete ilora checkpoint" in result.stderr
@@ -112,8 +157,9 @@ def assert_same_outputs(a: Path, b: Path):
 def test_a_method_killed_mid_task_resumes_bitwise_identical(method, tiny_model_dir, tmp_path):
     """The state each baseline adds (EWC's Fisher, LwF's teacher, DER++'s stored logits, O-LoRA's frozen
     LoRAs) survives a SIGKILL in the middle of the second task."""
-    settings = two_task_config(tmp_path, tiny_model_dir, save_steps=1, seed=5, method=method, max_steps=3,
-                               ewc_fisher_samples=4, derpp_top_k=8)  # fmt: skip
+    settings = two_task_config(
+        tmp_path, tiny_model_dir, save_steps=1, seed=5, method=method, max_steps=3, ewc_fisher_samples=4, derpp_top_k=8
+    )
     for label, kill in (("clean", None), ("killed", ("step", "2"))):
         config = tmp_path / f"{label}.yaml"
         config.write_text(yaml.safe_dump({**settings, "output_dir": str(tmp_path / label)}))

@@ -6,11 +6,11 @@ import re
 from pathlib import Path
 
 import pytest
+from tiny import sentiment_rows, write_jsonl
 
 from ilora import ILoRAError, ReplayBuffer
 from ilora.cli import main
 from ilora.config import ModelArguments, parse_train_args
-from tiny import sentiment_rows, write_jsonl
 
 
 class Payload:
@@ -36,29 +36,75 @@ def test_a_pickle_posing_as_the_replay_buffer_is_refused(tmp_path):
 
 def test_a_pickle_in_a_checkpoint_is_refused_on_resume(tiny_model_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(8))
-    args = ["train", "--model", str(tiny_model_dir), "--dataset", str(data), "--output_dir", str(tmp_path / "o"),
-            "--lora_target", "q_proj,v_proj", "--max_steps", "2", "--save_steps", "1", "--report_to", "none",
-            "--use_cpu", "true", "--disable_tqdm", "true"]  # fmt: skip
+    args = [
+        "train",
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "o"),
+        "--lora_target",
+        "q_proj,v_proj",
+        "--max_steps",
+        "2",
+        "--save_steps",
+        "1",
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "true",
+        "--disable_tqdm",
+        "true",
+    ]
     assert main(args) == 0
     marker = tmp_path / "pwned"
     crafted(tmp_path / "o" / "checkpoint-1" / "optimizer.pt", marker)
     (tmp_path / "o" / "ilora_task.json").unlink()  # unfinished: its adapters are leftovers ilora may replace
-    assert main(args + ["--resume_from_checkpoint", str(tmp_path / "o" / "checkpoint-1"), "--overwrite_output_dir", "true"]) == 2
+    assert (
+        main(
+            args + ["--resume_from_checkpoint", str(tmp_path / "o" / "checkpoint-1"), "--overwrite_output_dir", "true"]
+        )
+        == 2
+    )
     assert "a file holds objects other than tensors" in capsys.readouterr().err
     assert not marker.exists()
 
 
 def test_a_pickled_rng_state_in_a_checkpoint_is_one_line(tiny_model_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(8))
-    args = ["train", "--model", str(tiny_model_dir), "--dataset", str(data), "--output_dir", str(tmp_path / "o"),
-            "--lora_target", "q_proj,v_proj", "--max_steps", "2", "--save_steps", "1", "--report_to", "none",
-            "--use_cpu", "true", "--disable_tqdm", "true"]  # fmt: skip
+    args = [
+        "train",
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "o"),
+        "--lora_target",
+        "q_proj,v_proj",
+        "--max_steps",
+        "2",
+        "--save_steps",
+        "1",
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "true",
+        "--disable_tqdm",
+        "true",
+    ]
     assert main(args) == 0
     marker = tmp_path / "pwned"
     crafted(tmp_path / "o" / "checkpoint-1" / "rng_state.pth", marker)
     (tmp_path / "o" / "ilora_task.json").unlink()
     capsys.readouterr()
-    assert main(args + ["--resume_from_checkpoint", str(tmp_path / "o" / "checkpoint-1"), "--overwrite_output_dir", "true"]) == 2
+    assert (
+        main(
+            args + ["--resume_from_checkpoint", str(tmp_path / "o" / "checkpoint-1"), "--overwrite_output_dir", "true"]
+        )
+        == 2
+    )
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ilora")]
     assert len(lines) == 1 and "checkpoint-1: a file holds objects other than tensors" in lines[0]
     assert not marker.exists()
@@ -76,4 +122,3 @@ def test_the_source_never_unpickles():
 def test_remote_code_is_off_unless_the_user_sets_it():
     assert ModelArguments().trust_remote_code is False
     assert parse_train_args(["--trust_remote_code", "true"])[0].trust_remote_code is True
-

@@ -1,12 +1,12 @@
 import pytest
 import torch
+from helpers import PAD, TOKENIZER, assert_closed_form_ema, lora, peft_model
 from peft import get_peft_model
+from tiny import sentiment_rows, tiny_llama
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from helpers import PAD, TOKENIZER, assert_closed_form_ema, lora, peft_model
 from ilora import ILoRAArguments, ILoRATrainer
 from ilora.data import PadCollator, encode_rows
-from tiny import sentiment_rows, tiny_llama
 
 
 def training_args(tmp_path, **overrides) -> TrainingArguments:

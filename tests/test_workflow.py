@@ -2,12 +2,12 @@ import json
 
 import pytest
 import yaml
+from tiny import write_jsonl
 from transformers import TrainingArguments
 
 from ilora import workflow
 from ilora.cli import main
 from ilora.config import ILoRAArguments
-from tiny import write_jsonl
 
 LABELS = ["positive", "negative", "neutral"]
 
@@ -29,11 +29,22 @@ def config(tiny_model_dir, tmp_path):
     tasks[2]["scoring"] = "exact_match"
     tasks[2].pop("choices")
     settings = {
-        "model_name_or_path": str(tiny_model_dir), "lora_target": "q_proj,v_proj", "lora_rank": 4,
-        "output_dir": str(tmp_path / "runs"), "per_device_train_batch_size": 4, "num_train_epochs": 1,
-        "learning_rate": 0.01, "ilora_buffer_size": 6, "ema_alpha": 0.9, "report_to": "none",
-        "use_cpu": True, "save_strategy": "no", "disable_tqdm": True, "max_new_tokens": 3, "tasks": tasks,
-    }  # fmt: skip
+        "model_name_or_path": str(tiny_model_dir),
+        "lora_target": "q_proj,v_proj",
+        "lora_rank": 4,
+        "output_dir": str(tmp_path / "runs"),
+        "per_device_train_batch_size": 4,
+        "num_train_epochs": 1,
+        "learning_rate": 0.01,
+        "ilora_buffer_size": 6,
+        "ema_alpha": 0.9,
+        "report_to": "none",
+        "use_cpu": True,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "max_new_tokens": 3,
+        "tasks": tasks,
+    }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(settings))
     return path
@@ -47,7 +58,10 @@ def test_three_task_run_writes_matrices_reports_and_resumes(config, tmp_path, mo
         R = summary["matrices"][adapter]
         assert len(R) == 4 and all(len(row) == 3 for row in R)
         assert R[1][2] is None  # after task 1, task 3 is not scored (eval_tasks: seen_and_next)
-        assert all(0.0 <= v <= 1.0 for row in R for v in row if v is not None) and sum(v is None for row in R for v in row) == 1
+        assert (
+            all(0.0 <= v <= 1.0 for row in R for v in row if v is not None)
+            and sum(v is None for row in R for v in row) == 1
+        )
         assert set(summary["metrics"][adapter]) == {"AP", "AvgAcc", "BWT", "FWT", "forgetting"}
     assert summary["matrices"]["plastic"][0] == summary["matrices"]["stable"][0]  # row 0: the same base model
     for name in ("report.md", "heatmap.png", "curves.png"):
@@ -115,7 +129,9 @@ def test_a_run_directory_is_continued_only_under_its_own_settings(config, tmp_pa
         ({"gradient_accumulation_steps": 2}, {}, [32, 32], 4, 16),
     ],
 )
-def test_joint_training_gets_the_sequence_steps_with_replay_sized_batches(training, method, sizes, steps, batch, tmp_path):
+def test_joint_training_gets_the_sequence_steps_with_replay_sized_batches(
+    training, method, sizes, steps, batch, tmp_path
+):
     training = {"num_train_epochs": 1, **training}
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, use_cpu=True, **training)
     joint = workflow.joint_training_arguments(args, ILoRAArguments(**method), sizes)
@@ -156,8 +172,12 @@ def test_eval_max_rows_scores_the_same_seeded_subsample_after_every_task(config,
     run_dir = tmp_path / "runs" / "seq_lora"
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert summary["eval_max_rows"] == 4 and set(summary["test_rows"].values()) == {4}
-    picks = [json.loads((run_dir / "tasks" / f"{k}-{n}" / "eval.json").read_text())["scores"]["plastic"]["alpha"]["predictions"]
-             for k, n in ((1, "alpha"), (2, "beta"))]  # fmt: skip
+    picks = [
+        json.loads((run_dir / "tasks" / f"{k}-{n}" / "eval.json").read_text())["scores"]["plastic"]["alpha"][
+            "predictions"
+        ]
+        for k, n in ((1, "alpha"), (2, "beta"))
+    ]
     assert all(len(p) == 4 for p in picks)
     rows = [{"i": i} for i in range(50)]
     sample = workflow.subsample(rows, 7)

@@ -37,8 +37,9 @@ def tiny_tokenizer(chat_template: bool = False) -> PreTrainedTokenizerFast:
     return fast
 
 
-def tiny_llama(vocab_size: int = 300, layers: int = 2, seed: int = 0, hidden_size: int = 32,
-               initializer_range: float = 0.02) -> LlamaForCausalLM:  # fmt: skip
+def tiny_llama(
+    vocab_size: int = 300, layers: int = 2, seed: int = 0, hidden_size: int = 32, initializer_range: float = 0.02
+) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -102,10 +103,20 @@ def two_task_config(directory: Path, model_dir: Path, **settings) -> dict:
     tasks = []
     for k, name in enumerate(["alpha", "beta"]):
         write_jsonl(directory / f"{name}.jsonl", sentiment_rows(16, offset=50 * k))
-        tasks.append({"name": name, "train": f"{name}.jsonl", "test": f"{name}.jsonl", "choices": ["positive", "negative"]})
+        tasks.append(
+            {"name": name, "train": f"{name}.jsonl", "test": f"{name}.jsonl", "choices": ["positive", "negative"]}
+        )
     defaults = {
-        "model_name_or_path": str(model_dir), "lora_target": "q_proj,v_proj", "lora_rank": 4,
-        "per_device_train_batch_size": 4, "learning_rate": 0.01, "ilora_buffer_size": 6, "ema_alpha": 0.8,
-        "report_to": "none", "use_cpu": True, "disable_tqdm": True, "tasks": tasks,
-    }  # fmt: skip
+        "model_name_or_path": str(model_dir),
+        "lora_target": "q_proj,v_proj",
+        "lora_rank": 4,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 0.01,
+        "ilora_buffer_size": 6,
+        "ema_alpha": 0.8,
+        "report_to": "none",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "tasks": tasks,
+    }
     return {**defaults, **settings}

@@ -24,9 +24,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
+from safetensors import SafetensorError, safe_open
 
 from . import distributed, sharding
 from .errors import ILoRAError
@@ -113,7 +113,11 @@ def expected_adapter_tensors(model: torch.nn.Module, config: LoraConfig) -> dict
         if ".lora_" in f".{name}" or name.endswith("base_layer") or not check_target_module_exists(config, name):
             continue
         layer = getattr(module, "base_layer", module)
-        rank = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r) if config.rank_pattern else config.r
+        rank = (
+            config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
+            if config.rank_pattern
+            else config.r
+        )
         prefix = f"{SAVED_PREFIX}{name}"
         if isinstance(layer, torch.nn.Embedding):
             expected[f"{prefix}.lora_embedding_A"] = (rank, layer.num_embeddings)
@@ -134,24 +138,34 @@ def check_adapter_fits(model: torch.nn.Module, directory: Path) -> None:
     check_adapter_dir(directory)  # readable config and weights, finite values
     config = LoraConfig.from_pretrained(str(directory))
     if config.modules_to_save:
-        raise ILoRAError(f"{directory}: modules_to_save {sorted(config.modules_to_save)} replaces base layers; "
-                         "ilora's adapters hold LoRA tensors only")  # fmt: skip
+        raise ILoRAError(
+            f"{directory}: modules_to_save {sorted(config.modules_to_save)} replaces base layers; "
+            "ilora's adapters hold LoRA tensors only"
+        )
     expected = expected_adapter_tensors(model, config)
     weights = Path(directory) / ADAPTER_WEIGHTS
     with safe_open(str(weights), framework="pt") as handle:
-        found = {key: (tuple(handle.get_slice(key).get_shape()), handle.get_slice(key).get_dtype()) for key in handle.keys()}
+        found = {
+            key: (tuple(handle.get_slice(key).get_shape()), handle.get_slice(key).get_dtype()) for key in handle.keys()
+        }
     extra = sorted(set(found) - set(expected))
     if extra:
-        raise ILoRAError(f"{weights}: tensor {extra[0]} is not part of a LoRA adapter with this config on this model "
-                         f"({len(extra)} such tensor{'s' if len(extra) > 1 else ''}); it would be loaded into the base")  # fmt: skip
+        raise ILoRAError(
+            f"{weights}: tensor {extra[0]} is not part of a LoRA adapter with this config on this model "
+            f"({len(extra)} such tensor{'s' if len(extra) > 1 else ''}); it would be loaded into the base"
+        )
     missing = sorted(set(expected) - set(found))
     if missing:
-        raise ILoRAError(f"{weights}: tensor {missing[0]} is missing ({len(missing)} missing) for the targets in "
-                         "its adapter_config.json")  # fmt: skip
+        raise ILoRAError(
+            f"{weights}: tensor {missing[0]} is missing ({len(missing)} missing) for the targets in "
+            "its adapter_config.json"
+        )
     for key, (shape, dtype) in found.items():
         if shape != expected[key]:
-            raise ILoRAError(f"{weights}: tensor {key} has shape {list(shape)} and does not fit this model, which needs "
-                             f"{list(expected[key])} (an adapter made for another base)")  # fmt: skip
+            raise ILoRAError(
+                f"{weights}: tensor {key} has shape {list(shape)} and does not fit this model, which needs "
+                f"{list(expected[key])} (an adapter made for another base)"
+            )
         if dtype not in ("F32", "BF16", "F16", "F64"):
             raise ILoRAError(f"{weights}: tensor {key} holds {dtype}, not floating-point weights")
 

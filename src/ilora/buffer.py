@@ -38,8 +38,13 @@ class ReplayBuffer:
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    def add(self, input_ids: torch.Tensor, labels: torch.Tensor, task_id: str = "",
-            extras: dict[str, torch.Tensor] | None = None) -> None:  # fmt: skip
+    def add(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        task_id: str = "",
+        extras: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         """Reservoir sampling (Vitter's algorithm R): after n examples each is kept with probability capacity/n."""
         self.num_seen += 1
         if self.capacity == 0:
@@ -61,7 +66,7 @@ class ReplayBuffer:
         """Mean bytes a stored row takes: its tokens and labels, and what methods keep beside them."""
         if not self.input_ids:
             return {"tokens": 0.0, "extras": 0.0}
-        tokens = sum(t.nbytes + l.nbytes for t, l in zip(self.input_ids, self.labels))
+        tokens = sum(ids.nbytes + labels.nbytes for ids, labels in zip(self.input_ids, self.labels))
         extras = sum(v.nbytes for row in self.extras for v in row.values())
         return {"tokens": tokens / len(self), "extras": extras / len(self)}
 
@@ -74,7 +79,7 @@ class ReplayBuffer:
         picks = self.sample_indices(size)
         return [self.input_ids[i] for i in picks], [self.labels[i] for i in picks]
 
-    def to(self, device: torch.device | str) -> "ReplayBuffer":
+    def to(self, device: torch.device | str) -> ReplayBuffer:
         self.input_ids = [t.to(device) for t in self.input_ids]
         self.labels = [t.to(device) for t in self.labels]
         self.extras = [{k: v.to(device) for k, v in row.items()} for row in self.extras]
@@ -105,7 +110,7 @@ class ReplayBuffer:
         (directory / STATE_FILE).write_text(json.dumps(state))
 
     @classmethod
-    def load(cls, directory: str | Path, capacity: int | None = None) -> "ReplayBuffer":
+    def load(cls, directory: str | Path, capacity: int | None = None) -> ReplayBuffer:
         """Load a saved buffer, checking that its two files agree. A different `capacity` is refused:
         it would change the reservoir's meaning."""
         directory = Path(directory)
@@ -128,7 +133,7 @@ class ReplayBuffer:
         buffer.input_ids = list(torch.split(tensors["input_ids"], sizes))
         buffer.labels = list(torch.split(tensors["labels"], sizes))
         buffer.task_ids = list(state["task_ids"])
-        keys = [k[len(EXTRA):] for k in tensors if k.startswith(EXTRA)]
+        keys = [k[len(EXTRA) :] for k in tensors if k.startswith(EXTRA)]
         columns = {k: torch.split(tensors[EXTRA + k], tensors[EXTRA_LENGTHS + k].tolist()) for k in keys}
         buffer.extras = [{k: columns[k][i] for k in keys} for i in range(len(sizes))]
         buffer.num_seen = state["num_seen"]
@@ -137,7 +142,7 @@ class ReplayBuffer:
         return buffer
 
 
-def check_token_ids(buffer: "ReplayBuffer", vocab_size: int, where: str) -> None:
+def check_token_ids(buffer: ReplayBuffer, vocab_size: int, where: str) -> None:
     """Every stored token id (and label other than the ignored ones) is one the model has: an id past
     the vocabulary would index past the embedding table in the first replay step."""
     for ids, labels in zip(buffer.input_ids, buffer.labels):
@@ -145,8 +150,10 @@ def check_token_ids(buffer: "ReplayBuffer", vocab_size: int, where: str) -> None
         bad_labels = labels[(labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))]
         if bad.numel() or bad_labels.numel():
             token = int((bad if bad.numel() else bad_labels)[0])
-            raise ILoRAError(f"replay buffer of {where} holds token id {token}, beyond this model's vocabulary of "
-                             f"{vocab_size} (a buffer written for another model or tokenizer?)")  # fmt: skip
+            raise ILoRAError(
+                f"replay buffer of {where} holds token id {token}, beyond this model's vocabulary of "
+                f"{vocab_size} (a buffer written for another model or tokenizer?)"
+            )
 
 
 def _check_saved(directory: Path, state, tensors: dict[str, torch.Tensor]) -> None:
@@ -180,7 +187,7 @@ def _check_saved(directory: Path, state, tensors: dict[str, torch.Tensor]) -> No
         raise bad(f"row lengths do not add up to the {tensors['input_ids'].numel()} stored tokens")
     if tensors["labels"].shape != tensors["input_ids"].shape:
         raise bad("labels and input_ids differ in length")
-    for key in [k[len(EXTRA):] for k in tensors if k.startswith(EXTRA)]:
+    for key in [k[len(EXTRA) :] for k in tensors if k.startswith(EXTRA)]:
         sizes = tensors.get(EXTRA_LENGTHS + key)
         if sizes is None or len(sizes) != rows or int(sizes.sum()) != len(tensors[EXTRA + key]):
             raise bad(f"the stored '{key}' rows do not match the {rows} examples")

@@ -162,7 +162,9 @@ def _main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
-        print(f"ilora {command}: interrupted; {RESUME_HINTS.get(command, 'nothing was marked finished')}", file=sys.stderr)
+        print(
+            f"ilora {command}: interrupted; {RESUME_HINTS.get(command, 'nothing was marked finished')}", file=sys.stderr
+        )
         return EXIT_INTERRUPTED
     return 0
 

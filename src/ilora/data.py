@@ -38,8 +38,9 @@ def encode_context(tokenizer, messages: list[dict], use_chat_template: bool) -> 
     return tokenizer(format_context(tokenizer, messages, use_chat_template), add_special_tokens=not chat)["input_ids"]
 
 
-def encode_messages(tokenizer, messages: list[dict], cutoff_len: int, use_chat_template: bool,
-                    where: str = "row") -> dict[str, list[int]]:  # fmt: skip
+def encode_messages(
+    tokenizer, messages: list[dict], cutoff_len: int, use_chat_template: bool, where: str = "row"
+) -> dict[str, list[int]]:
     """Token ids and labels for a conversation, at most `cutoff_len` tokens; labels on every assistant turn.
 
     Too long: the last answer keeps at least half the budget (cut at its end); what comes before it is
@@ -48,8 +49,9 @@ def encode_messages(tokenizer, messages: list[dict], cutoff_len: int, use_chat_t
     return _fit(ids, labels, answer_ids(tokenizer, messages[-1]["content"]), cutoff_len, where)
 
 
-def context_before_answer(tokenizer, messages: list[dict], use_chat_template: bool,
-                          where: str = "row") -> tuple[list[int], list[int]]:  # fmt: skip
+def context_before_answer(
+    tokenizer, messages: list[dict], use_chat_template: bool, where: str = "row"
+) -> tuple[list[int], list[int]]:
     """Ids and labels of everything before the last assistant answer: what evaluation scores after,
     token for token what training puts before it."""
     ids: list[int] = []
@@ -77,8 +79,10 @@ def _template_errors(where: str):
     try:
         yield
     except jinja2.TemplateError as err:
-        raise ILoRAError(f"{where}: the tokenizer's chat template fails on this conversation ({type(err).__name__}: "
-                         f"{' '.join(str(err).split())[:200]}); fix the template, or set use_chat_template: false") from None
+        raise ILoRAError(
+            f"{where}: the tokenizer's chat template fails on this conversation ({type(err).__name__}: "
+            f"{' '.join(str(err).split())[:200]}); fix the template, or set use_chat_template: false"
+        ) from None
 
 
 def answer_ids(tokenizer, text: str) -> list[int]:
@@ -98,7 +102,7 @@ def _context_ids(tokenizer, messages: list[dict], answered: int, i: int, use_cha
         done = before + messages[answered - 1]["content"] + eos  # what `ids` holds, as text
         if not full.startswith(done):
             done = tokenizer.apply_chat_template(messages[:answered], tokenize=False)
-        text = full[len(done):] if full.startswith(done) else full
+        text = full[len(done) :] if full.startswith(done) else full
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     text = "\n" + "\n".join(m["content"] for m in messages[answered:i])
     return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -115,8 +119,9 @@ def _fit(prompt_ids: list[int], prompt_labels: list[int], answer: list[int], cut
     return {"input_ids": prompt_ids + answer, "labels": prompt_labels + answer}
 
 
-def encode_example(tokenizer, prompt: str, response: str, cutoff_len: int, use_chat_template: bool,
-                   where: str = "row") -> dict[str, list[int]]:  # fmt: skip
+def encode_example(
+    tokenizer, prompt: str, response: str, cutoff_len: int, use_chat_template: bool, where: str = "row"
+) -> dict[str, list[int]]:
     """One prompt and its answer (a one-turn conversation)."""
     messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
     return encode_messages(tokenizer, messages, cutoff_len, use_chat_template, where)
@@ -124,9 +129,12 @@ def encode_example(tokenizer, prompt: str, response: str, cutoff_len: int, use_c
 
 def encode_rows(rows, tokenizer, cutoff_len: int, use_chat_template: bool, source: str = "dataset"):
     """Encode normalised rows: a `datasets.Dataset` stays one (cached, memory-mapped), a list stays a list."""
+
     def encode(row: dict, index: int) -> dict[str, list[int]]:
-        messages = row.get("messages") or [{"role": "user", "content": row["prompt"]},
-                                           {"role": "assistant", "content": row["response"]}]  # fmt: skip
+        messages = row.get("messages") or [
+            {"role": "user", "content": row["prompt"]},
+            {"role": "assistant", "content": row["response"]},
+        ]
         return encode_messages(tokenizer, messages, cutoff_len, use_chat_template, f"{source} row {index + 1}")
 
     if isinstance(rows, list):

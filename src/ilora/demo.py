@@ -25,16 +25,29 @@ log = logging.getLogger(__name__)
 # `make demo` on a fresh clone in 7 minutes; the demo alone in 8.7 with one thread. Two tasks with short
 # texts that SmolLM2 learns in 24 steps, and that interfere: plot-or-review is lost when spam is learned
 # (the earlier plan's tweets and debate stayed near chance at this size: nothing learned, nothing to forget).
-DEMO = {"tasks": ["kind", "spam"], "n_train": 96, "n_test": 48,
-        "methods": ["seq_lora", "er", "ilora"], "seeds": [0], "max_chars": 100}  # fmt: skip
+DEMO = {
+    "tasks": ["kind", "spam"],
+    "n_train": 96,
+    "n_test": 48,
+    "methods": ["seq_lora", "er", "ilora"],
+    "seeds": [0],
+    "max_chars": 100,
+}
 # Every registered method. I-LoRA and the baselines added with the plug-in interface come first: when a
 # session cannot finish a seed, what is missing is what earlier figures already cover.
-FULL = {"tasks": ["tweets", "debate", "reviews", "kind"], "n_train": 400, "n_test": 300,
-        "methods": ["ilora", "ewc", "lwf", "derpp", "olora", "seq_lora", "er", "joint"], "seeds": [0, 1, 2], "max_chars": 300}  # fmt: skip
+FULL = {
+    "tasks": ["tweets", "debate", "reviews", "kind"],
+    "n_train": 400,
+    "n_test": 300,
+    "methods": ["ilora", "ewc", "lwf", "derpp", "olora", "seq_lora", "er", "joint"],
+    "seeds": [0, 1, 2],
+    "max_chars": 300,
+}
 
 
-def run_demo(full: bool = False, output_dir: Path | None = None, overrides: dict | None = None,
-             seed: int | None = None) -> str:
+def run_demo(
+    full: bool = False, output_dir: Path | None = None, overrides: dict | None = None, seed: int | None = None
+) -> str:
     """Build the offline benchmark, run every method on it, and return the comparison table.
     `seed` replaces the demo's training seed (the full plan has its own three)."""
     from .corpora import build_benchmark, general_text
@@ -44,7 +57,9 @@ def run_demo(full: bool = False, output_dir: Path | None = None, overrides: dict
     check_directory_target(root, "--output_dir")
     if root.is_dir() and any(root.iterdir()):
         if not _is_demo_dir(root):
-            raise ILoRAError(f"--output_dir {root} already holds files that are not an ilora demo; choose another directory")
+            raise ILoRAError(
+                f"--output_dir {root} already holds files that are not an ilora demo; choose another directory"
+            )
         _check_same_tasks(root, full, plan["tasks"])
     root.mkdir(parents=True, exist_ok=True)
     # says: this directory is the demo's to rewrite, and which tasks its runs trained on
@@ -59,9 +74,19 @@ def run_demo(full: bool = False, output_dir: Path | None = None, overrides: dict
     tables = []
     for seed in plan["seeds"]:
         seed_root = root if len(plan["seeds"]) == 1 else root / f"seed-{seed}"
-        config = {**base_config, "seed": seed, "output_dir": str(seed_root.resolve()),
-                  "tasks": [{**e, "train": str((root / "data" / e["train"]).resolve()),
-                             "test": str((root / "data" / e["test"]).resolve())} for e in entries]}  # fmt: skip
+        config = {
+            **base_config,
+            "seed": seed,
+            "output_dir": str(seed_root.resolve()),
+            "tasks": [
+                {
+                    **e,
+                    "train": str((root / "data" / e["train"]).resolve()),
+                    "test": str((root / "data" / e["test"]).resolve()),
+                }
+                for e in entries
+            ],
+        }
         seed_root.mkdir(parents=True, exist_ok=True)
         config_path = seed_root / "config.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -72,15 +97,25 @@ def run_demo(full: bool = False, output_dir: Path | None = None, overrides: dict
         times = report.time_table([report.load_summary(r) for r in runs])
         tables.append(f"{report.compare(runs, seed_root)}\n\nWhere the time went (seed {seed}):\n\n{times}")
     if len(plan["seeds"]) > 1:
-        return "\n\n".join([report.aggregate([root / f"seed-{s}" for s in plan["seeds"]], plan["methods"], root), *tables])
+        return "\n\n".join(
+            [report.aggregate([root / f"seed-{s}" for s in plan["seeds"]], plan["methods"], root), *tables]
+        )
     return tables[0]
 
 
 DEMO_GENERAL_WINDOWS = 16  # x cutoff_len 48 = 768 tokens of Hamlet: about a second per adapter
 DEMO_MARKER = "ilora_demo.json"
 # What a demo directory holds; one written before the marker existed is recognised by these names alone.
-DEMO_ENTRIES = {"data", "config.yaml", "base_eval.json", "compare.md", "compare.png", "summary.md", "summary.json",
-                *FULL["methods"]}  # fmt: skip
+DEMO_ENTRIES = {
+    "data",
+    "config.yaml",
+    "base_eval.json",
+    "compare.md",
+    "compare.png",
+    "summary.md",
+    "summary.json",
+    *FULL["methods"],
+}
 
 
 # The tasks of a demo directory whose marker does not name them (written before the demo was resized).
@@ -98,8 +133,10 @@ def _check_same_tasks(root: Path, full: bool, tasks: list[str]) -> None:
         raise ILoRAError(f"{marker}: damaged demo marker (not a JSON object)")
     earlier = recorded.get("tasks", EARLIER_TASKS[full])
     if earlier != tasks:
-        raise ILoRAError(f"--output_dir {root} holds a demo of other tasks ({earlier}; this one trains on {tasks}): "
-                         "choose another directory or delete that one")
+        raise ILoRAError(
+            f"--output_dir {root} holds a demo of other tasks ({earlier}; this one trains on {tasks}): "
+            "choose another directory or delete that one"
+        )
 
 
 def _is_demo_dir(root: Path) -> bool:
@@ -109,12 +146,21 @@ def _is_demo_dir(root: Path) -> bool:
     earlier = {"data", "config.yaml"} <= names or any(n.startswith("seed-") for n in names)
     return earlier and all(n in DEMO_ENTRIES or n.startswith("seed-") for n in names)
 
+
 # The full benchmark: a buffer of 5% of the 1,600-row training stream (a generous buffer turns ER into
 # joint training and hides every difference) and an EMA horizon of ~10 steps in a 200-step run. The
 # learning rate warms up and decays within each task: at a constant 1e-3, joint training ended on
 # whatever label its last batches favoured (all "rotten" in one seed) and learned no task to chance + 15.
 # The rest are the demo config's values from when the full benchmark's seeds were started: a run continues
 # only under its own settings, so the demo's resizing must not reach them.
-FULL_SETTINGS = {"ilora_buffer_size": 80, "ema_alpha": 0.9, "lr_scheduler_type": "cosine", "warmup_steps": 0.1,
-                 "cutoff_len": 64, "replay_batch_size": None, "per_device_train_batch_size": 8,
-                 "learning_rate": 0.001, "logging_steps": 5}  # fmt: skip
+FULL_SETTINGS = {
+    "ilora_buffer_size": 80,
+    "ema_alpha": 0.9,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.1,
+    "cutoff_len": 64,
+    "replay_batch_size": None,
+    "per_device_train_batch_size": 8,
+    "learning_rate": 0.001,
+    "logging_steps": 5,
+}

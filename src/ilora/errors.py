@@ -33,16 +33,25 @@ class WriteFailed(ILoRAError):
 
 # What a refused write looks like once a library has wrapped the OSError: safetensors' Rust IoError,
 # torch's stream writer.
-WRITE_FAILURE_SIGNS = ("IoError", "No space left", "file write failed", "Disk quota", "Read-only file system",
-                       "Input/output error")  # fmt: skip
+WRITE_FAILURE_SIGNS = (
+    "IoError",
+    "No space left",
+    "file write failed",
+    "Disk quota",
+    "Read-only file system",
+    "Input/output error",
+)
 REFUSED_WRITES = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG}
 
 
 def is_refused_write(err: BaseException) -> bool:
     if isinstance(err, OSError):
         return err.errno in REFUSED_WRITES
-    return isinstance(err, RuntimeError | ValueError) and any(sign in str(err) for sign in WRITE_FAILURE_SIGNS) or (
-        type(err).__name__ == "SafetensorError" and any(sign in str(err) for sign in WRITE_FAILURE_SIGNS))
+    return (
+        isinstance(err, RuntimeError | ValueError)
+        and any(sign in str(err) for sign in WRITE_FAILURE_SIGNS)
+        or (type(err).__name__ == "SafetensorError" and any(sign in str(err) for sign in WRITE_FAILURE_SIGNS))
+    )
 
 
 @contextlib.contextmanager
@@ -53,7 +62,7 @@ def writing(path):
         yield
     except ILoRAError:
         raise
-    except Exception as err:  # noqa: BLE001 (re-raised unless it is a refused write)
+    except Exception as err:
         if not is_refused_write(err):
             raise
         cause = err.strerror if isinstance(err, OSError) and err.strerror else " ".join(str(err).split())[:200]

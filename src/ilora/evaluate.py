@@ -29,7 +29,6 @@ from .data import answer_ids, context_before_answer
 from .errors import ILoRAError, TrainingDiverged
 
 
-
 @dataclass
 class TestSet:
     """A task's test rows, tokenized once and reused after every task of the sequence."""
@@ -176,7 +175,9 @@ def generation_scores(scoring: str, predictions: list[str], answers: list[str]) 
     if scoring == "exact_match":
         return [float(normalise(p) == normalise(a)) for p, a in zip(predictions, answers)]
     if scoring == "rouge_l":
-        scorer = _library("rouge_score.rouge_scorer", "rouge-score", scoring).RougeScorer(["rougeL"], tokenizer=_Words())
+        scorer = _library("rouge_score.rouge_scorer", "rouge-score", scoring).RougeScorer(
+            ["rougeL"], tokenizer=_Words()
+        )
         return [scorer.score(a, p)["rougeL"].fmeasure for p, a in zip(predictions, answers)]
     fuzz = _library("rapidfuzz.fuzz", "rapidfuzz", scoring)
     return [fuzz.ratio(p, a) / 100.0 for p, a in zip(predictions, answers)]
@@ -203,8 +204,9 @@ def normalise(text: str) -> str:
 
 
 # -------------------------------------------------------------- the entry
-def evaluate(model, tokenizer, test: TestSet, batch_size: int = 16, max_new_tokens: int = 16,
-             autocast: torch.dtype | None = None) -> dict:  # fmt: skip
+def evaluate(
+    model, tokenizer, test: TestSet, batch_size: int = 16, max_new_tokens: int = 16, autocast: torch.dtype | None = None
+) -> dict:
     """Accuracy and each prediction of `model` (with whatever adapter is active) on one test set."""
     amp = torch.autocast(model.device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
     was_training = model.training
@@ -214,8 +216,10 @@ def evaluate(model, tokenizer, test: TestSet, batch_size: int = 16, max_new_toke
             if test.scoring == "choice":
                 scores = score_choices(model, test, tokenizer.pad_token_id, batch_size)
                 if not all(math.isfinite(v) for row in scores for v in row):  # argmax of NaN picks choice 0
-                    raise TrainingDiverged(f"task {test.name!r}: the model's answer scores are NaN or inf "
-                                           "(a diverged adapter, or an overflow in reduced precision)")  # fmt: skip
+                    raise TrainingDiverged(
+                        f"task {test.name!r}: the model's answer scores are NaN or inf "
+                        "(a diverged adapter, or an overflow in reduced precision)"
+                    )
                 picks = predict_choices(scores)
                 predictions = [test.choices[r][p] for r, p in enumerate(picks)]
                 correct = [p == g for p, g in zip(picks, test.gold())]
@@ -246,4 +250,7 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int) -> list[list
 
 def _messages(row: dict) -> list[dict]:
     """A normalised row's turns (rows built in code may carry prompt and response only)."""
-    return row.get("messages") or [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
+    return row.get("messages") or [
+        {"role": "user", "content": row["prompt"]},
+        {"role": "assistant", "content": row["response"]},
+    ]

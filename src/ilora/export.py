@@ -31,7 +31,9 @@ PROVENANCE = "ilora_export.json"
 EXPORTED = "exported"  # the adapter name an unmerged export is built under
 
 
-def export(source: Path, output: Path, adapter: str | None = None, merge: bool = False, model: str | None = None) -> Path:
+def export(
+    source: Path, output: Path, adapter: str | None = None, merge: bool = False, model: str | None = None
+) -> Path:
     """Write the export into `output` (new or empty) and return it."""
     check_directory_target(output, "--output")
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
@@ -43,8 +45,10 @@ def export(source: Path, output: Path, adapter: str | None = None, merge: bool =
     base_name = model or manifest["base_model"]["name_or_path"]
     quantization = manifest.get("quantization")
     if quantization and merge:
-        raise ILoRAError(f"{task_dir} was trained on a {quantization['bits']}-bit base: merging into quantized weights "
-                         "loses the adapter's precision; export the adapter (without --merge)")  # fmt: skip
+        raise ILoRAError(
+            f"{task_dir} was trained on a {quantization['bits']}-bit base: merging into quantized weights "
+            "loses the adapter's precision; export the adapter (without --merge)"
+        )
     base, tokenizer = load_model_and_tokenizer(base_name, quantization=quantization)
     taskdir.check_identity(manifest, task_dir, taskdir.base_model_identity(base, tokenizer))
     saved = taskdir.saved_adapters(task_dir, manifest)
@@ -57,12 +61,18 @@ def export(source: Path, output: Path, adapter: str | None = None, merge: bool =
         raise ILoRAError(f"--adapter {report!r}: {task_dir} offers {available}{did_you_mean(report, available)}")
     names = evaluated[report]
     record = {
-        "source": str(source.resolve()), "task_dir": str(task_dir.resolve()), "task_id": manifest.get("task_id"),
-        "method": method.name, "adapter": report, "adapters_summed": names, "merged": merge,
+        "source": str(source.resolve()),
+        "task_dir": str(task_dir.resolve()),
+        "task_id": manifest.get("task_id"),
+        "method": method.name,
+        "adapter": report,
+        "adapters_summed": names,
+        "merged": merge,
         "base_model": {"name_or_path": base_name, "fingerprint": manifest["base_model"]["fingerprint"]},
-        "metrics": _metrics_of(summary, report), "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "metrics": _metrics_of(summary, report),
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "ilora_version": __version__,
-    }  # fmt: skip
+    }
     # written beside `output`, moved into place when complete: a failed export (a full disk) leaves
     # nothing at `output`, so the retry runs as the first try did
     staging = output.parent / f".{output.name}.exporting-{os.getpid()}"
@@ -95,7 +105,9 @@ def _task_of(source: Path) -> tuple[Path, dict | None]:
         if not taskdir.is_finished(last):  # the run's own last task, whatever else tasks/ holds
             raise ILoRAError(f"{source}: its last task directory {last.name} is missing or unfinished")
         return last, summary
-    raise ILoRAError(f"{source}: neither a finished ilora task directory nor a finished run directory (no metrics.json)")
+    raise ILoRAError(
+        f"{source}: neither a finished ilora task directory nor a finished run directory (no metrics.json)"
+    )
 
 
 def _default_report(method, summary: dict | None, saved: dict[str, Path]) -> str:
@@ -112,8 +124,11 @@ def _default_report(method, summary: dict | None, saved: dict[str, Path]) -> str
 def _metrics_of(summary: dict | None, report: str) -> dict | None:
     if summary is None:
         return None
-    return {"run_metrics": summary["metrics"].get(report), "final_accuracy": summary["matrices"][report][-1],
-            "tasks": summary["tasks"]}  # fmt: skip
+    return {
+        "run_metrics": summary["metrics"].get(report),
+        "final_accuracy": summary["matrices"][report][-1],
+        "tasks": summary["tasks"],
+    }
 
 
 def _write_merged(model: PeftModel, names: list[str], tokenizer, output: Path) -> None:

@@ -33,12 +33,32 @@ from .paths import check_regular_file
 from .suggest import did_you_mean
 
 FORMATTINGS = ("auto", "alpaca", "sharegpt")
-ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "system": "system", "history": "history"}
+ALPACA_COLUMNS = {
+    "prompt": "instruction",
+    "query": "input",
+    "response": "output",
+    "system": "system",
+    "history": "history",
+}
 SHAREGPT_COLUMNS = {"messages": "conversations", "system": "system"}
-SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
-                 "system_tag": "system", "observation_tag": "observation", "function_tag": "function_call"}  # fmt: skip
-OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
-               "system_tag": "system", "observation_tag": "tool", "function_tag": "function"}  # fmt: skip
+SHAREGPT_TAGS = {
+    "role_tag": "from",
+    "content_tag": "value",
+    "user_tag": "human",
+    "assistant_tag": "gpt",
+    "system_tag": "system",
+    "observation_tag": "observation",
+    "function_tag": "function_call",
+}
+OPENAI_TAGS = {
+    "role_tag": "role",
+    "content_tag": "content",
+    "user_tag": "user",
+    "assistant_tag": "assistant",
+    "system_tag": "system",
+    "observation_tag": "tool",
+    "function_tag": "function",
+}
 DATASET_INFO = "dataset_info.json"
 SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -57,7 +77,10 @@ def normalise_row(row: dict[str, Any], where: str, fmt: Format = Format()) -> di
     """One row as `messages` + `prompt` + `response`."""
     formatting = fmt.formatting if fmt.formatting != "auto" else _detect(row, where)
     if formatting == "prompt":
-        messages = [_turn("user", row.get("prompt"), where, "prompt"), _turn("assistant", row.get("response"), where, "response")]
+        messages = [
+            _turn("user", row.get("prompt"), where, "prompt"),
+            _turn("assistant", row.get("response"), where, "response"),
+        ]
         if row.get("system"):
             messages.insert(0, _turn("system", row["system"], where, "system"))
     elif formatting == "alpaca":
@@ -79,8 +102,10 @@ def _detect(row: dict, where: str) -> str:
         return "alpaca"
     if "conversations" in row or "messages" in row:
         return "sharegpt"
-    raise ILoRAError(f"{where}: missing 'prompt' (rows need prompt/response, alpaca instruction/output, "
-                     f"or sharegpt conversations/messages; keys here: {sorted(row)})")  # fmt: skip
+    raise ILoRAError(
+        f"{where}: missing 'prompt' (rows need prompt/response, alpaca instruction/output, "
+        f"or sharegpt conversations/messages; keys here: {sorted(row)})"
+    )
 
 
 def _turn(role: str, content: Any, where: str, key: str) -> dict[str, str]:
@@ -105,8 +130,10 @@ def _alpaca(row: dict, where: str, columns: dict) -> list[dict[str, str]]:
     for k, pair in enumerate(history, start=1):
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
             raise ILoRAError(f"{where}: '{columns['history']}' entry {k} must be a [user, assistant] pair")
-        messages += [_turn("user", pair[0], where, f"{columns['history']}[{k}][0]"),
-                     _turn("assistant", pair[1], where, f"{columns['history']}[{k}][1]")]  # fmt: skip
+        messages += [
+            _turn("user", pair[0], where, f"{columns['history']}[{k}][0]"),
+            _turn("assistant", pair[1], where, f"{columns['history']}[{k}][1]"),
+        ]
     messages.append({"role": "user", "content": instruction + (f"\n{query}" if query else "")})
     messages.append(_turn("assistant", row.get(columns["response"]), where, columns["response"]))
     return messages
@@ -127,13 +154,17 @@ def _sharegpt(row: dict, where: str, columns: dict, tags: dict) -> list[dict[str
         messages.append(_turn("system", row[columns["system"]], where, columns["system"]))
     for k, turn in enumerate(turns, start=1):
         if not isinstance(turn, dict):
-            raise ILoRAError(f"{where}: '{key}' turn {k} must be an object with '{tags['role_tag']}' and '{tags['content_tag']}'")
+            raise ILoRAError(
+                f"{where}: '{key}' turn {k} must be an object with '{tags['role_tag']}' and '{tags['content_tag']}'"
+            )
         tag = turn.get(tags["role_tag"])
         if tag in (tags["observation_tag"], tags["function_tag"]):
             raise ILoRAError(f"{where}: '{key}' turn {k} is a tool turn ({tag!r}); tool calls are not supported")
         if tag not in roles:
-            raise ILoRAError(f"{where}: '{key}' turn {k} has role {tag!r}; expected one of {sorted(roles)}"
-                             f"{did_you_mean(str(tag), roles)}")  # fmt: skip
+            raise ILoRAError(
+                f"{where}: '{key}' turn {k} has role {tag!r}; expected one of {sorted(roles)}"
+                f"{did_you_mean(str(tag), roles)}"
+            )
         messages.append(_turn(roles[tag], turn.get(tags["content_tag"]), where, f"{key}[{k}].{tags['content_tag']}"))
     _check_alternation(messages, where, key)
     return messages
@@ -144,8 +175,10 @@ def _check_alternation(messages: list[dict], where: str, key: str) -> None:
     body = messages[1:] if messages[0]["role"] == "system" else messages
     expected = ["user", "assistant"] * (len(body) // 2)
     if len(body) < 2 or len(body) % 2 or [m["role"] for m in body] != expected:
-        raise ILoRAError(f"{where}: '{key}' must alternate user and assistant turns, starting with the user and "
-                         f"ending with the assistant (got {[m['role'] for m in messages]})")  # fmt: skip
+        raise ILoRAError(
+            f"{where}: '{key}' must alternate user and assistant turns, starting with the user and "
+            f"ending with the assistant (got {[m['role'] for m in messages]})"
+        )
 
 
 # ------------------------------------------------------------------ files
@@ -156,8 +189,11 @@ def read_rows(path: str | Path, fmt: Format = Format()):
         table = _load_table(path, fmt)
         if len(table) == 0:
             raise ILoRAError(f"{path}: no examples (the file is empty)")
-        return table.map(lambda row, i: normalise_row(row, _where(path, i), fmt), with_indices=True,
-                         remove_columns=table.column_names)  # fmt: skip
+        return table.map(
+            lambda row, i: normalise_row(row, _where(path, i), fmt),
+            with_indices=True,
+            remove_columns=table.column_names,
+        )
 
 
 @contextlib.contextmanager
@@ -201,7 +237,7 @@ def _load_table(path: Path, fmt: Format):
         # time (cp -p, rsync -t, tar) would read back the old rows. A cache per content cannot.
         cache = Path(datasets.config.HF_DATASETS_CACHE) / "ilora-by-content" / file_digest(path)
         return datasets.load_dataset(kind, data_files=str(path), split="train", cache_dir=str(cache), **options)
-    except Exception as err:  # pyarrow / datasets parse errors: one line naming the file  # noqa: BLE001
+    except Exception as err:  # pyarrow / datasets parse errors: one line naming the file
         cause = err.__cause__ or err
         raise ILoRAError(f"{path}: cannot be read as {kind} ({' '.join(str(cause).split())[:300]})") from None
 
@@ -233,8 +269,13 @@ def _check_parquet(path: Path) -> None:
     if head == b"PAR1":
         return
     looks = head.lstrip()[:1]
-    hint = ("; it looks like JSON: name it .jsonl or .json" if looks in (b"{", b"[")
-            else "; it looks like text: name it .csv or .jsonl for what it holds" if head.isascii() and head.strip() else "")  # fmt: skip
+    hint = (
+        "; it looks like JSON: name it .jsonl or .json"
+        if looks in (b"{", b"[")
+        else "; it looks like text: name it .csv or .jsonl for what it holds"
+        if head.isascii() and head.strip()
+        else ""
+    )
     raise ILoRAError(f"{path}: not a Parquet file (it does not start with PAR1){hint}")
 
 
@@ -247,7 +288,9 @@ def _lone_surrogate(value: Any, where: str = "") -> str | None:
         except UnicodeEncodeError:
             return where or "the value"
     elif isinstance(value, dict):
-        return next((f for k, v in value.items() if (f := _lone_surrogate(v, f"{where}.{k}" if where else str(k)))), None)
+        return next(
+            (f for k, v in value.items() if (f := _lone_surrogate(v, f"{where}.{k}" if where else str(k)))), None
+        )
     elif isinstance(value, list):
         return next((f for i, v in enumerate(value) if (f := _lone_surrogate(v, f"{where}[{i + 1}]"))), None)
     return None
@@ -258,8 +301,10 @@ def _check_row(row: Any, where: str, fmt: Format) -> None:
         raise ILoRAError(f"{where}: expected a JSON object, got {type(row).__name__}")
     field_name = _lone_surrogate(row)
     if field_name:
-        raise ILoRAError(f"{where}: '{field_name}' holds a lone UTF-16 surrogate (half of an emoji or other "
-                         "character cut by the writer), which is not text")  # fmt: skip
+        raise ILoRAError(
+            f"{where}: '{field_name}' holds a lone UTF-16 surrogate (half of an emoji or other "
+            "character cut by the writer), which is not text"
+        )
     normalise_row(row, where, fmt)
 
 
@@ -273,15 +318,21 @@ def _refuse_wrapped_object(path: Path, handle) -> None:
         return  # several objects, one per line: JSON Lines, checked line by line
     if not isinstance(whole, dict):
         return
-    wrapper = next((k for k, v in whole.items() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)), None)
+    wrapper = next(
+        (k for k, v in whole.items() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)), None
+    )
     handle.seek(0)
     lines = sum(1 for line in handle if line.strip())
     if wrapper is not None:
-        raise ILoRAError(f"{path}: holds one JSON object, not a list of rows; its key {wrapper!r} holds a list of "
-                         "rows: write that list alone ([{...}, ...])")  # fmt: skip
+        raise ILoRAError(
+            f"{path}: holds one JSON object, not a list of rows; its key {wrapper!r} holds a list of "
+            "rows: write that list alone ([{...}, ...])"
+        )
     if lines > 1:
-        raise ILoRAError(f"{path}: holds one JSON object over {lines} lines; a .json file holds a list of rows "
-                         "([{...}, ...]), a .jsonl file one row per line")  # fmt: skip
+        raise ILoRAError(
+            f"{path}: holds one JSON object over {lines} lines; a .json file holds a list of rows "
+            "([{...}, ...]), a .jsonl file one row per line"
+        )
 
 
 def _check_json(path: Path, fmt: Format) -> None:
@@ -350,8 +401,22 @@ def _dataset_info(dataset_dir: Path) -> dict:
 
 # The keys of a dataset_info.json entry that LLaMA-Factory reads; ilora reads local files, so the hub
 # ones are refused when there is no file_name, and subset/folder (hub only) are refused outright.
-ENTRY_KEYS = ("file_name", "formatting", "columns", "tags", "num_samples", "split", "ranking", "subset", "folder",
-              "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")  # fmt: skip
+ENTRY_KEYS = (
+    "file_name",
+    "formatting",
+    "columns",
+    "tags",
+    "num_samples",
+    "split",
+    "ranking",
+    "subset",
+    "folder",
+    "hf_hub_url",
+    "ms_hub_url",
+    "om_hub_url",
+    "script_url",
+    "cloud_file_name",
+)
 REMOTE_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
 
 
@@ -370,8 +435,10 @@ def _entry(entry: Any, name: str, dataset_dir: Path) -> Entry:
         raise ILoRAError(f"{where}: expected an object with file_name")
     unknown = sorted(set(entry) - set(ENTRY_KEYS))
     if unknown:
-        raise ILoRAError(f"{where}: unknown key {unknown[0]!r}{did_you_mean(str(unknown[0]), ENTRY_KEYS)} "
-                         f"(LLaMA-Factory reads {', '.join(ENTRY_KEYS)})")  # fmt: skip
+        raise ILoRAError(
+            f"{where}: unknown key {unknown[0]!r}{did_you_mean(str(unknown[0]), ENTRY_KEYS)} "
+            f"(LLaMA-Factory reads {', '.join(ENTRY_KEYS)})"
+        )
     for remote in REMOTE_KEYS:
         if remote in entry and "file_name" not in entry:
             raise ILoRAError(f"{where}: '{remote}' needs a download; ilora reads local files only (set file_name)")
@@ -386,13 +453,17 @@ def _entry(entry: Any, name: str, dataset_dir: Path) -> Entry:
         raise ILoRAError(f"{where}: 'file_name' must name a file in {dataset_dir}")
     formatting = entry.get("formatting", "alpaca")  # LLaMA-Factory's default
     if formatting not in FORMATTINGS[1:]:
-        raise ILoRAError(f"{where}: formatting {formatting!r} is not one of {FORMATTINGS[1:]}"
-                         f"{did_you_mean(str(formatting), FORMATTINGS[1:])}")  # fmt: skip
+        raise ILoRAError(
+            f"{where}: formatting {formatting!r} is not one of {FORMATTINGS[1:]}"
+            f"{did_you_mean(str(formatting), FORMATTINGS[1:])}"
+        )
     for key in ("columns", "tags"):
         if not isinstance(entry.get(key, {}), dict):
             raise ILoRAError(f"{where}: '{key}' must be an object")
     num_samples = entry.get("num_samples")
-    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1):
+    if num_samples is not None and (
+        isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1
+    ):
         raise ILoRAError(f"{where}: num_samples must be a whole number >= 1, got {num_samples!r}")
     fmt = Format(formatting, entry.get("columns", {}), entry.get("tags", {}))
     return Entry(dataset_dir / entry["file_name"], fmt, num_samples)

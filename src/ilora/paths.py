@@ -32,8 +32,10 @@ def check_regular_file(path: Path, prefix: str = "") -> None:
     if not path.exists():
         raise ILoRAError(f"{prefix}{path}: no such file")
     if not path.is_file():
-        raise ILoRAError(f"{prefix}{path}: not a regular file (a pipe, socket or device); ilora reads its "
-                         "inputs more than once: save it to a file")  # fmt: skip
+        raise ILoRAError(
+            f"{prefix}{path}: not a regular file (a pipe, socket or device); ilora reads its "
+            "inputs more than once: save it to a file"
+        )
 
 
 def is_adapter_dir(path: Path) -> bool:
@@ -78,8 +80,10 @@ def check_trainer_outputs(output_dir: Path) -> None:
         return
     for entry in sorted(output_dir.iterdir()):
         if entry.name.startswith(CHECKPOINT_PREFIX) and not is_ilora_checkpoint(entry):
-            raise ILoRAError(f"{entry} was not written by ilora, and the Trainer writes and rotates "
-                             f"{CHECKPOINT_PREFIX}* folders in output_dir; ilora never touches it: choose another output_dir")  # fmt: skip
+            raise ILoRAError(
+                f"{entry} was not written by ilora, and the Trainer writes and rotates "
+                f"{CHECKPOINT_PREFIX}* folders in output_dir; ilora never touches it: choose another output_dir"
+            )
 
 
 def check_replaceable(path: Path, kind: str, allowed: bool, what: str) -> None:
@@ -87,11 +91,12 @@ def check_replaceable(path: Path, kind: str, allowed: bool, what: str) -> None:
     if not path.exists() and not path.is_symlink():
         return
     if path.is_symlink() or not path.is_dir() or not KINDS[kind](path):
-        raise ILoRAError(f"{what} {path} already exists and is not an ilora {kind} directory; "
-                         "ilora never replaces it: choose another path")  # fmt: skip
+        raise ILoRAError(
+            f"{what} {path} already exists and is not an ilora {kind} directory; "
+            "ilora never replaces it: choose another path"
+        )
     if not allowed:
-        raise ILoRAError(f"{what} {path} already holds an adapter or buffer; "
-                         "pass --overwrite_output_dir to replace it")  # fmt: skip
+        raise ILoRAError(f"{what} {path} already holds an adapter or buffer; pass --overwrite_output_dir to replace it")
 
 
 def check_directory_target(path: Path, what: str) -> None:
@@ -127,8 +132,10 @@ class TaskOutputs:
 
     def writes(self) -> dict[str, tuple[Path, str]]:
         """What -> (path, kind) of every directory the task replaces."""
-        paths = {"plastic adapter": (self.output_dir / "plastic", "adapter"),
-                 "replay buffer": (self.output_dir / "buffer", "buffer")}  # fmt: skip
+        paths = {
+            "plastic adapter": (self.output_dir / "plastic", "adapter"),
+            "replay buffer": (self.output_dir / "buffer", "buffer"),
+        }
         if self.stable is not None:
             paths["stable adapter"] = (self.stable, "adapter")
         return paths
@@ -145,9 +152,9 @@ class TaskOutputs:
         for what, (path, kind) in writes.items():
             check_directory_target(path, what)
             check_replaceable(path, kind, self.overwrite, what)
-        if self.stable is not None and _absolute(self.output_dir) not in _absolute(self.stable).parents:
-            if overlaps(self.stable, self.output_dir):  # output_dir itself, or a folder holding it
-                raise ILoRAError(f"ema_adapter_path {self.stable} would replace output_dir {self.output_dir}")
+        outside = self.stable is not None and _absolute(self.output_dir) not in _absolute(self.stable).parents
+        if outside and overlaps(self.stable, self.output_dir):  # output_dir itself, or a folder holding it
+            raise ILoRAError(f"ema_adapter_path {self.stable} would replace output_dir {self.output_dir}")
         items = list(writes.items())
         for i, (what, (path, _)) in enumerate(items):
             for other, (other_path, _) in items[i + 1 :]:

@@ -45,8 +45,13 @@ def detect(device: str) -> Hardware:
     if device == "cuda":
         index = torch.cuda.current_device()
         major, minor = torch.cuda.get_device_capability(index)
-        return Hardware("cuda", torch.cuda.get_device_name(index), f"sm_{major}{minor}",
-                        native_bf16=torch.cuda.is_bf16_supported(), native_fp16=True)  # fmt: skip
+        return Hardware(
+            "cuda",
+            torch.cuda.get_device_name(index),
+            f"sm_{major}{minor}",
+            native_bf16=torch.cuda.is_bf16_supported(),
+            native_fp16=True,
+        )
     capability = torch.backends.cpu.get_cpu_capability()
     # AVX512-BF16 counts only where torch dispatches AVX512 kernels: restricted to AVX2 (ATEN_CPU_CAPABILITY,
     # ONEDNN_MAX_CPU_ISA), this CPU ran bf16 products at 0.9 GFLOPS against 430 unrestricted

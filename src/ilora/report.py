@@ -10,11 +10,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from .errors import ILoRAError  # noqa: E402
-from .jsonfile import read_json  # noqa: E402
-from .paths import check_directory_target  # noqa: E402
+from .errors import ILoRAError
+from .jsonfile import read_json
+from .paths import check_directory_target
 
 METRIC_ORDER = ("AP", "AvgAcc", "BWT", "FWT", "forgetting")
 
@@ -33,8 +33,13 @@ def matrix_table(R: list[list[float]], tasks: list[str], joint: bool = False) ->
 
 def write_report(run_dir: Path, summary: dict) -> None:
     tasks, joint = summary["tasks"], summary["method"] == "joint"
-    lines = [f"# ilora run: {summary['method']}", "", f"Tasks in order: {', '.join(tasks)}.",
-             "Accuracies and metrics in percent (BWT, FWT, forgetting in points).", ""]  # fmt: skip
+    lines = [
+        f"# ilora run: {summary['method']}",
+        "",
+        f"Tasks in order: {', '.join(tasks)}.",
+        "Accuracies and metrics in percent (BWT, FWT, forgetting in points).",
+        "",
+    ]
     for adapter, R in summary["matrices"].items():
         lines += [f"## {adapter} adapter", "", *matrix_table(R, tasks, joint), ""]
         values = summary["metrics"][adapter]
@@ -50,8 +55,14 @@ def write_report(run_dir: Path, summary: dict) -> None:
         lines += general_table(summary) + ["", "![general perplexity](general.png)", ""]
         _general_plot(run_dir / "general.png", summary)
     timings = summary["timings"]
-    lines += [f"Total time: {timings['total_seconds']:.0f} s.", "", "![accuracy matrix](heatmap.png)", "",
-              "![accuracy over the sequence](curves.png)", ""]  # fmt: skip
+    lines += [
+        f"Total time: {timings['total_seconds']:.0f} s.",
+        "",
+        "![accuracy matrix](heatmap.png)",
+        "",
+        "![accuracy over the sequence](curves.png)",
+        "",
+    ]
     (run_dir / "report.md").write_text("\n".join(lines))
     _heatmaps(run_dir / "heatmap.png", summary)
     _curves(run_dir / "curves.png", summary)
@@ -61,9 +72,13 @@ def general_table(summary: dict) -> list[str]:
     """General forgetting: perplexity on the held-out general text before training and after each task."""
     general, tasks = summary["general"], summary["tasks"]
     adapters = list(general["perplexity"])
-    lines = [f"## General ability: perplexity on {Path(general['file']).name} ({general['tokens']} tokens; lower is better)",
-             "", "| after | " + " | ".join(adapters) + " |", "|---" * (len(adapters) + 1) + "|",
-             "| before training | " + " | ".join(f"{general['base']:.2f}" for _ in adapters) + " |"]  # fmt: skip
+    lines = [
+        f"## General ability: perplexity on {Path(general['file']).name} ({general['tokens']} tokens; lower is better)",
+        "",
+        "| after | " + " | ".join(adapters) + " |",
+        "|---" * (len(adapters) + 1) + "|",
+        "| before training | " + " | ".join(f"{general['base']:.2f}" for _ in adapters) + " |",
+    ]
     for k in range(len(general["perplexity"][adapters[0]])):
         label = "all tasks (joint)" if summary["method"] == "joint" else f"{k + 1}. {tasks[k]}"
         lines.append(f"| {label} | " + " | ".join(f"{general['perplexity'][a][k]:.2f}" for a in adapters) + " |")
@@ -87,7 +102,9 @@ def _heatmaps(path: Path, summary: dict) -> None:
     tasks, matrices = summary["tasks"], summary["matrices"]
     fig, axes = plt.subplots(1, len(matrices), figsize=(4.5 * len(matrices), 3.8), squeeze=False)
     for ax, (adapter, R) in zip(axes[0], matrices.items()):
-        image = ax.imshow([[math.nan if v is None else 100 * v for v in row] for row in R], vmin=0, vmax=100, cmap="viridis")
+        image = ax.imshow(
+            [[math.nan if v is None else 100 * v for v in row] for row in R], vmin=0, vmax=100, cmap="viridis"
+        )
         ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
         ax.set_yticks(range(len(R)), ["base"] + [f"after {k}" for k in range(1, len(R))])
         for k, row in enumerate(R):
@@ -106,8 +123,13 @@ def _curves(path: Path, summary: dict) -> None:
     for adapter, R in summary["matrices"].items():
         style = "-" if adapter == "plastic" else "--"
         for i, task in enumerate(tasks):
-            ax.plot(range(len(R)), [math.nan if row[i] is None else 100 * row[i] for row in R], style, marker="o",
-                    label=f"{task} ({adapter})")  # fmt: skip
+            ax.plot(
+                range(len(R)),
+                [math.nan if row[i] is None else 100 * row[i] for row in R],
+                style,
+                marker="o",
+                label=f"{task} ({adapter})",
+            )
     ax.set_xticks(range(len(summary["matrices"]["plastic"])))
     ax.set_xlabel("tasks trained")
     ax.set_ylabel("accuracy (%)")
@@ -141,7 +163,11 @@ def _summary_problem(summary) -> str | None:
     if not isinstance(matrices, dict) or not matrices or not isinstance(values, dict):
         return "no accuracy matrices or metrics"
     for adapter, R in matrices.items():
-        if not isinstance(R, list) or len(R) < 2 or any(not isinstance(row, list) or len(row) != len(tasks) for row in R):
+        if (
+            not isinstance(R, list)
+            or len(R) < 2
+            or any(not isinstance(row, list) or len(row) != len(tasks) for row in R)
+        ):
             return f"the {adapter} accuracy matrix does not have one column per task"
         # cells between may be None (not scored); the base row and the final row never are
         if not all(v is None or _is_accuracy(v) for row in R for v in row) or None in R[0] + R[-1]:
@@ -158,7 +184,9 @@ def _timings_problem(timings) -> str | None:
         return "no timings (total_seconds)"
     per_task = timings.get("per_task")
     if not isinstance(per_task, list) or not all(
-            isinstance(t, dict) and _is_finite(t.get("train_seconds")) and _is_finite(t.get("eval_seconds")) for t in per_task):  # fmt: skip
+        isinstance(t, dict) and _is_finite(t.get("train_seconds")) and _is_finite(t.get("eval_seconds"))
+        for t in per_task
+    ):
         return "timings.per_task must list train_seconds and eval_seconds for each task"
     return None
 
@@ -178,13 +206,17 @@ def comparable(summaries: list[dict], run_dirs: list[Path]) -> list[str]:
     first_tests = (summaries[0].get("inputs") or {}).get("test") or {}
     for summary, run_dir in zip(summaries[1:], run_dirs[1:]):
         if sorted(summary["tasks"]) != sorted(tasks):
-            raise ILoRAError(f"{run_dir} ran tasks {summary['tasks']}, {run_dirs[0]} ran {tasks}: "
-                             "runs over different tasks cannot be compared")  # fmt: skip
+            raise ILoRAError(
+                f"{run_dir} ran tasks {summary['tasks']}, {run_dirs[0]} ran {tasks}: "
+                "runs over different tasks cannot be compared"
+            )
         tests = (summary.get("inputs") or {}).get("test") or {}
         for task in tasks:
             if task in tests and task in first_tests and tests[task] != first_tests[task]:
-                raise ILoRAError(f"{run_dir} and {run_dirs[0]} scored task {task!r} on different test files: "
-                                 "their accuracies cannot be compared")  # fmt: skip
+                raise ILoRAError(
+                    f"{run_dir} and {run_dirs[0]} scored task {task!r} on different test files: "
+                    "their accuracies cannot be compared"
+                )
     return tasks
 
 
@@ -216,7 +248,9 @@ def finals_table(summaries: list[dict], tasks: list[str]) -> str:
         minutes = summary["timings"]["total_seconds"] / 60
         for adapter in summary["matrices"]:
             finals = final_accuracy(summary, adapter, tasks)
-            lines.append(f"| {summary['method']} ({adapter}) | " + " | ".join(fmt(v) for v in finals) + f" | {minutes:.1f} |")
+            lines.append(
+                f"| {summary['method']} ({adapter}) | " + " | ".join(fmt(v) for v in finals) + f" | {minutes:.1f} |"
+            )
     return "\n".join(lines)
 
 
@@ -250,7 +284,9 @@ def _refuse_repeated_runs(run_dirs: list[Path]) -> None:
         if metrics.is_file():
             content = metrics.read_bytes()
             if content in contents:
-                raise ILoRAError(f"{run_dir} and {contents[content]} hold the same run (identical metrics.json): compare each run once")
+                raise ILoRAError(
+                    f"{run_dir} and {contents[content]} hold the same run (identical metrics.json): compare each run once"
+                )
             contents[content] = run_dir
 
 
@@ -269,8 +305,12 @@ def _compare_plot(path: Path, summaries: list[dict], tasks: list[str]) -> None:
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(tasks), 3.8))
     for j, (summary, adapter) in enumerate(labels):
         final = final_accuracy(summary, adapter, tasks)
-        ax.bar([i + j * width for i in range(len(tasks))], [100 * v for v in final], width,
-               label=f"{summary['method']} ({adapter})")  # fmt: skip
+        ax.bar(
+            [i + j * width for i in range(len(tasks))],
+            [100 * v for v in final],
+            width,
+            label=f"{summary['method']} ({adapter})",
+        )
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], tasks)
     ax.set_ylabel("final accuracy (%)")
     ax.legend(fontsize=7)
@@ -285,10 +325,14 @@ def time_table(summaries: list[dict]) -> str:
         per_task = summary["timings"]["per_task"]
         train = sum(t["train_seconds"] for t in per_task)
         evaluate = sum(t["eval_seconds"] for t in per_task)
-        lines.append(f"| {summary['method']} | {train:.0f} | {evaluate:.0f} | {summary['timings']['total_seconds']:.0f} |")
+        lines.append(
+            f"| {summary['method']} | {train:.0f} | {evaluate:.0f} | {summary['timings']['total_seconds']:.0f} |"
+        )
     hardware = summaries[0].get("hardware")
     if hardware:
-        lines.append(f"\nOn {hardware['name']} ({hardware['device']}, {hardware['capability']}), {hardware['precision']}.")
+        lines.append(
+            f"\nOn {hardware['name']} ({hardware['device']}, {hardware['capability']}), {hardware['precision']}."
+        )
     return "\n".join(lines)
 
 

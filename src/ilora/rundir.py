@@ -39,7 +39,11 @@ def inputs_record(model_fingerprint: str, tokenizer, tasks, general: str | None 
 
     def digest(spec: str, dataset_dir: str | None) -> str:
         files = source_files(spec, dataset_dir)
-        return file_digest(files[0]) if len(files) == 1 else hashlib.sha256("".join(map(file_digest, files)).encode()).hexdigest()
+        return (
+            file_digest(files[0])
+            if len(files) == 1
+            else hashlib.sha256("".join(map(file_digest, files)).encode()).hexdigest()
+        )
 
     return {
         "model": model_fingerprint,
@@ -66,8 +70,10 @@ def check_run_dir(run_dir: Path) -> None:
         raise ILoRAError(f"run directory {run_dir} is a file")
     names = {p.name for p in run_dir.iterdir()}
     if names and not names & {SETTINGS_FILE, TASKS_DIR}:
-        raise ILoRAError(f"{run_dir} already exists and is not an ilora run directory; ilora writes nothing "
-                         "into it: choose another output_dir")  # fmt: skip
+        raise ILoRAError(
+            f"{run_dir} already exists and is not an ilora run directory; ilora writes nothing "
+            "into it: choose another output_dir"
+        )
 
 
 def has_trained(run_dir: Path) -> bool:
@@ -88,14 +94,19 @@ def check_same_settings(run_dir: Path, record: dict) -> None:
         raise ILoRAError(f"{path}: damaged run settings (not a JSON object); delete {run_dir} to start again")
     changed_input = _changed_input(stored.get("inputs"), record["inputs"])
     if changed_input:
-        raise ILoRAError(f"{changed_input} changed since {run_dir} was started: its results would not match "
-                         "the data; use another output_dir or delete that directory to start again")  # fmt: skip
+        raise ILoRAError(
+            f"{changed_input} changed since {run_dir} was started: its results would not match "
+            "the data; use another output_dir or delete that directory to start again"
+        )
     changed = []
     for part, values in record.items():
         before = stored.get(part) if isinstance(stored.get(part), dict) else {}
         if part != "inputs":
-            changed += [f"{key}: {before.get(key)!r} -> {values.get(key)!r}"
-                        for key in sorted(values.keys() | before.keys()) if before.get(key) != values.get(key)]  # fmt: skip
+            changed += [
+                f"{key}: {before.get(key)!r} -> {values.get(key)!r}"
+                for key in sorted(values.keys() | before.keys())
+                if before.get(key) != values.get(key)
+            ]
     if changed:
         listed = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
         raise ILoRAError(
@@ -155,8 +166,13 @@ def read_general_base(path: Path, key: dict) -> float | None:
 
 def general_summary(run, windows: list[list[int]], base: float, results: list[dict], adapters: list[str]) -> dict:
     """metrics.json's general-forgetting row: perplexity before training and after each task."""
-    return {"file": run.general, "windows": len(windows), "tokens": sum(len(w) for w in windows), "base": base,
-            "perplexity": {a: [r["general"][a] for r in results] for a in adapters}}  # fmt: skip
+    return {
+        "file": run.general,
+        "windows": len(windows),
+        "tokens": sum(len(w) for w in windows),
+        "base": base,
+        "perplexity": {a: [r["general"][a] for r in results] for a in adapters},
+    }
 
 
 def check_scores(path: Path, scores: Any, test_rows: dict[str, int], label: str) -> None:
@@ -209,21 +225,69 @@ NOT_RESULTS: dict[str, frozenset[str]] = {
     "method_options": frozenset(),
     "run": frozenset({"general"}),
     "task": frozenset({"train", "test", "dataset_dir"}),
-    "training": frozenset({
-        "output_dir", "run_name", "project", "report_to", "disable_tqdm", "log_level", "log_level_replica",
-        "log_on_each_node", "logging_strategy", "logging_steps", "logging_first_step", "logging_nan_inf_filter",
-        "include_num_input_tokens_seen", "skip_memory_metrics", "debug", "trackio_space_id", "trackio_bucket_id",
-        "trackio_static_space_id", "push_to_hub", "hub_token", "hub_private_repo", "hub_model_id", "hub_strategy",
-        "hub_always_push", "hub_revision", "save_strategy", "save_steps", "save_total_limit", "save_on_each_node",
-        "enable_jit_checkpoint", "resume_from_checkpoint", "do_train", "do_eval", "do_predict", "eval_strategy",
-        "eval_steps", "eval_delay", "eval_on_start", "per_device_eval_batch_size", "prediction_loss_only",
-        "eval_do_concat_batches", "eval_use_gather_object", "eval_accumulation_steps", "include_for_metrics",
-        "batch_eval_metrics", "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
-        "dataloader_prefetch_factor", "dataloader_multiprocessing_context", "torch_empty_cache_steps",
-        "ddp_timeout", "ddp_backend", "ddp_bucket_cap_mb", "ddp_find_unused_parameters", "ddp_broadcast_buffers",
-        "ddp_static_graph", "local_rank",
-    }),
-}  # fmt: skip
+    "training": frozenset(
+        {
+            "output_dir",
+            "run_name",
+            "project",
+            "report_to",
+            "disable_tqdm",
+            "log_level",
+            "log_level_replica",
+            "log_on_each_node",
+            "logging_strategy",
+            "logging_steps",
+            "logging_first_step",
+            "logging_nan_inf_filter",
+            "include_num_input_tokens_seen",
+            "skip_memory_metrics",
+            "debug",
+            "trackio_space_id",
+            "trackio_bucket_id",
+            "trackio_static_space_id",
+            "push_to_hub",
+            "hub_token",
+            "hub_private_repo",
+            "hub_model_id",
+            "hub_strategy",
+            "hub_always_push",
+            "hub_revision",
+            "save_strategy",
+            "save_steps",
+            "save_total_limit",
+            "save_on_each_node",
+            "enable_jit_checkpoint",
+            "resume_from_checkpoint",
+            "do_train",
+            "do_eval",
+            "do_predict",
+            "eval_strategy",
+            "eval_steps",
+            "eval_delay",
+            "eval_on_start",
+            "per_device_eval_batch_size",
+            "prediction_loss_only",
+            "eval_do_concat_batches",
+            "eval_use_gather_object",
+            "eval_accumulation_steps",
+            "include_for_metrics",
+            "batch_eval_metrics",
+            "dataloader_num_workers",
+            "dataloader_pin_memory",
+            "dataloader_persistent_workers",
+            "dataloader_prefetch_factor",
+            "dataloader_multiprocessing_context",
+            "torch_empty_cache_steps",
+            "ddp_timeout",
+            "ddp_backend",
+            "ddp_bucket_cap_mb",
+            "ddp_find_unused_parameters",
+            "ddp_broadcast_buffers",
+            "ddp_static_graph",
+            "local_rank",
+        }
+    ),
+}
 
 
 def _guarded(part: str, values: dict) -> dict:
@@ -235,7 +299,9 @@ def settings_record(config: dict) -> dict:
     but those of `NOT_RESULTS`."""
     run = _guarded("run", config["run"])
     run["tasks"] = [_guarded("task", task) for task in config["run"]["tasks"]]
-    record = {part: _guarded(part, config[part] or {}) for part in ("model", "data", "ilora", "method_options", "training")}
+    record = {
+        part: _guarded(part, config[part] or {}) for part in ("model", "data", "ilora", "method_options", "training")
+    }
     record["run"] = run
     return json.loads(json.dumps(record))  # as it reads back from the file
 
@@ -254,7 +320,8 @@ def summary(run, adapters, base_row, results, timings, seconds, tests, joint: bo
         else:
             metric_table[adapter] = metrics.all_metrics(R)
         distributions[adapter] = [
-            {name: dict(Counter(row[name]["predictions"]).most_common()) for name in names if name in row} for row in rows
+            {name: dict(Counter(row[name]["predictions"]).most_common()) for name in names if name in row}
+            for row in rows
         ]
     return {
         "method": run.method,
@@ -289,8 +356,13 @@ def versions() -> dict:
 
     from . import __version__
 
-    return {"ilora": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "cpu_threads": torch.get_num_threads()}  # fmt: skip
+    return {
+        "ilora": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "cpu_threads": torch.get_num_threads(),
+    }
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -35,7 +35,9 @@ def local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Each tensor's part on this rank (the tensor itself when it is not sharded); in-place updates
     of a part update the sharded parameter. A ZeRO-3 part is a view of the partition's current
     storage, which DeepSpeed's optimizer re-points: ask again after every step."""
-    return [t.to_local() if isinstance(t, DTensor) else _partition(t) if hasattr(t, "ds_tensor") else t for t in tensors]
+    return [
+        t.to_local() if isinstance(t, DTensor) else _partition(t) if hasattr(t, "ds_tensor") else t for t in tensors
+    ]
 
 
 def shape(tensor: torch.Tensor) -> torch.Size:

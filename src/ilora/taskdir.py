@@ -32,7 +32,14 @@ from .buffer import ReplayBuffer
 from .config import ILoRAArguments
 from .errors import ILoRAError, writing
 from .jsonfile import read_json
-from .paths import CHECKPOINT_CLAIM, CHECKPOINT_MARKER, TaskOutputs, check_directory_target, check_replaceable, is_ilora_checkpoint
+from .paths import (
+    CHECKPOINT_CLAIM,
+    CHECKPOINT_MARKER,
+    TaskOutputs,
+    check_directory_target,
+    check_replaceable,
+    is_ilora_checkpoint,
+)
 
 MANIFEST = "ilora_task.json"
 METHOD_STATE = "method_state.safetensors"  # a method's tensors (EWC's Fisher), in task directories and checkpoints
@@ -42,8 +49,14 @@ STAGING = ".ilora-staging"  # inside output_dir; only ilora ever creates a folde
 FORMAT_VERSION = 1
 RESUME_LATEST = ("true", "True", "last")  # resume_from_checkpoint values meaning "the newest complete one"
 # What a manifest must hold, with the type of each value: anything else is a damaged file.
-MANIFEST_KEYS = {"task_id": (str, type(None)), "base_model": dict, "lora": dict, "ema_step": int,
-                 "global_steps": int, "ilora_args": dict}  # fmt: skip
+MANIFEST_KEYS = {
+    "task_id": (str, type(None)),
+    "base_model": dict,
+    "lora": dict,
+    "ema_step": int,
+    "global_steps": int,
+    "ilora_args": dict,
+}
 LORA_KEYS = {"r": int, "lora_alpha": (int, float), "target_modules": (str, list)}
 
 
@@ -82,8 +95,11 @@ def lora_identity(config: LoraConfig) -> dict[str, Any]:
 
 def tokenizer_digest(tokenizer) -> str:
     """What the tokenizer does, by content: vocabulary, special tokens, chat template."""
-    record = {"vocab": sorted(tokenizer.get_vocab().items()), "special": tokenizer.special_tokens_map,
-              "chat_template": getattr(tokenizer, "chat_template", None)}  # fmt: skip
+    record = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "special": tokenizer.special_tokens_map,
+        "chat_template": getattr(tokenizer, "chat_template", None),
+    }
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -114,20 +130,24 @@ def check_identity(recorded: dict, directory: Path, base: dict, lora: dict | Non
     A tokenizer is compared where both sides recorded one (manifests of older ilora did not)."""
     before = recorded["base_model"]
     if before["fingerprint"] != base["fingerprint"]:
-        raise ILoRAError(f"{directory} was trained on base model {before.get('name_or_path')!r}; {base['name_or_path']!r} "
-                         "holds other weights: a task is continued, evaluated and exported on the base it was trained on")  # fmt: skip
+        raise ILoRAError(
+            f"{directory} was trained on base model {before.get('name_or_path')!r}; {base['name_or_path']!r} "
+            "holds other weights: a task is continued, evaluated and exported on the base it was trained on"
+        )
     if before.get("tokenizer") and base.get("tokenizer") and before["tokenizer"] != base["tokenizer"]:
-        raise ILoRAError(f"{directory} was trained with another tokenizer than {base['name_or_path']!r}'s (vocabulary, "
-                         "special tokens or chat template differ): the same token ids would stand for other text")  # fmt: skip
+        raise ILoRAError(
+            f"{directory} was trained with another tokenizer than {base['name_or_path']!r}'s (vocabulary, "
+            "special tokens or chat template differ): the same token ids would stand for other text"
+        )
     if lora is not None and recorded.get("lora") != lora:
-        raise ILoRAError(f"LoRA config {lora} does not match {recorded.get('lora')}, the one {directory} was trained with")
+        raise ILoRAError(
+            f"LoRA config {lora} does not match {recorded.get('lora')}, the one {directory} was trained with"
+        )
 
 
 def check_compatible(manifest: dict, directory: Path, lora: dict, base: dict, prev_task_id: str | None) -> None:
     if prev_task_id is not None and manifest.get("task_id") != prev_task_id:
-        raise ILoRAError(
-            f"prev_task_id={prev_task_id!r} but {directory} holds task {manifest.get('task_id')!r}"
-        )
+        raise ILoRAError(f"prev_task_id={prev_task_id!r} but {directory} holds task {manifest.get('task_id')!r}")
     check_identity(manifest, directory, base, lora)
 
 
@@ -136,7 +156,9 @@ def manifest_method(manifest: dict) -> str:
     if isinstance(manifest.get("method"), str):
         return manifest["method"]
     args = manifest.get("ilora_args", {})
-    return "seq_lora" if args.get("use_ilora") is False else "er" if args.get("use_stable_adapter") is False else "ilora"
+    return (
+        "seq_lora" if args.get("use_ilora") is False else "er" if args.get("use_stable_adapter") is False else "ilora"
+    )
 
 
 def saved_adapters(directory: Path, manifest: dict) -> dict[str, Path]:
@@ -189,18 +211,30 @@ class PreviousTask:
         return self.manifest.get("task_id")
 
 
-def load_previous(directory: Path, args: ILoRAArguments, lora: dict | None, base: dict, buffer_capacity: int | None,
-                  world_size: int, process_index: int, quantization: dict | None = None) -> PreviousTask:  # fmt: skip
+def load_previous(
+    directory: Path,
+    args: ILoRAArguments,
+    lora: dict | None,
+    base: dict,
+    buffer_capacity: int | None,
+    world_size: int,
+    process_index: int,
+    quantization: dict | None = None,
+) -> PreviousTask:
     """The previous task's manifest (same method, LoRA and base model), adapters, this rank's buffer
     (when `buffer_capacity` is given) and method state."""
     manifest = read_manifest(directory)
     if manifest.get("quantization") != quantization:
-        raise ILoRAError(f"{directory} was trained on a base loaded as {_bits(manifest.get('quantization'))}; this task "
-                         f"loads it as {_bits(quantization)}: use the same quantization_bit")  # fmt: skip
+        raise ILoRAError(
+            f"{directory} was trained on a base loaded as {_bits(manifest.get('quantization'))}; this task "
+            f"loads it as {_bits(quantization)}: use the same quantization_bit"
+        )
     check_compatible(manifest, directory, lora or manifest["lora"], base, args.prev_task_id)
     if manifest_method(manifest) != args.method:
-        raise ILoRAError(f"{directory} was trained with method {manifest_method(manifest)!r}; a chained task "
-                         f"continues with the same method, not {args.method!r}")  # fmt: skip
+        raise ILoRAError(
+            f"{directory} was trained with method {manifest_method(manifest)!r}; a chained task "
+            f"continues with the same method, not {args.method!r}"
+        )
     adapters = previous_adapters(directory, manifest, args.ema_adapter_path)
     buffer = None
     if buffer_capacity is not None:
@@ -214,8 +248,11 @@ def load_previous(directory: Path, args: ILoRAArguments, lora: dict | None, base
 
 
 def _bits(quantization: dict | None) -> str:
-    return "full precision" if quantization is None else f"{quantization['bits']}-bit" + (
-        f" {quantization['type']}" if quantization.get("type") else "")
+    return (
+        "full precision"
+        if quantization is None
+        else f"{quantization['bits']}-bit" + (f" {quantization['type']}" if quantization.get("type") else "")
+    )
 
 
 def read_method_state(directory: Path, manifest: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -236,8 +273,9 @@ def _load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
         raise ILoRAError(f"{path}: damaged {what} ({' '.join(str(err).split())})") from None
 
 
-def planned_outputs(output_dir: str | None, args: ILoRAArguments, overwrite: bool,
-                    resume_from: str | None = None) -> TaskOutputs:  # fmt: skip
+def planned_outputs(
+    output_dir: str | None, args: ILoRAArguments, overwrite: bool, resume_from: str | None = None
+) -> TaskOutputs:
     """Everything a task will write and read, checked before the model loads (see `ilora.paths`)."""
     if not output_dir:
         raise ILoRAError("--output_dir is required")
@@ -308,12 +346,15 @@ def write_task(
     distributed.barrier()
     if distributed.rank() == 0:
         try:
-            targets = {name: stable_save_path(output_dir, args) if name == STABLE else output_dir / name
-                       for name in adapters}  # fmt: skip
+            targets = {
+                name: stable_save_path(output_dir, args) if name == STABLE else output_dir / name for name in adapters
+            }
             with writing(output_dir):  # a full disk: one line, exit 1; the staging folder is cleared on retry
                 if method_state[0]:
-                    save_file({k: v.detach().cpu().contiguous() for k, v in method_state[0].items()},
-                              str(staging / METHOD_STATE))  # fmt: skip
+                    save_file(
+                        {k: v.detach().cpu().contiguous() for k, v in method_state[0].items()},
+                        str(staging / METHOD_STATE),
+                    )
                 _publish(output_dir, staging, model, targets, whole)
         except OSError as err:  # permissions and the like: say so in one line; nothing is marked finished
             raise ILoRAError(f"could not write the task to {output_dir}: {err}; it is not marked finished") from None
@@ -328,8 +369,13 @@ def write_task(
             "stable_checksum_per_rank": checksums,
             "buffer": None
             if buffer is None
-            else {"size": len(buffer), "num_seen": buffer.num_seen, "ranks": distributed.world_size(),
-                  "num_seen_per_rank": [int(n) for n in buffers], "bytes_per_row": buffer.bytes_per_row()},  # fmt: skip
+            else {
+                "size": len(buffer),
+                "num_seen": buffer.num_seen,
+                "ranks": distributed.world_size(),
+                "num_seen_per_rank": [int(n) for n in buffers],
+                "bytes_per_row": buffer.bytes_per_row(),
+            },
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         write_json_atomically(output_dir / MANIFEST, manifest)
@@ -337,8 +383,9 @@ def write_task(
     return output_dir
 
 
-def _publish(output_dir: Path, staging: Path, model: PeftModel, targets: dict[str, Path],
-             whole: dict[str, torch.Tensor] | None) -> None:  # fmt: skip
+def _publish(
+    output_dir: Path, staging: Path, model: PeftModel, targets: dict[str, Path], whole: dict[str, torch.Tensor] | None
+) -> None:
     """Adapters into the staging directory (from `whole`, the gathered tensors, if the model is
     sharded), then everything renamed into place. An earlier manifest (with --overwrite_output_dir)
     goes first, so a crash half-way leaves a task that is not finished."""
@@ -395,14 +442,23 @@ def claim_checkpoint(folder: Path) -> None:
     """Mark `folder` as ilora's before the Trainer writes into it; refuse one that is someone else's
     (made while training ran: the start-up check has seen every earlier one)."""
     if folder.exists() and not is_ilora_checkpoint(folder):
-        raise ILoRAError(f"{folder} appeared during training and was not written by ilora; "
-                         "ilora never touches it: move it, then resume")  # fmt: skip
+        raise ILoRAError(
+            f"{folder} appeared during training and was not written by ilora; "
+            "ilora never touches it: move it, then resume"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CHECKPOINT_CLAIM).touch()
 
 
-def save_checkpoint_state(folder: Path, step: int, task_id: str | None, buffer: ReplayBuffer | None,
-                          method_state: tuple[dict[str, torch.Tensor], dict], task_loss: dict, identity: dict) -> None:  # fmt: skip
+def save_checkpoint_state(
+    folder: Path,
+    step: int,
+    task_id: str | None,
+    buffer: ReplayBuffer | None,
+    method_state: tuple[dict[str, torch.Tensor], dict],
+    task_loss: dict,
+    identity: dict,
+) -> None:
     """What ilora adds to a Trainer checkpoint: every rank's buffer, the method's state, and last the
     marker that says the checkpoint is complete."""
     if buffer is not None:  # every rank saves its own buffer
@@ -410,16 +466,29 @@ def save_checkpoint_state(folder: Path, step: int, task_id: str | None, buffer: 
     distributed.barrier()
     if distributed.rank() == 0:
         if method_state[0]:
-            save_file({k: v.detach().cpu().contiguous() for k, v in method_state[0].items()}, str(folder / METHOD_STATE))
-        write_json_atomically(folder / CHECKPOINT_MARKER, {"ema_step": step, "task_id": task_id, "format_version": 1,
-                                                           "method_state": method_state[1], "task_loss": task_loss, **identity})  # fmt: skip
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in method_state[0].items()}, str(folder / METHOD_STATE)
+            )
+        write_json_atomically(
+            folder / CHECKPOINT_MARKER,
+            {
+                "ema_step": step,
+                "task_id": task_id,
+                "format_version": 1,
+                "method_state": method_state[1],
+                "task_loss": task_loss,
+                **identity,
+            },
+        )
 
 
 def sharded_adapters(folder: Path) -> Path:
     """A checkpoint's adapters written by ilora itself (a run under FSDP2 or DeepSpeed), checked to be there."""
     path = folder / SHARDED_ADAPTERS
     if not any((path / name).is_file() for name in (".metadata", sharding.PARTITIONED_ADAPTERS)):
-        raise ILoRAError(f"{folder}: no {SHARDED_ADAPTERS} (written by a run that was not sharded); resume it the way it ran")
+        raise ILoRAError(
+            f"{folder}: no {SHARDED_ADAPTERS} (written by a run that was not sharded); resume it the way it ran"
+        )
     return path
 
 
@@ -439,8 +508,11 @@ def load_checkpoint_state(folder: Path, with_buffer: bool, identity: dict):
     read_json(folder / "trainer_state.json", "trainer state")
     buffer = ReplayBuffer.load(buffer_path(folder / CHECKPOINT_BUFFER)) if with_buffer else None
     task_loss = state.get("task_loss")
-    if task_loss is not None and not (isinstance(task_loss, dict) and isinstance(task_loss.get("micro_batches"), int)
-                                      and isinstance(task_loss.get("sum"), (int, float))):  # fmt: skip
+    if task_loss is not None and not (
+        isinstance(task_loss, dict)
+        and isinstance(task_loss.get("micro_batches"), int)
+        and isinstance(task_loss.get("sum"), (int, float))
+    ):
         raise ILoRAError(f"{folder / CHECKPOINT_MARKER}: damaged checkpoint marker (task_loss {task_loss!r})")
     return state["ema_step"], buffer, read_method_state(folder, state), task_loss
 

@@ -75,7 +75,9 @@ class ILoRATrainer(Trainer):
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
         self.previous = self._previous_task(model, peft_config, method_cls, args)
         model, self.lora_identity = self._attach_plastic(model, peft_config)
-        method_cls.prepare_model(model, self.previous.adapters if self.previous else {}, ilora_args, self.method_options)
+        method_cls.prepare_model(
+            model, self.previous.adapters if self.previous else {}, ilora_args, self.method_options
+        )
         buffer = self._buffer(method_cls, args)
         pad_token_id = _pad_token_id(processing_class, model)
         if train_dataset is not None:
@@ -138,11 +140,21 @@ class ILoRATrainer(Trainer):
         if not ilora_args.previous_task_model:
             return None
         if isinstance(model, PeftModel):
-            raise ILoRAError("with previous_task_model, pass the base model: adapters are loaded from the previous task")
+            raise ILoRAError(
+                "with previous_task_model, pass the base model: adapters are loaded from the previous task"
+            )
         lora = taskdir.lora_identity(peft_config) if peft_config is not None else None
         capacity = ilora_args.ilora_buffer_size if method_cls.uses_replay(ilora_args) else None
-        return taskdir.load_previous(Path(ilora_args.previous_task_model), ilora_args, lora, self.base_identity,
-                                     capacity, args.world_size, args.process_index, self.quantization)  # fmt: skip
+        return taskdir.load_previous(
+            Path(ilora_args.previous_task_model),
+            ilora_args,
+            lora,
+            self.base_identity,
+            capacity,
+            args.world_size,
+            args.process_index,
+            self.quantization,
+        )
 
     def _attach_plastic(self, model, peft_config) -> tuple[PeftModel, dict]:
         """The trainable adapter: the previous task's, fresh, or as given on a PeftModel."""
@@ -151,7 +163,9 @@ class ILoRATrainer(Trainer):
             return load_first_adapter(model, path, trainable=True), self.previous.lora
         if isinstance(model, PeftModel):
             if PLASTIC not in model.peft_config:
-                raise ILoRAError(f"the PeftModel has adapters {list(model.peft_config)}; ilora needs one named 'plastic'")
+                raise ILoRAError(
+                    f"the PeftModel has adapters {list(model.peft_config)}; ilora needs one named 'plastic'"
+                )
             return model, taskdir.lora_identity(model.peft_config[PLASTIC])
         if peft_config is None:
             raise ILoRAError("pass peft_config=LoraConfig(...) (or a PeftModel with a 'plastic' adapter)")
@@ -182,8 +196,9 @@ class ILoRATrainer(Trainer):
     def _task_batches(self) -> torch.utils.data.DataLoader:
         """The task's rows in file order, unshuffled: the end-of-task hook sees the same rows on every
         rank and after a resume (the Trainer's own loader is shuffled and sharded)."""
-        return torch.utils.data.DataLoader(self.train_dataset, batch_size=self.args.per_device_train_batch_size,
-                                           collate_fn=self.data_collator)  # fmt: skip
+        return torch.utils.data.DataLoader(
+            self.train_dataset, batch_size=self.args.per_device_train_batch_size, collate_fn=self.data_collator
+        )
 
     def _save_checkpoint(self, model, trial):
         """The Trainer's checkpoint (adapters, optimizer, scheduler, RNG) plus the buffer, the method's
@@ -197,8 +212,15 @@ class ILoRATrainer(Trainer):
             super()._save_checkpoint(model, trial)
             if self._adapters_outside_trainer_checkpoint():
                 sharding.save_adapters(self.model, folder / taskdir.SHARDED_ADAPTERS)
-            taskdir.save_checkpoint_state(folder, self.method.step, self.ilora_args.current_task_id, self.method.buffer,
-                                          self.method.state(), self.method.task_loss(), self._identity())  # fmt: skip
+            taskdir.save_checkpoint_state(
+                folder,
+                self.method.step,
+                self.ilora_args.current_task_id,
+                self.method.buffer,
+                self.method.state(),
+                self.method.task_loss(),
+                self._identity(),
+            )
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Under ZeRO-3 the Trainer gathers only the trainable adapter and writes it under every adapter's
@@ -265,7 +287,9 @@ class ILoRATrainer(Trainer):
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
         plastic = {id(t) for t in self.method.adapters.plastic}
         if in_optimizer - plastic:  # the stable adapter, a teacher, an earlier task's LoRA, the base
-            raise RuntimeError(f"{len(in_optimizer - plastic)} tensors besides the plastic adapter reached the optimizer")
+            raise RuntimeError(
+                f"{len(in_optimizer - plastic)} tensors besides the plastic adapter reached the optimizer"
+            )
         if plastic - in_optimizer:
             raise RuntimeError(f"{len(plastic - in_optimizer)} plastic adapter tensors are not in the optimizer")
         return optimizer
@@ -315,8 +339,12 @@ class ILoRATrainer(Trainer):
             "collapse_check": {k: float(v) for k, v in self.method.collapse_figures.items()},
         }
         method = type(self.method)
-        adapters = method.saved_adapters(args) + sorted(n for n in self.model.peft_config if n.startswith(method.saved_prefixes))
-        return taskdir.write_task(output_dir, self.model, self.method.buffer, args, manifest, adapters, self.method.state())
+        adapters = method.saved_adapters(args) + sorted(
+            n for n in self.model.peft_config if n.startswith(method.saved_prefixes)
+        )
+        return taskdir.write_task(
+            output_dir, self.model, self.method.buffer, args, manifest, adapters, self.method.state()
+        )
 
 
 @contextlib.contextmanager
@@ -329,8 +357,10 @@ def _only_tensors(checkpoint):
         if type(err).__name__ != "UnpicklingError":
             raise
         first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise ILoRAError(f"{checkpoint}: a file holds objects other than tensors ({first}); ilora never runs code "
-                         "from a checkpoint: resume from another one") from None
+        raise ILoRAError(
+            f"{checkpoint}: a file holds objects other than tensors ({first}); ilora never runs code "
+            "from a checkpoint: resume from another one"
+        ) from None
 
 
 def requested_fsdp(args: TrainingArguments) -> tuple[int, str] | None:
@@ -343,24 +373,36 @@ def requested_fsdp(args: TrainingArguments) -> tuple[int, str] | None:
 def check_fsdp(version: int, state_dict_type: str, quantized: bool) -> None:
     """One line for an FSDP setting ilora cannot train with."""
     if version != 2:
-        raise ILoRAError("FSDP1 flattens parameters, so the stable adapter cannot be paired with the plastic one: set fsdp_config: {version: 2}")
+        raise ILoRAError(
+            "FSDP1 flattens parameters, so the stable adapter cannot be paired with the plastic one: set fsdp_config: {version: 2}"
+        )
     if quantized:
-        raise ILoRAError("a quantized base (quantization_bit) does not run under FSDP2 in ilora; use one process or DDP")
+        raise ILoRAError(
+            "a quantized base (quantization_bit) does not run under FSDP2 in ilora; use one process or DDP"
+        )
     if state_dict_type != "SHARDED_STATE_DICT":
-        raise ILoRAError(f"fsdp state_dict_type {state_dict_type}: ilora checkpoints FSDP2 runs as SHARDED_STATE_DICT, "
-                         "its default (every rank writes its slices; task outputs are still whole PEFT adapters)")  # fmt: skip
+        raise ILoRAError(
+            f"fsdp state_dict_type {state_dict_type}: ilora checkpoints FSDP2 runs as SHARDED_STATE_DICT, "
+            "its default (every rank writes its slices; task outputs are still whole PEFT adapters)"
+        )
 
 
 def check_zero3(method_cls, quantized: bool, bf16: bool = False) -> None:
     """One line for what ilora cannot train under DeepSpeed ZeRO-3."""
     if bf16:
-        raise ILoRAError("bf16 with DeepSpeed ZeRO-3: " + DEEPSPEED_HALF.format(mode="bf16", remedy=DEEPSPEED_ZERO3_BF16))
+        raise ILoRAError(
+            "bf16 with DeepSpeed ZeRO-3: " + DEEPSPEED_HALF.format(mode="bf16", remedy=DEEPSPEED_ZERO3_BF16)
+        )
     if method_cls.uses_whole_parameters:
-        raise ILoRAError(f"method {method_cls.name} under DeepSpeed ZeRO-3: its penalty is computed on whole adapter "
-                         "matrices outside the forward, and ZeRO-3 keeps only partitions of them there; use ZeRO-2, "
-                         "FSDP2 (fsdp: full_shard, fsdp_config: {version: 2}) or DDP")  # fmt: skip
+        raise ILoRAError(
+            f"method {method_cls.name} under DeepSpeed ZeRO-3: its penalty is computed on whole adapter "
+            "matrices outside the forward, and ZeRO-3 keeps only partitions of them there; use ZeRO-2, "
+            "FSDP2 (fsdp: full_shard, fsdp_config: {version: 2}) or DDP"
+        )
     if quantized:
-        raise ILoRAError("a quantized base (quantization_bit) does not run under DeepSpeed ZeRO-3 in ilora; use one process or DDP")
+        raise ILoRAError(
+            "a quantized base (quantization_bit) does not run under DeepSpeed ZeRO-3 in ilora; use one process or DDP"
+        )
 
 
 def _pad_token_id(tokenizer, model) -> int:

@@ -24,7 +24,6 @@ from transformers import TrainingArguments
 from . import distributed, general, methods, precision, report, rundir, sharding, taskdir
 from .adapters import PLASTIC, AdapterPair, check_target_modules, load_saved_adapters
 from .buffer import ReplayBuffer
-from .paths import check_directory_target, check_trainer_outputs
 from .config import (
     DataArguments,
     ILoRAArguments,
@@ -36,10 +35,11 @@ from .config import (
     zero3_requested,
 )
 from .data import encode_rows
-from .formats import read_data
 from .errors import ILoRAError
 from .evaluate import TestSet, build_test_set, evaluate
+from .formats import read_data
 from .loader import load_model_and_tokenizer, quantization_of
+from .paths import check_directory_target, check_trainer_outputs
 from .trainer import ILoRATrainer, check_fsdp, check_zero3, requested_fsdp
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,12 @@ def train_task(
     """Train one task, starting from `ilora_args.previous_task_model` if given, and write its outputs."""
     method_options = chosen_options(ilora_args.method, options, refuse_others=True)  # before anything else
     _check_sharding(training_args, model_args, methods.get(ilora_args.method))
-    outputs = taskdir.planned_outputs(training_args.output_dir, ilora_args, data_args.overwrite_output_dir,
-                                      _resume_path(training_args.resume_from_checkpoint))  # fmt: skip
+    outputs = taskdir.planned_outputs(
+        training_args.output_dir,
+        ilora_args,
+        data_args.overwrite_output_dir,
+        _resume_path(training_args.resume_from_checkpoint),
+    )
     output_dir = outputs.output_dir
     if not model_args.model_name_or_path:
         raise ILoRAError("--model (or --model_name_or_path) is required")
@@ -108,15 +112,21 @@ def _check_sharding(training_args: TrainingArguments, model_args: ModelArguments
         return
     check_fsdp(*requested, model_args.quantization is not None)
     if training_args.world_size < 2:
-        raise ILoRAError("fsdp shards over several processes: launch with torchrun --nproc_per_node N (or accelerate launch)")
+        raise ILoRAError(
+            "fsdp shards over several processes: launch with torchrun --nproc_per_node N (or accelerate launch)"
+        )
 
 
 def load_base(model_args: ModelArguments, training_args: TrainingArguments):
     """The base model and tokenizer as the arguments ask: full precision, or quantized (QLoRA), its
     4-bit layers computing in the training precision."""
     compute = precision.autocast_dtype(training_args.bf16, training_args.fp16) or torch.float32
-    return load_model_and_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code,
-                                    quantization=model_args.quantization, compute_dtype=compute)  # fmt: skip
+    return load_model_and_tokenizer(
+        model_args.model_name_or_path,
+        model_args.trust_remote_code,
+        quantization=model_args.quantization,
+        compute_dtype=compute,
+    )
 
 
 def on_device(model, device):
@@ -186,35 +196,53 @@ def run_sequence(
     adapters = method.reports(method_args)  # what is scored: plastic, and stable for I-LoRA
 
     train_rows = {t.name: read_data(t.train, t.dataset_dir, t.columns) for t in run.tasks}  # all data errors first
-    test_rows = {t.name: subsample(read_data(t.test, t.dataset_dir, t.columns).to_list(), run.eval_max_rows) for t in run.tasks}
+    test_rows = {
+        t.name: subsample(read_data(t.test, t.dataset_dir, t.columns).to_list(), run.eval_max_rows) for t in run.tasks
+    }
     general_text = general.read_text(run.general) if run.general else None
     if method.trains_jointly:
-        training_args = joint_training_arguments(training_args, ilora_args, [len(train_rows[t.name]) for t in run.tasks])
+        training_args = joint_training_arguments(
+            training_args, ilora_args, [len(train_rows[t.name]) for t in run.tasks]
+        )
     config = rundir.config_record(model_args, data_args, method_args, training_args, run, method_options)
     base, tokenizer = load_base(model_args, training_args)
     check_target_modules(base, model_args.target_modules)
     tests = [_test_set(t, test_rows[t.name], tokenizer, data_args) for t in run.tasks]
     identity = taskdir.base_model_identity(base)
-    settings = {**rundir.settings_record(config),
-                "inputs": rundir.inputs_record(identity["fingerprint"], tokenizer, run.tasks, run.general)}  # fmt: skip
+    settings = {
+        **rundir.settings_record(config),
+        "inputs": rundir.inputs_record(identity["fingerprint"], tokenizer, run.tasks, run.general),
+    }
     rundir.check_same_settings(run_dir, settings)
     stages = [run.tasks] if method.trains_jointly else [[t] for t in run.tasks]
     names = rundir.stage_dir_names(run.method, [t.name for t in run.tasks], method.trains_jointly)
     task_dirs = [run_dir / rundir.TASKS_DIR / name for name in names]
     rows = {t.name: len(t) for t in tests}
     # the test sets scored after each stage, and their row counts (what each eval.json must hold)
-    scored = [_rows_of(rows, scored_tasks(list(rows), k, k == len(stages), run.eval_tasks)) for k in range(1, len(stages) + 1)]
+    scored = [
+        _rows_of(rows, scored_tasks(list(rows), k, k == len(stages), run.eval_tasks)) for k in range(1, len(stages) + 1)
+    ]
     for task_dir, due in zip(task_dirs, scored):  # damaged state is found now, not after hours of training
         _check_saved_task(task_dir, adapters, due, method.uses_replay(method_args))
     if distributed.rank() == 0:
-        rundir.write_json(run_dir / rundir.SETTINGS_FILE, settings)  # once model and test sets load: bad input leaves nothing
+        rundir.write_json(
+            run_dir / rundir.SETTINGS_FILE, settings
+        )  # once model and test sets load: bad input leaves nothing
     autocast = precision.autocast_dtype(training_args.bf16, training_args.fp16)  # evaluation as trained
-    windows = general.windows(general_text, tokenizer, data_args.cutoff_len, run.general_windows, f"general: {run.general}") if general_text else None
-    scorer = _Scorer(tokenizer, tests, run.eval_batch_size, run.max_new_tokens, autocast, training_args.disable_tqdm, windows)
+    windows = (
+        general.windows(general_text, tokenizer, data_args.cutoff_len, run.general_windows, f"general: {run.general}")
+        if general_text
+        else None
+    )
+    scorer = _Scorer(
+        tokenizer, tests, run.eval_batch_size, run.max_new_tokens, autocast, training_args.disable_tqdm, windows
+    )
     evaluates = distributed.rank() == 0  # the other ranks train, then wait
     base_row, base_general = None, None
     if evaluates:  # scored where the tasks will be scored: the Trainer's device
-        base_row = _base_evaluation(root, on_device(base, training_args.device), identity, scorer, run.tasks, data_args, settings["inputs"])
+        base_row = _base_evaluation(
+            root, on_device(base, training_args.device), identity, scorer, run.tasks, data_args, settings["inputs"]
+        )
         base_general = _base_general(root, base, identity, scorer, settings["inputs"], data_args.cutoff_len)
     del base  # each task loads its own: holding this one (on rank 0's device) through training would double its memory
     distributed.barrier()
@@ -226,9 +254,22 @@ def run_sequence(
             log.info("task %d/%d %s: finished earlier, skipped", k, len(stages), name)
         else:
             _train_and_evaluate(
-                k, stage, name, task_dir, previous, train_rows, tokenizer, scorer, list(scored[k - 1]), method,
-                model_args, data_args, method_args, training_args, method_options,
-            )  # fmt: skip
+                k,
+                stage,
+                name,
+                task_dir,
+                previous,
+                train_rows,
+                tokenizer,
+                scorer,
+                list(scored[k - 1]),
+                method,
+                model_args,
+                data_args,
+                method_args,
+                training_args,
+                method_options,
+            )
         previous = (task_dir, name)
         if not evaluates:
             continue
@@ -239,7 +280,9 @@ def run_sequence(
 
     if not evaluates:
         return run_dir
-    summary = rundir.summary(run, adapters, base_row, results, timings, time.time() - started, tests, method.trains_jointly)
+    summary = rundir.summary(
+        run, adapters, base_row, results, timings, time.time() - started, tests, method.trains_jointly
+    )
     if windows is not None:
         summary["general"] = rundir.general_summary(run, windows, base_general, results, adapters)
     summary["config"] = config
@@ -293,8 +336,23 @@ def _check_saved_task(task_dir: Path, adapters: list[str], rows: dict[str, int],
             taskdir.read_json(checkpoint / taskdir.CHECKPOINT_MARKER, "checkpoint marker")
 
 
-def _train_and_evaluate(k, stage, name, task_dir, previous, train_rows, tokenizer, scorer, scored, method,
-                        model_args, data_args, method_args, training_args, method_options) -> None:  # fmt: skip
+def _train_and_evaluate(
+    k,
+    stage,
+    name,
+    task_dir,
+    previous,
+    train_rows,
+    tokenizer,
+    scorer,
+    scored,
+    method,
+    model_args,
+    data_args,
+    method_args,
+    training_args,
+    method_options,
+) -> None:
     """Train the stage unless its task directory is finished; rank 0 then scores the test sets `scored`."""
     began = time.time()
     model = None
@@ -349,8 +407,16 @@ def _saved_task_model(task_dir: Path, model_args: ModelArguments, training_args:
 class _Scorer:
     """Every test set, scored for one adapter of a model (the base model when `adapter` is None)."""
 
-    def __init__(self, tokenizer, tests: list[TestSet], batch_size: int, max_new_tokens: int, autocast,
-                 quiet: bool = False, windows: list[list[int]] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        tokenizer,
+        tests: list[TestSet],
+        batch_size: int,
+        max_new_tokens: int,
+        autocast,
+        quiet: bool = False,
+        windows: list[list[int]] | None = None,
+    ):
         self.tokenizer, self.tests, self.windows = tokenizer, tests, windows
         self.batch_size, self.max_new_tokens, self.autocast = batch_size, max_new_tokens, autocast
         self.quiet = quiet  # the Trainer's disable_tqdm: no progress bars at all
@@ -382,7 +448,14 @@ class _Scorer:
 
 def _test_set(task: TaskSpec, rows, tokenizer, data_args: DataArguments) -> TestSet:
     return build_test_set(
-        task.name, rows, tokenizer, task.scoring, task.choices, data_args.cutoff_len, data_args.use_chat_template, task.test
+        task.name,
+        rows,
+        tokenizer,
+        task.scoring,
+        task.choices,
+        data_args.cutoff_len,
+        data_args.use_chat_template,
+        task.test,
     )
 
 
@@ -400,8 +473,9 @@ def _base_general(root: Path, base, identity: dict, scorer: _Scorer, inputs: dic
     return value
 
 
-def _base_evaluation(root: Path, base, identity: dict, scorer: _Scorer, tasks: list[TaskSpec],
-                     data_args: DataArguments, inputs: dict) -> dict:  # fmt: skip
+def _base_evaluation(
+    root: Path, base, identity: dict, scorer: _Scorer, tasks: list[TaskSpec], data_args: DataArguments, inputs: dict
+) -> dict:
     """Row 0 of the accuracy matrix. Shared by every method run from one config, so computed once."""
     key = {
         "model": identity,
@@ -450,20 +524,32 @@ def evaluate_adapters(model_name: str, adapter_dir: Path, config: Path) -> dict:
         raise ILoRAError(f"{adapter_dir}: neither a PEFT adapter directory nor an ilora task directory")
     for directory in adapters.values():
         taskdir.check_adapter_dir(directory, manifest["lora"] if manifest else None)
-    test_rows = {t.name: subsample(read_data(t.test, t.dataset_dir, t.columns).to_list(), run.eval_max_rows) for t in run.tasks}
-    base, tokenizer = load_model_and_tokenizer(model_name, quantization=manifest.get("quantization") if manifest else None)
+    test_rows = {
+        t.name: subsample(read_data(t.test, t.dataset_dir, t.columns).to_list(), run.eval_max_rows) for t in run.tasks
+    }
+    base, tokenizer = load_model_and_tokenizer(
+        model_name, quantization=manifest.get("quantization") if manifest else None
+    )
     if manifest is not None:
         taskdir.check_identity(manifest, adapter_dir, taskdir.base_model_identity(base, tokenizer))
     tests = [_test_set(t, test_rows[t.name], tokenizer, data_args) for t in run.tasks]
-    scorer = _Scorer(tokenizer, tests, run.eval_batch_size, run.max_new_tokens,
-                     precision.autocast_dtype(training_args.bf16, training_args.fp16))  # fmt: skip
+    scorer = _Scorer(
+        tokenizer,
+        tests,
+        run.eval_batch_size,
+        run.max_new_tokens,
+        precision.autocast_dtype(training_args.bf16, training_args.fp16),
+    )
     model = on_device(load_saved_adapters(base, adapters), training_args.device)  # checked to fit `base` first
     if manifest is not None:
         evaluated = methods.get(taskdir.manifest_method(manifest)).evaluated(model, ilora_args)
     else:
         evaluated = {name: [name] for name in adapters}
-    return {report: {name: r["accuracy"] for name, r in scorer.score(model, names).items()}
-            for report, names in evaluated.items() if all(n in model.peft_config for n in names)}  # fmt: skip
+    return {
+        report: {name: r["accuracy"] for name, r in scorer.score(model, names).items()}
+        for report, names in evaluated.items()
+        if all(n in model.peft_config for n in names)
+    }
 
 
 def load_run_config(path: Path, overrides: dict | None = None):

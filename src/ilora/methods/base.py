@@ -85,9 +85,17 @@ class Method:
 
     saved_prefixes: ClassVar[tuple[str, ...]] = ()  # more saved adapters, named by prefix (O-LoRA's)
 
-    def __init__(self, model: PeftModel, args: ILoRAArguments, options=None, pad_token_id: int = 0,
-                 replay_batch_size: int = 1, buffer: ReplayBuffer | None = None, step: int = 0,
-                 task_id: str = ""):  # fmt: skip
+    def __init__(
+        self,
+        model: PeftModel,
+        args: ILoRAArguments,
+        options=None,
+        pad_token_id: int = 0,
+        replay_batch_size: int = 1,
+        buffer: ReplayBuffer | None = None,
+        step: int = 0,
+        task_id: str = "",
+    ):
         self.model = model
         self.args = args
         self.options = options if options is not None else (self.Arguments() if self.Arguments else None)

@@ -52,8 +52,9 @@ class DERpp(Method):
         logit_rows = self._draw(device)  # rows for the logit MSE, with their stored logits
         ce_rows = self._draw(device)  # an independent draw for the replay CE
         n, m = len(ids), len(logit_rows[0])
-        outputs, padded, _ = self.forward_rows(forward, ids + logit_rows[0] + ce_rows[0],
-                                               labels + logit_rows[1] + ce_rows[1])  # fmt: skip
+        outputs, padded, _ = self.forward_rows(
+            forward, ids + logit_rows[0] + ce_rows[0], labels + logit_rows[1] + ce_rows[1]
+        )
         logits = outputs.logits
         ce = causal_lm_loss(logits[:n], padded[:n])
         self.record("ce_loss", ce)
@@ -75,8 +76,11 @@ class DERpp(Method):
             return [], [], []
         picks = self.buffer.sample_indices(self.replay_batch_size)
         rows = [(self.buffer.input_ids[i], self.buffer.labels[i], self.buffer.extras[i]) for i in picks]
-        return ([r[0].to(device, non_blocking=True) for r in rows], [r[1].to(device, non_blocking=True) for r in rows],
-                [{k: v.to(device, non_blocking=True) for k, v in r[2].items()} for r in rows])  # fmt: skip
+        return (
+            [r[0].to(device, non_blocking=True) for r in rows],
+            [r[1].to(device, non_blocking=True) for r in rows],
+            [{k: v.to(device, non_blocking=True) for k, v in r[2].items()} for r in rows],
+        )
 
 
 def response_positions(labels: torch.Tensor) -> torch.Tensor:

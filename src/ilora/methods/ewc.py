@@ -25,7 +25,8 @@ class EWCArguments:
     """Online EWC (method: ewc)."""
 
     ewc_lambda: float = field(
-        default=0.5, metadata={"help": "Weight of the EWC penalty lambda/2 * sum F (theta - theta*)^2 (LLMCL's default)."}
+        default=0.5,
+        metadata={"help": "Weight of the EWC penalty lambda/2 * sum F (theta - theta*)^2 (LLMCL's default)."},
     )
     ewc_gamma: float = field(
         default=1.0, metadata={"help": "Decay of the running Fisher before a task's is added (online EWC; 1 = none)."}

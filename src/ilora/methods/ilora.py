@@ -207,6 +207,8 @@ def check_hidden_state_layers(model: PeftModel, layers: list[int] | list[str]) -
         )
     chosen = sorted({i % size for i in layers})
     if chosen == [0] and not isinstance(model.get_base_model().get_input_embeddings(), BaseTunerLayer):
-        raise ILoRAError(f"hidden_state_layers {list(layers)} is only the embeddings' output, which no adapter "
-                         "changes here: the consistency loss would always be 0 (use -1, the last layer)")  # fmt: skip
+        raise ILoRAError(
+            f"hidden_state_layers {list(layers)} is only the embeddings' output, which no adapter "
+            "changes here: the consistency loss would always be 0 (use -1, the last layer)"
+        )
     return chosen

@@ -26,7 +26,9 @@ TEACHER = "teacher"
 class LwFArguments:
     """Learning without Forgetting (method: lwf)."""
 
-    lwf_weight: float = field(default=1.0, metadata={"help": "Weight of the distillation term (lambda_o = 1 in the paper)."})
+    lwf_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the distillation term (lambda_o = 1 in the paper)."}
+    )
     lwf_temperature: float = field(default=2.0, metadata={"help": "Softmax temperature T (2 in the paper)."})
 
     def __post_init__(self) -> None:

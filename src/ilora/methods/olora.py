@@ -27,7 +27,9 @@ class OLoRAArguments:
     """O-LoRA (method: olora)."""
 
     olora_lambda1: float = field(default=0.5, metadata={"help": "Weight of the orthogonality term (0.5 in O-LoRA)."})
-    olora_lambda2: float = field(default=0.0, metadata={"help": "Weight of the new LoRA's squared L2 norm (0 in O-LoRA)."})
+    olora_lambda2: float = field(
+        default=0.0, metadata={"help": "Weight of the new LoRA's squared L2 norm (0 in O-LoRA)."}
+    )
 
     def __post_init__(self) -> None:
         check_value("olora_lambda1", self.olora_lambda1, at_least(0), "must be a finite number >= 0")
@@ -87,7 +89,7 @@ def frozen_names(model) -> list[str]:
 
 
 def task_number(name: str) -> int:
-    return int(name[len(PREFIX):])
+    return int(name[len(PREFIX) :])
 
 
 def lora_layers(model):
