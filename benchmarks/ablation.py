@@ -15,8 +15,8 @@ import shutil
 import time
 from pathlib import Path
 
-from ilora.config import parse_run_config
-from ilora.workflow import run_sequence
+from ilora.config.parse import parse_run_config
+from ilora.pipeline.workflow import run_sequence
 
 VARIANTS = {
     "ema_alpha=0.99": {"ema_alpha": 0.99},  # a ~100-step horizon instead of ~10: the stable adapter lags a task

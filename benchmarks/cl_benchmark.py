@@ -14,7 +14,7 @@ import logging
 import time
 from pathlib import Path
 
-from ilora.demo import run_demo
+from ilora.pipeline.demo import run_demo
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from tiny import LEARNER, keyword_rows, save_tiny_model, write_jsonl
 
-from ilora import precision
 from ilora.cli import main as ilora
+from ilora.runtime import precision
 
 
 def run(root: Path, args, method: str, max_rows: int | None, eval_tasks: str) -> dict:

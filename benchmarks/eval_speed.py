@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ilora import precision
-from ilora.evaluate import build_test_set, predict_choices, score_choices, score_choices_naive
+from ilora.evaluation.scoring import build_test_set, predict_choices, score_choices, score_choices_naive
+from ilora.runtime import precision
 
 
 def tiny_setup(rows: int):
@@ -66,9 +66,9 @@ def tiny_setup(rows: int):
 
 
 def smollm2_setup(rows: int, data_dir: Path):
-    from ilora.corpora import build_benchmark
-    from ilora.formats import read_rows
-    from ilora.loader import load_model_and_tokenizer
+    from ilora.data.corpora import build_benchmark
+    from ilora.data.formats import read_rows
+    from ilora.runtime.loader import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer("smollm2")
     entries = build_benchmark(data_dir, ["tweets", "debate"], 30, rows, seed=0)

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from ilora import precision
+from ilora.runtime import precision
 
 
 def gflops(dtype: torch.dtype, size: int = 1024, repeats: int = 10) -> float:

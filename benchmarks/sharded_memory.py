@@ -56,7 +56,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker:
         return worker(args)
-    from ilora import precision
+    from ilora.runtime import precision
 
     hardware = precision.detect(args.device)
     print(
@@ -107,7 +107,7 @@ def worker(args) -> None:
     from transformers import TrainerCallback, TrainingArguments
 
     from ilora import ILoRAArguments, ILoRATrainer, distributed, sharding
-    from ilora.loader import load_model_and_tokenizer
+    from ilora.runtime.loader import load_model_and_tokenizer
 
     if args.model == "smollm2":
         model, tokenizer = load_model_and_tokenizer("smollm2")

@@ -35,12 +35,13 @@ import time
 import torch
 from peft import LoraConfig
 
-from ilora import methods, precision
-from ilora.adapters import PLASTIC, STABLE, AdapterPair, attach_adapters
-from ilora.buffer import ReplayBuffer
-from ilora.config import ILoRAArguments
+from ilora import methods
+from ilora.config.parse import ILoRAArguments
+from ilora.core.adapters import PLASTIC, STABLE, AdapterPair, attach_adapters
+from ilora.core.buffer import ReplayBuffer
 from ilora.methods.base import causal_lm_loss
 from ilora.methods.ilora import consistency_loss, ema_coefficient
+from ilora.runtime import precision
 
 VARIANTS = ("seq_lora", "er", "floor", "ilora", "selective", "three_pass")
 
@@ -76,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_model(name: str, quantization_bit: int | None = None):
-    from ilora.loader import load_model_and_tokenizer
+    from ilora.runtime.loader import load_model_and_tokenizer
 
     quantization = None
     if quantization_bit:

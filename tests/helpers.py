@@ -7,10 +7,10 @@ from peft import LoraConfig
 from tiny import sentiment_rows, tiny_llama, tiny_tokenizer, write_jsonl
 
 from ilora import methods
-from ilora.adapters import attach_adapters
-from ilora.buffer import ReplayBuffer
-from ilora.config import ILoRAArguments
-from ilora.data import PadCollator, encode_rows
+from ilora.config.parse import ILoRAArguments
+from ilora.core.adapters import attach_adapters
+from ilora.core.buffer import ReplayBuffer
+from ilora.data.encode import PadCollator, encode_rows
 from ilora.methods.base import Method
 
 TOKENIZER = tiny_tokenizer()

@@ -12,8 +12,8 @@ import sys
 
 from transformers import TrainerCallback
 
+import ilora.pipeline.workflow as workflow_module
 import ilora.trainer as trainer_module
-import ilora.workflow as workflow_module
 from ilora.cli import main
 
 mode, at = sys.argv[1], int(sys.argv[2])

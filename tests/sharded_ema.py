@@ -15,7 +15,7 @@ from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback, TrainingArguments
 
 from ilora import ILoRAArguments, ILoRATrainer
-from ilora.adapters import AdapterPair
+from ilora.core.adapters import AdapterPair
 
 EMA_ALPHA = 0.6
 

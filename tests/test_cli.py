@@ -7,8 +7,8 @@ from safetensors.torch import load_file
 from tiny import sentiment_rows, write_jsonl
 from transformers import AutoModelForCausalLM
 
-from ilora.buffer import ReplayBuffer
 from ilora.cli import main
+from ilora.core.buffer import ReplayBuffer
 from ilora.methods.ilora import ema_coefficient
 
 COMMON = [
@@ -124,7 +124,7 @@ def test_finished_output_dir_is_not_overwritten_without_the_flag(task1, tiny_mod
 
 
 def test_a_write_error_is_one_line_and_leaves_no_finished_task(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    import ilora.taskdir as taskdir
+    import ilora.store.taskdir as taskdir
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")

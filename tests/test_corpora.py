@@ -3,7 +3,7 @@ from collections import Counter
 
 import pytest
 
-from ilora.corpora import TASKS, build_benchmark, normalise
+from ilora.data.corpora import TASKS, build_benchmark, normalise
 
 
 @pytest.fixture(scope="module")

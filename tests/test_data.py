@@ -3,8 +3,8 @@ import torch
 from tiny import tiny_tokenizer, write_jsonl
 
 from ilora import ILoRAError
-from ilora.data import IGNORE_INDEX, PadCollator, encode_example, format_context
-from ilora.formats import read_rows
+from ilora.data.encode import IGNORE_INDEX, PadCollator, encode_example, format_context
+from ilora.data.formats import read_rows
 
 TOK = tiny_tokenizer()
 CHAT = tiny_tokenizer(chat_template=True)

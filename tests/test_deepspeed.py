@@ -27,8 +27,8 @@ from test_fsdp import (
 )
 from transformers import AutoModelForCausalLM
 
-from ilora import sharding
 from ilora.errors import ILoRAError
+from ilora.runtime import sharding
 
 pytest.importorskip("deepspeed")  # `make test` installs it (the deepspeed extra)
 

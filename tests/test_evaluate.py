@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from tiny import tiny_llama, tiny_tokenizer
 
 from ilora import ILoRAError
-from ilora.evaluate import (
+from ilora.evaluation.scoring import (
     build_test_set,
     evaluate,
     length_grouped_batches,

@@ -11,8 +11,8 @@ from tiny import sentiment_rows, tiny_tokenizer, two_task_config, write_jsonl
 
 from ilora import ILoRAError
 from ilora.cli import main
-from ilora.data import IGNORE_INDEX, encode_messages
-from ilora.formats import read_data, read_rows
+from ilora.data.encode import IGNORE_INDEX, encode_messages
+from ilora.data.formats import read_data, read_rows
 
 TOK = tiny_tokenizer()
 CHAT = tiny_tokenizer(chat_template=True)

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ilora import ILoRAError
 from ilora.cli import main
-from ilora.general import perplexity, read_text, windows
+from ilora.evaluation.general import perplexity, read_text, windows
 
 TEXT = " ".join(f"The movie was great and the acting superb, said review {i}." for i in range(40))
 

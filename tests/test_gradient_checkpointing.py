@@ -8,7 +8,7 @@ from helpers import TOKENIZER, batches, lora, method, peft_model
 from tiny import sentiment_rows, tiny_llama
 
 from ilora import ILoRAArguments, ILoRATrainer
-from ilora.data import encode_rows
+from ilora.data.encode import encode_rows
 
 
 def one_replay_step(checkpointing: bool):

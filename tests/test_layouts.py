@@ -8,9 +8,9 @@ import yaml
 
 from ilora import ILoRAError
 from ilora.cli import main
-from ilora.config import parse_run_config
-from ilora.evaluate import generation_scores
-from ilora.layouts import CL_FOLDERS, ORDERS
+from ilora.config.parse import parse_run_config
+from ilora.data.layouts import CL_FOLDERS, ORDERS
+from ilora.evaluation.scoring import generation_scores
 
 LABELS = {
     "dbpedia": ["Company", "Artist"],

@@ -3,8 +3,8 @@ import torch
 from helpers import PAD, batches, method, peft_model, train
 
 from ilora import ILoRAError
-from ilora.adapters import PLASTIC, STABLE, AdapterPair
-from ilora.data import pad_rows
+from ilora.core.adapters import PLASTIC, STABLE, AdapterPair
+from ilora.data.encode import pad_rows
 from ilora.methods.ilora import consistency_loss, ema_coefficient
 
 

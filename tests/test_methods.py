@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from helpers import batches, method, peft_model, train
 
-from ilora.adapters import PLASTIC, STABLE, AdapterPair, load_adapter, save_adapter
-from ilora.buffer import ReplayBuffer
-from ilora.data import IGNORE_INDEX
+from ilora.core.adapters import PLASTIC, STABLE, AdapterPair, load_adapter, save_adapter
+from ilora.core.buffer import ReplayBuffer
+from ilora.data.encode import IGNORE_INDEX
 from ilora.errors import TrainingDiverged
 from ilora.methods.base import causal_lm_loss, split_rows, varies
 from ilora.methods.derpp import DERppArguments, bytes_per_row, logit_mse, top_logits
@@ -250,7 +250,7 @@ def test_pure_modules_import_nothing_heavy():
     import sys
 
     code = (
-        "import sys, ilora.metrics, ilora.methods, ilora.paths, ilora.suggest; "
+        "import sys, ilora.evaluation.metrics, ilora.methods, ilora.store.paths, ilora.errors; "
         "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 from ilora import ILoRAArguments, ILoRATrainer, methods
 from ilora.cli import main
-from ilora.config import ModelArguments
-from ilora.workflow import lora_config
+from ilora.config.parse import ModelArguments
+from ilora.pipeline.workflow import lora_config
 
 COMMON = [
     "--lora_target",

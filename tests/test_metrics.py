@@ -1,6 +1,6 @@
 import pytest
 
-from ilora.metrics import (
+from ilora.evaluation.metrics import (
     all_metrics,
     average_accuracy,
     average_accuracy_over_time,

@@ -8,11 +8,11 @@ import pytest
 import torch
 from tiny import sentiment_rows, write_jsonl
 
-from ilora import precision
 from ilora.cli import main
-from ilora.config import parse_train_args
+from ilora.config.parse import parse_train_args
 from ilora.errors import ILoRAError
-from ilora.precision import AUTO, Hardware
+from ilora.runtime import precision
+from ilora.runtime.precision import AUTO, Hardware
 
 AVX2_CPU = Hardware("cpu", "AMD EPYC", "AVX2", native_bf16=False, native_fp16=False)
 AMX_CPU = Hardware("cpu", "Intel Xeon", "AVX512", native_bf16=True, native_fp16=False)
@@ -132,7 +132,7 @@ def test_under_deepspeed_auto_is_fp32_and_refused_half_precision_is_one_line(lau
     (ZeRO-0/1/2 through the deepspeed setting: tests/test_deepspeed.py trains it), fp16 never."""
     from types import SimpleNamespace
 
-    from ilora.config import _with_precision
+    from ilora.config.parse import _with_precision
 
     monkeypatch.setattr(precision, "detect", lambda device: H100)  # auto would pick bf16 here
     if launch == "accelerate":  # `accelerate launch --use_deepspeed`: no deepspeed setting, the environment says so

@@ -12,7 +12,7 @@ from transformers import TrainingArguments
 
 from ilora import ILoRAArguments, ILoRATrainer
 from ilora.cli import main
-from ilora.loader import load_model_and_tokenizer
+from ilora.runtime.loader import load_model_and_tokenizer
 
 bnb = pytest.importorskip("bitsandbytes", reason="the qlora extra (make test installs it)")
 FOUR_BIT = {"bits": 4, "type": "nf4", "double": True}

@@ -1617,7 +1617,7 @@ def test_a_resumed_run_says_so(world, tmp_path, caplog):
 
 
 def test_ctrl_c_is_one_line_saying_how_to_resume(world, tmp_path, capsys, monkeypatch):
-    from ilora import workflow
+    from ilora.pipeline import workflow
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -1644,7 +1644,7 @@ def test_help_into_a_closed_pipe_is_quiet():
 
 
 def test_compare_aligns_runs_by_task_name(world, tmp_path):
-    from ilora.report import compare, final_accuracy, load_summary
+    from ilora.evaluation.report import compare, final_accuracy, load_summary
 
     first = world["run"] / "out" / "ilora"
     reordered = copy_of(world, tmp_path, "run") / "out" / "ilora"
@@ -1661,7 +1661,7 @@ def test_compare_aligns_runs_by_task_name(world, tmp_path):
 
 
 def test_a_run_continues_when_only_settings_that_cannot_change_results_changed(world, tmp_path, monkeypatch):
-    from ilora import workflow
+    from ilora.pipeline import workflow
 
     argv = run_copy(
         world, tmp_path, lambda c: c.update(logging_steps=7, disable_tqdm=False, save_steps=3, report_to="none")
@@ -1726,8 +1726,8 @@ def test_every_setting_is_reviewed_as_guarded_or_unable_to_change_results():
     from transformers import TrainingArguments
 
     from ilora import methods
-    from ilora.config import DataArguments, ILoRAArguments, ModelArguments, RunArguments, TaskSpec
-    from ilora.rundir import NOT_RESULTS
+    from ilora.config.parse import DataArguments, ILoRAArguments, ModelArguments, RunArguments, TaskSpec
+    from ilora.store.rundir import NOT_RESULTS
 
     classes = {
         "model": [ModelArguments],
@@ -1748,7 +1748,7 @@ def test_every_setting_is_reviewed_as_guarded_or_unable_to_change_results():
 
 
 def test_a_run_directory_moved_with_its_files_continues_without_retraining(world, tmp_path, monkeypatch):
-    from ilora import workflow
+    from ilora.pipeline import workflow
 
     argv = run_copy(world, tmp_path)  # another folder: every path differs, every content is the same
     monkeypatch.setattr(workflow, "_train", lambda *a, **k: pytest.fail("a finished task was retrained"))
@@ -1756,7 +1756,7 @@ def test_a_run_directory_moved_with_its_files_continues_without_retraining(world
 
 
 def test_a_demo_directory_from_before_the_marker_is_still_the_demos(tmp_path):
-    from ilora import demo
+    from ilora.pipeline import demo
 
     for name in ("data", "seq_lora", "er"):
         (tmp_path / name).mkdir()
@@ -1771,7 +1771,7 @@ def test_a_demo_directory_from_before_the_marker_is_still_the_demos(tmp_path):
 
 @pytest.mark.parametrize("marker", [None, {"full": False}, {"full": False, "tasks": ["tweets"]}])
 def test_a_demo_directory_of_other_tasks_is_refused_untouched(tmp_path, marker):
-    from ilora import demo
+    from ilora.pipeline import demo
 
     if marker is not None:
         (tmp_path / demo.DEMO_MARKER).write_text(json.dumps(marker))
@@ -1785,7 +1785,7 @@ def test_a_demo_directory_of_other_tasks_is_refused_untouched(tmp_path, marker):
 
 
 def test_a_demo_directory_with_nothing_trained_is_reused(tmp_path, monkeypatch):
-    from ilora import demo
+    from ilora.pipeline import demo
 
     (tmp_path / demo.DEMO_MARKER).write_text(json.dumps({"full": False}))
     (tmp_path / "config.yaml").write_text("seed: 0\n")
@@ -1829,7 +1829,7 @@ def full_disk_cases():
             lambda w, t: train(w, t, "--save_strategy", "steps", "--save_steps", "1"),
         ),
         "publishing a finished task": (
-            "ilora.taskdir.save_adapter",
+            "ilora.store.taskdir.save_adapter",
             lambda model, name, directory, *a, **k: directory,
             OSError(28, "No space left on device"),
             lambda w, t: train(w, t),

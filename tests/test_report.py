@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from ilora.metrics import all_metrics
-from ilora.report import aggregate, comparison_table, write_report
+from ilora.evaluation.metrics import all_metrics
+from ilora.evaluation.report import aggregate, comparison_table, write_report
 
 
 def summary(method, R, tasks=("a", "b")):
@@ -43,7 +43,7 @@ def test_report_files_and_comparison_table(tmp_path):
 
 
 def test_finals_table_aligns_tasks_by_name_and_shows_wall_time():
-    from ilora.report import finals_table
+    from ilora.evaluation.report import finals_table
 
     s = summary("ewc", [[0.5, 0.5], [0.9, 0.5], [0.7, 0.8]])
     s["timings"] = {"total_seconds": 90.0, "per_task": []}

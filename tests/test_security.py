@@ -10,7 +10,7 @@ from tiny import sentiment_rows, write_jsonl
 
 from ilora import ILoRAError, ReplayBuffer
 from ilora.cli import main
-from ilora.config import ModelArguments, parse_train_args
+from ilora.config.parse import ModelArguments, parse_train_args
 
 
 class Payload:

@@ -6,7 +6,7 @@ from tiny import sentiment_rows, tiny_llama
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ilora import ILoRAArguments, ILoRATrainer
-from ilora.data import PadCollator, encode_rows
+from ilora.data.encode import PadCollator, encode_rows
 
 
 def training_args(tmp_path, **overrides) -> TrainingArguments:

@@ -5,9 +5,9 @@ import yaml
 from tiny import write_jsonl
 from transformers import TrainingArguments
 
-from ilora import workflow
 from ilora.cli import main
-from ilora.config import ILoRAArguments
+from ilora.config.parse import ILoRAArguments
+from ilora.pipeline import workflow
 
 LABELS = ["positive", "negative", "neutral"]
 

@@ -22,13 +22,13 @@ def _not_kernel_noise(record: logging.LogRecord) -> bool:
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_kernel_noise)
 
 _EXPORTS = {
-    "DataArguments": "config",
-    "ILoRAArguments": "config",
-    "ModelArguments": "config",
+    "DataArguments": "config.parse",
+    "ILoRAArguments": "config.parse",
+    "ModelArguments": "config.parse",
     "ILoRAError": "errors",
     "ILoRA": "methods.ilora",
     "ILoRATrainer": "trainer",
-    "ReplayBuffer": "buffer",
+    "ReplayBuffer": "core.buffer",
 }
 __all__ = sorted(_EXPORTS)
 

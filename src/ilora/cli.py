@@ -13,9 +13,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import ArgumentParser, parse_train_args
-from .errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_WRITE_FAILED, ILoRAError, is_refused_write
-from .suggest import did_you_mean
+from ilora.config.parse import ArgumentParser, parse_train_args
+from ilora.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_WRITE_FAILED, ILoRAError, did_you_mean, is_refused_write
 
 USAGE = """usage: ilora COMMAND [ARGS]
 
@@ -31,15 +30,15 @@ add --debug to any command for full tracebacks."""
 
 
 def command_train(argv: list[str]) -> None:
-    from . import methods
-    from .workflow import train_task  # heavy imports only when training
+    from ilora import methods
+    from ilora.pipeline.workflow import train_task  # heavy imports only when training
 
     output_dir = train_task(*parse_train_args(argv, methods.argument_classes()))
     print(f"ilora: task written to {output_dir}")
 
 
 def command_run(argv: list[str]) -> None:
-    from .workflow import load_run_config, run_sequence
+    from ilora.pipeline.workflow import load_run_config, run_sequence
 
     parser = _simple_parser("ilora run", "train and evaluate a task sequence")
     parser.add_argument("config", type=Path, help="run config (YAML)")
@@ -52,7 +51,7 @@ def command_run(argv: list[str]) -> None:
 
 
 def command_eval(argv: list[str]) -> None:
-    from .workflow import evaluate_adapters
+    from ilora.pipeline.workflow import evaluate_adapters
 
     parser = _simple_parser("ilora eval", "score a trained adapter (or a task directory) on a config's tasks")
     parser.add_argument("--model", required=True, help="base model directory or 'smollm2'")
@@ -64,7 +63,7 @@ def command_eval(argv: list[str]) -> None:
 
 
 def command_export(argv: list[str]) -> None:
-    from .export import export
+    from ilora.pipeline.export import export
 
     parser = _simple_parser("ilora export", "a task's or a run's adapter as a merged model or a clean PEFT adapter")
     parser.add_argument("source", type=Path, help="ilora task directory, or run directory (<output_dir>/<method>)")
@@ -78,7 +77,7 @@ def command_export(argv: list[str]) -> None:
 
 
 def command_compare(argv: list[str]) -> None:
-    from .report import compare
+    from ilora.evaluation.report import compare
 
     parser = _simple_parser("ilora compare", "put several runs in one table and one plot")
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (<output_dir>/<method>)")
@@ -88,7 +87,7 @@ def command_compare(argv: list[str]) -> None:
 
 
 def command_demo(argv: list[str]) -> None:
-    from .demo import run_demo
+    from ilora.pipeline.demo import run_demo
 
     parser = _simple_parser("ilora demo", "offline continual-learning benchmark on SmolLM2-135M-Instruct")
     parser.add_argument("--full", action="store_true", help="the full benchmark: 4 tasks, every method, 3 seeds")

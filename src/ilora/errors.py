@@ -4,7 +4,9 @@ The CLI prints them as a single line; everything else is a bug and keeps its tra
 """
 
 import contextlib
+import difflib
 import errno
+from collections.abc import Iterable
 
 # Exit codes of the `ilora` command (the README lists them).
 EXIT_BAD_INPUT = 2  # a flag, config key, data file, path or saved state we cannot use
@@ -68,3 +70,10 @@ def writing(path):
         cause = err.strerror if isinstance(err, OSError) and err.strerror else " ".join(str(err).split())[:200]
         where = err.filename if isinstance(err, OSError) and err.filename else path
         raise WriteFailed(f"could not write {where}: {cause}") from None
+
+
+def did_you_mean(word: str, known: Iterable[str]) -> str:
+    """` (did you mean 'x'?)` for the closest known word, or an empty string: the one helper for unknown
+    commands, flags, keys, methods and module names."""
+    close = difflib.get_close_matches(word, sorted(known), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""

@@ -23,13 +23,21 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from . import methods, precision, sharding, taskdir
-from .adapters import ADAPTER_CONFIG, PLASTIC, attach_adapters, check_adapter_fits, load_first_adapter
-from .buffer import ReplayBuffer, check_token_ids
-from .config import DEEPSPEED_HALF, DEEPSPEED_ZERO3_BF16, ILoRAArguments, check_deepspeed, check_training_arguments
-from .data import PadCollator, prepare_dataset
-from .errors import ILoRAError, writing
-from .loader import quantization_of
+from ilora import methods
+from ilora.config.parse import (
+    DEEPSPEED_HALF,
+    DEEPSPEED_ZERO3_BF16,
+    ILoRAArguments,
+    check_deepspeed,
+    check_training_arguments,
+)
+from ilora.core.adapters import ADAPTER_CONFIG, PLASTIC, attach_adapters, check_adapter_fits, load_first_adapter
+from ilora.core.buffer import ReplayBuffer, check_token_ids
+from ilora.data.encode import PadCollator, prepare_dataset
+from ilora.errors import ILoRAError, writing
+from ilora.runtime import precision, sharding
+from ilora.runtime.loader import quantization_of
+from ilora.store import taskdir
 
 logger = logging.getLogger(__name__)
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from ..errors import ILoRAError
-from ..suggest import did_you_mean
+from ilora.errors import ILoRAError, did_you_mean
 
 REGISTRY = {
     "seq_lora": "seq_lora:SeqLoRA",

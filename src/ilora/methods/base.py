@@ -35,12 +35,12 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 
-from .. import distributed
-from ..adapters import PLASTIC, AdapterPair
-from ..buffer import ReplayBuffer
-from ..config import ILoRAArguments
-from ..data import IGNORE_INDEX, pad_rows
-from ..errors import ILoRAError, TrainingDiverged
+from ilora.config.parse import ILoRAArguments
+from ilora.core.adapters import PLASTIC, AdapterPair
+from ilora.core.buffer import ReplayBuffer
+from ilora.data.encode import IGNORE_INDEX, pad_rows
+from ilora.errors import ILoRAError, TrainingDiverged
+from ilora.runtime import distributed
 
 # An exploded adapter: a weight beyond this magnitude. LoRA weights start below 1 and stay there; past
 # 1e6 a low-rank update outweighs its base matrix by orders of magnitude, whatever its outputs still do.

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..config import at_least, check_value
-from ..data import IGNORE_INDEX
-from .base import Method, causal_lm_loss, shift_labels, split_rows
+from ilora.config.parse import at_least, check_value
+from ilora.data.encode import IGNORE_INDEX
+from ilora.methods.base import Method, causal_lm_loss, shift_labels, split_rows
 
 VALUES, INDICES = "logit_values", "logit_indices"
 

@@ -4,7 +4,7 @@ reservoir buffer over every example seen so far, across tasks; one cross-entropy
 
 from __future__ import annotations
 
-from .base import Method, causal_lm_loss, split_rows
+from ilora.methods.base import Method, causal_lm_loss, split_rows
 
 
 class ER(Method):

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import distributed
-from ..config import at_least, check_value
-from ..errors import ILoRAError
-from ..sharding import whole
-from .base import Method, causal_lm_loss, split_rows
+from ilora.config.parse import at_least, check_value
+from ilora.errors import ILoRAError
+from ilora.methods.base import Method, causal_lm_loss, split_rows
+from ilora.runtime import distributed
+from ilora.runtime.sharding import whole
 
 
 @dataclass

@@ -26,12 +26,12 @@ import torch
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from .. import distributed
-from ..adapters import PLASTIC, STABLE, add_stable_copy, load_adapter
-from ..config import ILoRAArguments
-from ..data import pad_rows
-from ..errors import ILoRAError
-from .base import Method, causal_lm_loss, split_rows
+from ilora.config.parse import ILoRAArguments
+from ilora.core.adapters import PLASTIC, STABLE, add_stable_copy, load_adapter
+from ilora.data.encode import pad_rows
+from ilora.errors import ILoRAError
+from ilora.methods.base import Method, causal_lm_loss, split_rows
+from ilora.runtime import distributed
 
 
 class ILoRA(Method):

@@ -6,7 +6,7 @@ on as many rows as a replay step sees (see `workflow.joint_training_arguments`).
 
 from __future__ import annotations
 
-from .seq_lora import SeqLoRA
+from ilora.methods.seq_lora import SeqLoRA
 
 
 class Joint(SeqLoRA):

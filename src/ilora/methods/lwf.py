@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..adapters import load_adapter
-from ..config import above, at_least, check_value
-from ..data import IGNORE_INDEX
-from .base import Method, shift_labels
+from ilora.config.parse import above, at_least, check_value
+from ilora.core.adapters import load_adapter
+from ilora.data.encode import IGNORE_INDEX
+from ilora.methods.base import Method, shift_labels
 
 TEACHER = "teacher"
 

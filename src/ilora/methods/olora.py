@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 import torch
 from peft.tuners.lora import LoraLayer
 
-from ..adapters import PLASTIC, load_adapter
-from ..config import at_least, check_value
-from ..sharding import whole
-from .base import Method
+from ilora.config.parse import at_least, check_value
+from ilora.core.adapters import PLASTIC, load_adapter
+from ilora.methods.base import Method
+from ilora.runtime.sharding import whole
 
 PREFIX = "olora-"
 

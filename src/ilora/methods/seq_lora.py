@@ -5,7 +5,7 @@ The lower bound every continual-learning method is measured against.
 
 from __future__ import annotations
 
-from .base import Method
+from ilora.methods.base import Method
 
 
 class SeqLoRA(Method):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ILoRAError
+from ilora.errors import ILoRAError
 
 log = logging.getLogger(__name__)
 AUTO = "auto"

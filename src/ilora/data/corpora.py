@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from .errors import ILoRAError
+from ilora.errors import ILoRAError
 
 MAX_CHARS = 300  # keeps most examples inside a 64-128 token budget
 

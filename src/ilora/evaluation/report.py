@@ -3,7 +3,6 @@ accuracy over the sequence (PNG, headless matplotlib); `compare` puts several ru
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -12,9 +11,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from .errors import ILoRAError
-from .jsonfile import read_json
-from .paths import check_directory_target
+from ilora.errors import ILoRAError
+from ilora.files import read_json, write_json
+from ilora.store.paths import check_directory_target
 
 METRIC_ORDER = ("AP", "AvgAcc", "BWT", "FWT", "forgetting")
 
@@ -357,7 +356,7 @@ def aggregate(seed_dirs: list[Path], methods: list[str], out_dir: Path) -> str:
     table = _mean_sd_table(result["metrics"], list(METRIC_ORDER), f"method (mean ± sd, {len(seed_dirs)} seeds)")
     finals = _mean_sd_table(result["final_accuracy"], tasks, "final accuracy per task")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "summary.json").write_text(json.dumps(result, indent=2))
+    write_json(out_dir / "summary.json", result)
     (out_dir / "summary.md").write_text(f"# ilora benchmark summary\n\n{table}\n\n{finals}\n")
     return f"{table}\n\n{finals}"
 

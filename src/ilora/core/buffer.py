@@ -15,8 +15,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .data import IGNORE_INDEX
-from .errors import ILoRAError
+from ilora.data.encode import IGNORE_INDEX
+from ilora.errors import ILoRAError
+from ilora.files import write_json
 
 TENSORS_FILE = "buffer.safetensors"
 STATE_FILE = "buffer.json"
@@ -107,7 +108,7 @@ class ReplayBuffer:
             "task_ids": self.task_ids,
             "rng_state": [version, list(internal), gauss],
         }
-        (directory / STATE_FILE).write_text(json.dumps(state))
+        write_json(directory / STATE_FILE, state, indent=None)
 
     @classmethod
     def load(cls, directory: str | Path, capacity: int | None = None) -> ReplayBuffer:

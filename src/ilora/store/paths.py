@@ -14,28 +14,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ILoRAError
+from ilora.errors import ILoRAError
 
 NAME_MAX = 255  # bytes in one path component on the common file systems (ext4, xfs, apfs, ntfs)
 
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md"}
 BUFFER_FILES = {"buffer.safetensors", "buffer.json"}
 _RANK_DIR = re.compile(r"^rank-\d+$")
-
-
-def check_regular_file(path: Path, prefix: str = "") -> None:
-    """`path` is a regular file ilora can read (more than once: data files are checked, then loaded).
-    Every reader of a user's file calls this, so each cause reads the same: `prefix` names the role."""
-    path = Path(path)
-    if path.is_dir():
-        raise ILoRAError(f"{prefix}{path}: a directory, not a file")
-    if not path.exists():
-        raise ILoRAError(f"{prefix}{path}: no such file")
-    if not path.is_file():
-        raise ILoRAError(
-            f"{prefix}{path}: not a regular file (a pipe, socket or device); ilora reads its "
-            "inputs more than once: save it to a file"
-        )
 
 
 def is_adapter_dir(path: Path) -> bool:

@@ -21,9 +21,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from . import metrics, taskdir
-from .digest import file_digest
-from .errors import ILoRAError
+from ilora.errors import ILoRAError
+from ilora.evaluation import metrics
+from ilora.files import file_digest
+from ilora.store import taskdir
 
 SETTINGS_FILE = "settings.json"
 EVAL_FILE = "eval.json"
@@ -35,7 +36,7 @@ TASKS_DIR = "tasks"
 
 def inputs_record(model_fingerprint: str, tokenizer, tasks, general: str | None = None) -> dict[str, Any]:
     """The run's inputs by content: a changed file at the same path is a changed input."""
-    from .formats import source_files
+    from ilora.data.formats import source_files
 
     def digest(spec: str, dataset_dir: str | None) -> str:
         files = source_files(spec, dataset_dir)
@@ -354,7 +355,7 @@ def versions() -> dict:
     import torch
     import transformers
 
-    from . import __version__
+    from ilora import __version__
 
     return {
         "ilora": __version__,
@@ -363,8 +364,3 @@ def versions() -> dict:
         "peft": peft.__version__,
         "cpu_threads": torch.get_num_threads(),
     }
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    taskdir.write_json_atomically(path, data)

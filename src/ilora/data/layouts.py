@@ -21,8 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import ILoRAError
-from .suggest import did_you_mean
+from ilora.errors import ILoRAError, did_you_mean
 
 BENCHMARKS = ("standard_cl", "long_sequence", "trace")
 

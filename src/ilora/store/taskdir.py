@@ -26,13 +26,13 @@ from peft import LoraConfig, PeftModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import distributed, sharding
-from .adapters import ADAPTER_CONFIG, PLASTIC, STABLE, AdapterPair, check_adapter_dir, save_adapter
-from .buffer import ReplayBuffer
-from .config import ILoRAArguments
-from .errors import ILoRAError, writing
-from .jsonfile import read_json
-from .paths import (
+from ilora.config.parse import ILoRAArguments
+from ilora.core.adapters import ADAPTER_CONFIG, PLASTIC, STABLE, AdapterPair, check_adapter_dir, save_adapter
+from ilora.core.buffer import ReplayBuffer
+from ilora.errors import ILoRAError, writing
+from ilora.files import read_json, write_json
+from ilora.runtime import distributed, sharding
+from ilora.store.paths import (
     CHECKPOINT_CLAIM,
     CHECKPOINT_MARKER,
     TaskOutputs,
@@ -378,7 +378,7 @@ def write_task(
             },
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        write_json_atomically(output_dir / MANIFEST, manifest)
+        write_json(output_dir / MANIFEST, manifest)
     distributed.barrier()  # nobody moves on before the task is finished
     return output_dir
 
@@ -469,7 +469,7 @@ def save_checkpoint_state(
             save_file(
                 {k: v.detach().cpu().contiguous() for k, v in method_state[0].items()}, str(folder / METHOD_STATE)
             )
-        write_json_atomically(
+        write_json(
             folder / CHECKPOINT_MARKER,
             {
                 "ema_step": step,
@@ -515,9 +515,3 @@ def load_checkpoint_state(folder: Path, with_buffer: bool, identity: dict):
     ):
         raise ILoRAError(f"{folder / CHECKPOINT_MARKER}: damaged checkpoint marker (task_loss {task_loss!r})")
     return state["ema_step"], buffer, read_method_state(folder, state), task_loss
-
-
-def write_json_atomically(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str, allow_nan=False))  # a NaN here is a bug: fail loudly
-    os.replace(tmp, path)

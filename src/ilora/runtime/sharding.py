@@ -16,8 +16,8 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 
-from . import distributed
-from .errors import ILoRAError
+from ilora.errors import ILoRAError
+from ilora.runtime import distributed
 
 PARTITIONED_ADAPTERS = "adapters.safetensors"  # ZeRO-3: every adapter whole, in save_adapters' directory
 

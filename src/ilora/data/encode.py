@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from .errors import ILoRAError
+from ilora.errors import ILoRAError
 
 IGNORE_INDEX = -100
 
@@ -139,7 +139,7 @@ def encode_rows(rows, tokenizer, cutoff_len: int, use_chat_template: bool, sourc
 
     if isinstance(rows, list):
         return [encode(row, i) for i, row in enumerate(rows)]
-    from .formats import quiet
+    from ilora.data.formats import quiet
 
     with quiet():
         return rows.map(encode, with_indices=True, remove_columns=rows.column_names)
@@ -148,7 +148,7 @@ def encode_rows(rows, tokenizer, cutoff_len: int, use_chat_template: bool, sourc
 def prepare_dataset(dataset, tokenizer, cutoff_len: int = 1024, use_chat_template: bool = True):
     """Accept a tokenized dataset (`input_ids`, optional `labels`) as is; normalise and tokenize a raw one
     (any row format `ilora.formats` reads)."""
-    from .formats import normalise_row
+    from ilora.data.formats import normalise_row
 
     if len(dataset) == 0:
         raise ILoRAError("the training dataset is empty")

@@ -21,10 +21,8 @@ from peft import LoraConfig
 from tqdm.auto import tqdm
 from transformers import TrainingArguments
 
-from . import distributed, general, methods, precision, report, rundir, sharding, taskdir
-from .adapters import PLASTIC, AdapterPair, check_target_modules, load_saved_adapters
-from .buffer import ReplayBuffer
-from .config import (
+from ilora import methods
+from ilora.config.parse import (
     DataArguments,
     ILoRAArguments,
     ModelArguments,
@@ -34,13 +32,19 @@ from .config import (
     scored_tasks,
     zero3_requested,
 )
-from .data import encode_rows
-from .errors import ILoRAError
-from .evaluate import TestSet, build_test_set, evaluate
-from .formats import read_data
-from .loader import load_model_and_tokenizer, quantization_of
-from .paths import check_directory_target, check_trainer_outputs
-from .trainer import ILoRATrainer, check_fsdp, check_zero3, requested_fsdp
+from ilora.core.adapters import PLASTIC, AdapterPair, check_target_modules, load_saved_adapters
+from ilora.core.buffer import ReplayBuffer
+from ilora.data.encode import encode_rows
+from ilora.data.formats import read_data
+from ilora.errors import ILoRAError
+from ilora.evaluation import general, report
+from ilora.evaluation.scoring import TestSet, build_test_set, evaluate
+from ilora.files import write_json
+from ilora.runtime import distributed, precision, sharding
+from ilora.runtime.loader import load_model_and_tokenizer, quantization_of
+from ilora.store import rundir, taskdir
+from ilora.store.paths import check_directory_target, check_trainer_outputs
+from ilora.trainer import ILoRATrainer, check_fsdp, check_zero3, requested_fsdp
 
 log = logging.getLogger(__name__)
 
@@ -225,9 +229,7 @@ def run_sequence(
     for task_dir, due in zip(task_dirs, scored):  # damaged state is found now, not after hours of training
         _check_saved_task(task_dir, adapters, due, method.uses_replay(method_args))
     if distributed.rank() == 0:
-        rundir.write_json(
-            run_dir / rundir.SETTINGS_FILE, settings
-        )  # once model and test sets load: bad input leaves nothing
+        write_json(run_dir / rundir.SETTINGS_FILE, settings)  # once model and test sets load: bad input leaves nothing
     autocast = precision.autocast_dtype(training_args.bf16, training_args.fp16)  # evaluation as trained
     windows = (
         general.windows(general_text, tokenizer, data_args.cutoff_len, run.general_windows, f"general: {run.general}")
@@ -289,7 +291,7 @@ def run_sequence(
     summary["hardware"] = precision.run_record(training_args)
     summary["inputs"] = settings["inputs"]  # lets `ilora compare` refuse runs scored on other test files
     run_dir.mkdir(parents=True, exist_ok=True)
-    rundir.write_json(run_dir / rundir.METRICS_FILE, summary)
+    write_json(run_dir / rundir.METRICS_FILE, summary)
     report.write_report(run_dir, summary)
     return run_dir
 
@@ -393,7 +395,7 @@ def _train_and_evaluate(
         if scorer.windows is not None:
             record["general"] = {report: scorer.perplexity(model, names) for report, names in evaluated.items()}
         record["timings"] = {"train_seconds": train_seconds, "eval_seconds": time.time() - eval_began}
-        rundir.write_json(task_dir / rundir.EVAL_FILE, record)
+        write_json(task_dir / rundir.EVAL_FILE, record)
     distributed.barrier()
 
 
@@ -469,7 +471,7 @@ def _base_general(root: Path, base, identity: dict, scorer: _Scorer, inputs: dic
     if cached is not None:
         return cached
     value = scorer.perplexity(base, None)
-    rundir.write_json(path, {"key": key, "perplexity": value})
+    write_json(path, {"key": key, "perplexity": value})
     return value
 
 
@@ -491,7 +493,7 @@ def _base_evaluation(
         return cached
     scores = scorer.score(base, None)
     root.mkdir(parents=True, exist_ok=True)
-    rundir.write_json(path, {"key": key, "scores": scores})
+    write_json(path, {"key": key, "scores": scores})
     return scores
 
 

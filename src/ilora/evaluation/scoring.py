@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
-from .config import SCORINGS, check_choices
-from .data import answer_ids, context_before_answer
-from .errors import ILoRAError, TrainingDiverged
+from ilora.config.parse import SCORINGS, check_choices
+from ilora.data.encode import answer_ids, context_before_answer
+from ilora.errors import ILoRAError, TrainingDiverged
 
 
 @dataclass

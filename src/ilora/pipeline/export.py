@@ -20,12 +20,13 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from . import __version__, methods, rundir, taskdir
-from .adapters import AdapterPair, load_saved_adapters, save_adapter
-from .errors import ILoRAError, writing
-from .loader import load_model_and_tokenizer
-from .paths import check_directory_target
-from .suggest import did_you_mean
+from ilora import __version__, methods
+from ilora.core.adapters import AdapterPair, load_saved_adapters, save_adapter
+from ilora.errors import ILoRAError, did_you_mean, writing
+from ilora.files import write_json
+from ilora.runtime.loader import load_model_and_tokenizer
+from ilora.store import rundir, taskdir
+from ilora.store.paths import check_directory_target
 
 PROVENANCE = "ilora_export.json"
 EXPORTED = "exported"  # the adapter name an unmerged export is built under
@@ -83,7 +84,7 @@ def export(
                 _write_merged(peft_model, names, tokenizer, staging)
             else:
                 _write_adapter(peft_model, names, staging, _base_path(base_name))
-            taskdir.write_json_atomically(staging / PROVENANCE, record)
+            write_json(staging / PROVENANCE, record)
             if output.exists():
                 output.rmdir()  # the empty directory the user named
             os.replace(staging, output)
@@ -97,7 +98,7 @@ def _task_of(source: Path) -> tuple[Path, dict | None]:
     if taskdir.is_finished(source):
         return source, None
     if (source / rundir.METRICS_FILE).is_file():
-        from .report import load_summary
+        from ilora.evaluation.report import load_summary
 
         summary = load_summary(source)
         joint = methods.get(summary["method"]).trains_jointly if summary["method"] in methods.REGISTRY else False
@@ -168,6 +169,6 @@ def _fill_concatenated(model: PeftModel, names: list[str]) -> None:
 
 def _base_path(name: str) -> str:
     """Where a loader finds the base: an absolute local path (the SmolLM2 cache for `smollm2`)."""
-    from .loader import SMOLLM2, smollm2_dir
+    from ilora.runtime.loader import SMOLLM2, smollm2_dir
 
     return str(smollm2_dir() if name == SMOLLM2 else Path(name).resolve())

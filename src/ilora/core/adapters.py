@@ -28,10 +28,9 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from peft.tuners.lora import LoraLayer
 from safetensors import SafetensorError, safe_open
 
-from . import distributed, sharding
-from .errors import ILoRAError
-from .jsonfile import read_json
-from .suggest import did_you_mean
+from ilora.errors import ILoRAError, did_you_mean
+from ilora.files import read_json
+from ilora.runtime import distributed, sharding
 
 PLASTIC = "plastic"
 STABLE = "stable"

@@ -22,11 +22,9 @@ import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from . import precision
-from .errors import ILoRAError
-from .jsonfile import read_json
-from .paths import check_regular_file
-from .suggest import did_you_mean
+from ilora.errors import ILoRAError, did_you_mean
+from ilora.files import check_regular_file, read_json
+from ilora.runtime import precision
 
 _TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 MAX_TASK_ID = 100  # a task id is part of directory names, which most file systems cap at 255 bytes
@@ -770,7 +768,7 @@ RUN_SETS_ITSELF = (
 
 def _benchmark_tasks(mapping: dict, path: Path) -> list[dict]:
     """`benchmark`, `data_dir`, `order`: a standard benchmark's tasks from its published layout."""
-    from .layouts import expand
+    from ilora.data.layouts import expand
 
     if "tasks" in mapping:
         raise ILoRAError(f"{path}: give either 'benchmark' or 'tasks', not both")

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import ILoRAError, TrainingDiverged
-from .paths import check_regular_file
+from ilora.errors import ILoRAError, TrainingDiverged
+from ilora.files import check_regular_file
 
 
 def read_text(path: str | Path) -> str:

@@ -26,11 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .digest import file_digest
-from .errors import ILoRAError
-from .jsonfile import read_json
-from .paths import check_regular_file
-from .suggest import did_you_mean
+from ilora.errors import ILoRAError, did_you_mean
+from ilora.files import check_regular_file, file_digest, read_json
 
 FORMATTINGS = ("auto", "alpaca", "sharegpt")
 ALPACA_COLUMNS = {

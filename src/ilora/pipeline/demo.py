@@ -12,12 +12,12 @@ from pathlib import Path
 
 import yaml
 
-from . import report, taskdir
-from .config import load_yaml_mapping
-from .errors import ILoRAError
-from .jsonfile import read_json
-from .paths import check_directory_target
-from .workflow import load_run_config, run_sequence
+from ilora.config.parse import load_yaml_mapping
+from ilora.errors import ILoRAError
+from ilora.evaluation import report
+from ilora.files import read_json, write_json
+from ilora.pipeline.workflow import load_run_config, run_sequence
+from ilora.store.paths import check_directory_target
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def run_demo(
 ) -> str:
     """Build the offline benchmark, run every method on it, and return the comparison table.
     `seed` replaces the demo's training seed (the full plan has its own three)."""
-    from .corpora import build_benchmark, general_text
+    from ilora.data.corpora import build_benchmark, general_text
 
     plan = FULL if full else DEMO if seed is None else {**DEMO, "seeds": [seed]}
     root = Path(output_dir or ("runs/full" if full else "runs/demo"))
@@ -63,7 +63,7 @@ def run_demo(
         _check_same_tasks(root, full, plan["tasks"])
     root.mkdir(parents=True, exist_ok=True)
     # says: this directory is the demo's to rewrite, and which tasks its runs trained on
-    taskdir.write_json_atomically(root / DEMO_MARKER, {"full": full, "tasks": plan["tasks"]})
+    write_json(root / DEMO_MARKER, {"full": full, "tasks": plan["tasks"]})
     entries = build_benchmark(root / "data", plan["tasks"], plan["n_train"], plan["n_test"], 0, plan["max_chars"])
     base_config = load_yaml_mapping(Path(__file__).parent / "configs" / "demo.yaml")
     if full:

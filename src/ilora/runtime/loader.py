@@ -20,9 +20,8 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from .errors import ILoRAError
-from .jsonfile import read_json
-from .suggest import did_you_mean
+from ilora.errors import ILoRAError, did_you_mean
+from ilora.files import read_json
 
 SMOLLM2 = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
