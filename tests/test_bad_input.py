@@ -218,7 +218,7 @@ CASES = {
     ),
     "run bad scoring": (
         lambda w, t: run_config(w, t, lambda c: c["tasks"][0].update(scoring="bleu")),
-        "scoring must be one of ('choice', 'exact_match', 'rouge_l', 'edit_similarity')",
+        "scoring='bleu' is not one of ('choice', 'exact_match', 'rouge_l', 'edit_similarity')",
     ),
     "run answer not a choice": (
         lambda w, t: run_config(w, t, lambda c: c["tasks"][0].update(choices=["yes", "no"])),

@@ -46,7 +46,7 @@ def test_sample_is_without_replacement_and_bounded_by_size():
     buffer = ReplayBuffer(capacity=8, seed=1)
     for i in range(8):
         buffer.add(torch.tensor([i]), torch.tensor([i]))
-    ids, labels = buffer.sample(5)
+    ids, labels, _ = buffer.sample(5)
     values = [int(t[0]) for t in ids]
     assert len(values) == 5 and len(set(values)) == 5
     assert len(buffer.sample(50)[0]) == 8

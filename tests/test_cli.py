@@ -50,12 +50,12 @@ def task1(tiny_model_dir, tmp_path):
 
 def test_a_task_directory_holds_loadable_adapters_buffer_and_manifest(task1, tiny_model_dir):
     manifest = json.loads((task1 / "ilora_task.json").read_text())
-    assert manifest["task_id"] == "t1" and manifest["ema_step"] == 4
+    assert manifest["task_id"] == "t1" and manifest["sequence_steps"] == 4
     assert manifest["lora"]["r"] == 4
     sizes = manifest["buffer"].pop("bytes_per_row")
     assert manifest["buffer"] == {"size": 6, "num_seen": 16, "ranks": 1, "num_seen_per_rank": [16]}
     assert sizes["tokens"] > 0 and sizes["extras"] == 0  # I-LoRA keeps token ids and labels, nothing else
-    assert len(manifest["stable_checksum_per_rank"]) == 1
+    assert len(manifest["adapter_checksum_per_rank"]) == 1
     assert {"ce_loss", "consistency_loss", "train_loss"} <= manifest["final_losses"].keys()
     for name in ("plastic", "stable"):
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), task1 / name)
@@ -96,7 +96,7 @@ def test_second_task_starts_from_first_tasks_plastic_stable_and_buffer(task1, ti
         torch.testing.assert_close(stable2[key], expected, atol=1e-6, rtol=0)
     assert any(not torch.equal(stable1[k], stable2[k]) for k in stable1)
     manifest = json.loads((tmp_path / "t2" / "ilora_task.json").read_text())
-    assert manifest["prev_task_id"] == "t1" and manifest["ema_step"] == 7
+    assert manifest["prev_task_id"] == "t1" and manifest["sequence_steps"] == 7
     buffer = ReplayBuffer.load(tmp_path / "t2" / "buffer")
     assert buffer.num_seen == 16 + 12 and len(buffer) == 6
 
@@ -111,7 +111,7 @@ def test_yaml_config_trains_like_flags(tiny_model_dir, tmp_path):
     )
     assert main(["train", str(config)]) == 0
     manifest = json.loads((tmp_path / "y" / "ilora_task.json").read_text())
-    assert manifest["ilora_args"]["hidden_state_layers"] == [1, -1] and manifest["task_id"] == "y1"
+    assert manifest["method_options"]["hidden_state_layers"] == [1, -1] and manifest["task_id"] == "y1"
 
 
 def test_finished_output_dir_is_not_overwritten_without_the_flag(task1, tiny_model_dir, tmp_path, capsys):

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from peft import PeftModel
+from helpers import assert_peft_loads, failure
 from safetensors.torch import load_file
+from test_methods_contract import CASES
 from test_resume import KILLER
 from tiny import two_task_config
-from transformers import AutoModelForCausalLM
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
 FSDP = {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
@@ -32,18 +32,28 @@ ACCELERATE_FSDP2 = {
 }
 
 
+# On 2 CPU processes under load, gloo (under DeepSpeed ZeRO-3 most often) now and then aborts a rank from
+# C++ with this line and SIGABRT, in the middle of a collective: a crash below ilora, seen in about one run
+# in fifty of the full suite and never alone. Such a run is run once more; any other failure is reported.
+GLOO_ABORT = "terminate called without an active exception"
+
+
 def torchrun(script: Path, *args, env=None):
-    with socket.socket() as s:  # a free port: test_parallel's runs may hold theirs
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), **(env or {})}
-    return subprocess.run(
-        [*TORCHRUN, "--master_port", str(port), str(script), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    for attempt in (1, 2):
+        with socket.socket() as s:  # a free port: test_parallel's runs may hold theirs
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        result = subprocess.run(
+            [*TORCHRUN, "--master_port", str(port), str(script), *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent), **(env or {})},
+            timeout=600,
+        )
+        if not (result.returncode != 0 and GLOO_ABORT in result.stderr and "exitcode: -6" in result.stderr):
+            return result
+        print(f"attempt {attempt}: a rank aborted in gloo ({GLOO_ABORT}); running again")
+    return result
 
 
 def ilora_run(config: Path, kill=("none", "0"), env=None):
@@ -82,7 +92,7 @@ def adapter(run: Path, task: str, name: str) -> dict[str, torch.Tensor]:
 def fsdp_run(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     result = ilora_run(config(root, tiny_model_dir, "fsdp", **FSDP))
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
     return root / "fsdp"
 
 
@@ -102,8 +112,7 @@ def assert_task_equals_ddp_and_loads(run: Path, ddp_run: Path, model_dir: Path, 
         assert got.keys() == replicated.keys() and len(got) == 8
         for key in got:
             torch.testing.assert_close(got[key], replicated[key], atol=1e-4, rtol=0)
-        base = AutoModelForCausalLM.from_pretrained(model_dir)
-        assert isinstance(PeftModel.from_pretrained(base, run / "ilora" / "tasks" / task / name), PeftModel)
+        assert_peft_loads(model_dir, run / "ilora" / "tasks" / task / name)
 
 
 def test_a_two_task_fsdp2_run_shards_saves_whole_adapters_and_matches_ddp(fsdp_run, ddp_run, tiny_model_dir):
@@ -112,7 +121,7 @@ def test_a_two_task_fsdp2_run_shards_saves_whole_adapters_and_matches_ddp(fsdp_r
         checkpoint = sorted(directory.glob("checkpoint-*"))[-1]
         assert (checkpoint / "pytorch_model_fsdp_0").is_dir(), "no sharded checkpoint: FSDP did not run"
         manifest = json.loads((directory / "ilora_task.json").read_text())
-        first, second = manifest["stable_checksum_per_rank"]  # the slices' sums, added over the ranks
+        first, second = manifest["adapter_checksum_per_rank"]  # the slices' sums, added over the ranks
         assert first == second
         assert_task_equals_ddp_and_loads(fsdp_run, ddp_run, tiny_model_dir, task)
     metrics = json.loads((fsdp_run / "ilora" / "metrics.json").read_text())
@@ -129,8 +138,15 @@ def method_runs_beside_ddp(
     `ddp_method_run`): their task folders."""
     name, settings = parallel
     result = ilora_run(config(tmp_path, model_dir, name, method=method, **METHOD_SETTINGS, **settings))
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
     return {name: tmp_path / name / method / "tasks", "ddp": ddp_method_run(method)}
+
+
+def stage_folders(runs: dict[str, Path]) -> list[str]:
+    """The task folders of the runs, the same in each (joint training has one, `1-joint`)."""
+    folders = [sorted(p.name for p in run.iterdir() if p.is_dir()) for run in runs.values()]
+    assert folders[0] == folders[1] and folders[0], folders
+    return folders[0]
 
 
 def assert_method_outputs_equal(runs: dict[str, Path], task: str, method: str) -> None:
@@ -148,13 +164,18 @@ def assert_method_outputs_equal(runs: dict[str, Path], task: str, method: str) -
             torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=0.05)
 
 
-@pytest.mark.parametrize("method", ["lwf", "derpp", "olora", "ewc"])  # ER too, once (README): I-LoRA's pass, no EMA
+def baselines(refused=()) -> list:
+    """Every method of the contract table but I-LoRA (the runs above), each a `full` run (make test-all)."""
+    return [pytest.param(m, marks=pytest.mark.full) for m in CASES if m != "ilora" and m not in refused]
+
+
+@pytest.mark.parametrize("method", baselines())
 def test_a_baseline_under_fsdp2_matches_ddp(method, tiny_model_dir, tmp_path, ddp_method_run):
     """LwF's frozen teacher, DER++'s stored logits, O-LoRA's penalties on the gathered A matrices (its
     gradient reaches the slices: without it task 2's adapter differs by 6e-3) and EWC's Fisher (per-row
     gradients through FSDP's backward) run sharded too."""
     runs = method_runs_beside_ddp(tmp_path, tiny_model_dir, method, ("fsdp", FSDP), ddp_method_run)
-    for task in TASKS:
+    for task in stage_folders(runs):
         assert_method_outputs_equal(runs, task, method)
         for rank in (0, 1) if method == "derpp" else ():  # the same rows replayed; stored logits to float16 precision
             sharded, replicated = (
@@ -168,7 +189,7 @@ def test_a_baseline_under_fsdp2_matches_ddp(method, tiny_model_dir, tmp_path, dd
 
 def test_under_fsdp2_the_stable_adapter_is_the_closed_form_ema_of_the_whole_plastic_one(tmp_path):
     result = torchrun(Path(__file__).parent / "sharded_ema.py", str(tmp_path), "fsdp2")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
     assert (tmp_path / "closed-form-ema.ok").is_file()
 
 
@@ -178,20 +199,22 @@ def assert_killed_in_each_task_resumes_bitwise(path: Path, clean: Path) -> None:
     assert ilora_run(path, kill=("step", "3")).returncode != 0  # task 1, after checkpoint 2
     assert ilora_run(path, kill=("step", "2")).returncode != 0  # task 2, after checkpoint 1
     resumed = ilora_run(path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, failure(resumed)
     assert "resuming from" in resumed.stderr
     assert_same_adapters(clean, path.parent / path.stem)
 
 
+@pytest.mark.full
 def test_an_fsdp2_run_killed_mid_task_resumes_bitwise_identical(fsdp_run, tiny_model_dir, tmp_path):
     # the fixture's settings, in another directory
     assert_killed_in_each_task_resumes_bitwise(config(tmp_path, tiny_model_dir, "fsdp", **FSDP), fsdp_run)
 
 
+@pytest.mark.full
 def test_an_accelerate_fsdp2_config_trains_the_same_run(fsdp_run, tiny_model_dir, tmp_path):
     """`accelerate launch` with an FSDP2 config file: the settings come through the environment."""
     result = ilora_run(config(tmp_path, tiny_model_dir, "launched"), env=ACCELERATE_FSDP2)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
     for task in TASKS:
         assert (tmp_path / "launched" / "ilora" / "tasks" / task / "checkpoint-8" / "pytorch_model_fsdp_0").is_dir()
     assert_same_adapters(fsdp_run, tmp_path / "launched")

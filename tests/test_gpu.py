@@ -50,7 +50,7 @@ def test_two_task_chain_in_bf16_on_the_gpu(tiny_model_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     manifest = json.loads((tmp_path / "runs" / "ilora" / "tasks" / "2-beta" / "ilora_task.json").read_text())
     assert manifest["hardware"]["device"] == "cuda" and manifest["hardware"]["precision"] == "bf16"
-    assert manifest["prev_task_id"] == "alpha" and manifest["ema_step"] == 6
+    assert manifest["prev_task_id"] == "alpha" and manifest["sequence_steps"] == 6
     summary = json.loads((tmp_path / "runs" / "ilora" / "metrics.json").read_text())
     assert summary["hardware"]["device"] == "cuda" and summary["hardware"]["precision"] == "bf16"
 

@@ -4,10 +4,10 @@ states. Same loss and same plastic gradients (1e-5) as without it, replay and co
 
 import pytest
 import torch
-from helpers import TOKENIZER, batches, lora, method, peft_model
+from helpers import TOKENIZER, arguments, batches, lora, method, peft_model
 from tiny import sentiment_rows, tiny_llama
 
-from ilora import ILoRAArguments, ILoRATrainer
+from ilora import ILoRATrainer
 from ilora.data.encode import encode_rows
 
 
@@ -56,7 +56,7 @@ def test_the_trainer_flag_trains_the_same_trajectory(tmp_path):
         trainer = ILoRATrainer(
             model=tiny_llama(),
             args=args,
-            ilora_args=ILoRAArguments(ilora_buffer_size=8),
+            **arguments(ilora_buffer_size=8),
             peft_config=lora(),
             train_dataset=encode_rows(sentiment_rows(16), TOKENIZER, 64, False),
             processing_class=TOKENIZER,

@@ -66,7 +66,7 @@ def run_config(tmp_path, model_dir, **entries):
 def test_standard_cl_orders_expand_with_labels_as_choices(order, tmp_path, tiny_model_dir):
     cl_benchmark(tmp_path / "CL_Benchmark", ORDERS["standard_cl"][1])
     config = run_config(tmp_path, tiny_model_dir, benchmark="standard_cl", data_dir="CL_Benchmark", order=order)
-    run = parse_run_config(config)[4]
+    run = parse_run_config(config).run
     assert [t.name for t in run.tasks] == ORDERS["standard_cl"][order]
     for task in run.tasks:
         assert task.scoring == "choice" and task.choices == LABELS[task.name]
@@ -76,9 +76,8 @@ def test_standard_cl_orders_expand_with_labels_as_choices(order, tmp_path, tiny_
 @pytest.mark.parametrize("order", [4, 5, 6])
 def test_long_sequence_orders_have_fifteen_tasks_in_the_papers_order(order, tmp_path, tiny_model_dir):
     cl_benchmark(tmp_path / "CL", CL_FOLDERS)
-    run = parse_run_config(run_config(tmp_path, tiny_model_dir, benchmark="long_sequence", data_dir="CL", order=order))[
-        4
-    ]
+    config = run_config(tmp_path, tiny_model_dir, benchmark="long_sequence", data_dir="CL", order=order)
+    run = parse_run_config(config).run
     names = [t.name for t in run.tasks]
     assert len(names) == 15 and len(set(names)) == 15 and names == ORDERS["long_sequence"][order]
     assert names[0] == {4: "mnli", 5: "multirc", 6: "yelp"}[order]
@@ -96,7 +95,7 @@ def test_standard_cl_runs_end_to_end_on_the_published_layout(tmp_path, tiny_mode
 def test_trace_expands_in_order_with_its_scorings_and_runs(tmp_path, tiny_model_dir):
     trace_benchmark(tmp_path / "TRACE")
     config = run_config(tmp_path, tiny_model_dir, benchmark="trace", data_dir="TRACE")
-    run = parse_run_config(config)[4]
+    run = parse_run_config(config).run
     assert [t.name for t in run.tasks] == [
         "C-STANCE",
         "FOMC",

@@ -174,7 +174,7 @@ def test_selective_update_applies_the_ema_when_plastic_is_better():
 
 
 def test_er_mode_has_replay_but_no_stable_pass():
-    ilora = method(model=peft_model(with_stable=False), use_stable_adapter=False)
+    ilora = method(model=peft_model(with_stable=False), method="er")
     data = batches(3)
     train(ilora, data)
     assert len(ilora.buffer) == 12 and "consistency_loss" not in ilora.pop_logs()

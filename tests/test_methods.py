@@ -196,7 +196,7 @@ def _hidden(ilora, rows, name):
 
 
 def test_consistency_target_max_is_the_elementwise_maximum_of_plastic_and_stable():
-    ilora, replay = _with_replay(consistency_target="max")
+    ilora, replay = _with_replay(ilora_consistency_target="max")
     ilora.loss(batches(1)[0])
     plastic, stable = _hidden(ilora, replay, PLASTIC)[-1], _hidden(ilora, replay, STABLE)[-1]
     target = torch.where(plastic > stable, plastic, stable)
@@ -215,7 +215,7 @@ def test_hidden_state_layers_all_averages_every_hidden_state():
 
 
 def test_replay_loss_mean_of_parts_is_the_mean_of_current_and_replay_losses():
-    ilora, replay = _with_replay(replay_loss="mean_of_parts", consistency_weight=0.0)
+    ilora, replay = _with_replay(ilora_replay_loss="mean_of_parts", consistency_weight=0.0)
     current = batches(1)[0]
     ilora.loss(current)
     with torch.no_grad():
@@ -228,13 +228,16 @@ def test_replay_loss_mean_of_parts_is_the_mean_of_current_and_replay_losses():
     assert ilora.pop_logs()["ce_loss"] == pytest.approx(((parts[0] + parts[1]) / 2).item(), rel=1e-5)
 
 
-def test_legacy_switches_name_the_methods_and_contradictions_are_refused():
-    from ilora import ILoRAArguments, ILoRAError
+def test_easycl_use_ilora_false_is_sequential_lora_and_a_contradiction_is_refused():
+    from ilora import ContinualArguments, ILoRAError, methods
+    from ilora.config.parse import parse_train_args
 
-    assert ILoRAArguments(use_ilora=False).method == "seq_lora"
-    assert ILoRAArguments(use_stable_adapter=False).method == "er"
-    with pytest.raises(ILoRAError, match="contradicts use_ilora=false"):
-        ILoRAArguments(method="ewc", use_ilora=False)
+    assert ContinualArguments(use_ilora=False).method == "seq_lora"
+    assert ContinualArguments(use_ilora=False, method="er").method == "er"  # not I-LoRA either: consistent
+    classes = methods.argument_classes()
+    assert parse_train_args(["--use_ilora", "false", "--output_dir", "x"], classes).method == "seq_lora"
+    with pytest.raises(ILoRAError, match="use_ilora=false contradicts method=ilora"):
+        parse_train_args(["--use_ilora", "false", "--method", "ilora", "--output_dir", "x"], classes)
 
 
 def test_load_adapter_freezes_what_it_loads(tmp_path):

@@ -80,7 +80,7 @@ def test_an_unknown_flag_value_is_one_line():
     [([], None), (["--bf16", "false"], False), (["--bf16=auto"], None), (["--bf16"], True), (["--bf16", "true"], True)],
 )
 def test_auto_is_the_default_and_explicit_values_win(argv, expected, monkeypatch):
-    args = parse_train_args(["--output_dir", "x", "--use_cpu", "true", *argv])[3]
+    args = parse_train_args(["--output_dir", "x", "--use_cpu", "true", *argv]).training
     native = precision.detect("cpu").native_bf16
     assert args.bf16 is (native if expected is None else expected) and args.fp16 is False
 

@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
-from helpers import assert_closed_form_ema
+from helpers import arguments, assert_closed_form_ema
 from peft import PeftModel
 from test_trainer import RecordPlastic, examples, lora
 from tiny import save_tiny_model, sentiment_rows, write_jsonl
 from transformers import TrainingArguments
 
-from ilora import ILoRAArguments, ILoRATrainer
+from ilora import ILoRATrainer
 from ilora.cli import main
 from ilora.runtime.loader import load_model_and_tokenizer
 
@@ -101,7 +101,7 @@ def test_on_a_4bit_base_the_stable_adapter_is_the_closed_form_ema(model_dir, tmp
             seed=1,
             disable_tqdm=True,
         ),
-        ilora_args=ILoRAArguments(ema_alpha=0.6, ilora_buffer_size=8),
+        **arguments(ema_alpha=0.6, ilora_buffer_size=8),
         peft_config=lora(),
         train_dataset=examples(),
         processing_class=tokenizer,

@@ -538,6 +538,21 @@ DAMAGED_STATE = {
 }
 
 
+def checkpoint_marker(w, folder: Path) -> None:
+    """A complete checkpoint's marker, as ilora writes it, for t1's base and LoRA settings."""
+    manifest = json.loads((w["t1"] / "ilora_task.json").read_text())
+    marker = {
+        "format_version": 2,
+        "sequence_steps": 1,
+        "task_id": None,
+        "method_state": {},
+        "task_loss": {"sum": 1.0, "micro_batches": 1},
+        "base_model": manifest["base_model"],
+        "lora": manifest["lora"],
+    }
+    (folder / "ilora_checkpoint.json").write_text(json.dumps(marker))
+
+
 def then(action, result):
     """Run `action` (it prepares the case's folder), then return `result` (the argv)."""
     action()
@@ -599,7 +614,7 @@ USER_DATA = {
     "ema_adapter_path = output_dir/buffer": (
         lambda w, t: train(w, t, "--ema_adapter_path", str(t / "out" / "buffer")),
         BAD_INPUT,
-        "the replay buffer and the stable adapter would both be written",
+        "the stable adapter and the replay buffer would both be written",
     ),
     "ema_adapter_path holds output_dir": (
         lambda w, t: train(w, t, "--ema_adapter_path", str(t), out=t / "sub" / "out"),
@@ -1128,10 +1143,10 @@ CORRUPT_STATE = {
         BAD_INPUT,
         "rank r=4 but the task manifest says r=8",
     ),
-    "manifest with a text ema_step": (
-        damaged_task(lambda d: edit_json(d / "ilora_task.json", lambda m: m.update(ema_step="2"))),
+    "manifest with a text step count": (
+        damaged_task(lambda d: edit_json(d / "ilora_task.json", lambda m: m.update(sequence_steps="2"))),
         BAD_INPUT,
-        "damaged task manifest ('ema_step' is '2')",
+        "damaged task manifest ('sequence_steps' is '2')",
     ),
     "manifest a list": (
         damaged_task(lambda d: (d / "ilora_task.json").write_text("[]")),
@@ -1217,7 +1232,7 @@ CORRUPT_STATE = {
             lambda: (
                 shutil.copytree(w["t1"] / "plastic", t / "out" / "checkpoint-1" / "plastic"),
                 (t / "out" / "checkpoint-1" / "plastic" / "adapter_model.safetensors").write_bytes(b"\0" * 10),
-                (t / "out" / "checkpoint-1" / "ilora_checkpoint.json").write_text('{"ema_step": 1}'),
+                checkpoint_marker(w, t / "out" / "checkpoint-1"),
             ),
             train(w, t, "--resume_from_checkpoint", str(t / "out" / "checkpoint-1")),
         ),
@@ -1229,7 +1244,7 @@ CORRUPT_STATE = {
             lambda: (
                 shutil.copytree(w["t1"] / "plastic", t / "out" / "checkpoint-1" / "plastic"),
                 (t / "out" / "checkpoint-1" / "trainer_state.json").write_text("{"),
-                (t / "out" / "checkpoint-1" / "ilora_checkpoint.json").write_text('{"ema_step": 1}'),
+                checkpoint_marker(w, t / "out" / "checkpoint-1"),
             ),
             train(w, t, "--resume_from_checkpoint", str(t / "out" / "checkpoint-1")),
         ),
@@ -1617,12 +1632,12 @@ def test_a_resumed_run_says_so(world, tmp_path, caplog):
 
 
 def test_ctrl_c_is_one_line_saying_how_to_resume(world, tmp_path, capsys, monkeypatch):
-    from ilora.pipeline import workflow
+    from ilora.pipeline import task
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(workflow, "train_task", interrupted)
+    monkeypatch.setattr(task, "train_task", interrupted)
     assert main(train(world, tmp_path)) == 130
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "interrupted" in err and "--resume_from_checkpoint true" in err
@@ -1661,12 +1676,12 @@ def test_compare_aligns_runs_by_task_name(world, tmp_path):
 
 
 def test_a_run_continues_when_only_settings_that_cannot_change_results_changed(world, tmp_path, monkeypatch):
-    from ilora.pipeline import workflow
+    from ilora import ILoRATrainer
 
     argv = run_copy(
         world, tmp_path, lambda c: c.update(logging_steps=7, disable_tqdm=False, save_steps=3, report_to="none")
     )
-    monkeypatch.setattr(workflow, "_train", lambda *a, **k: pytest.fail("a finished task was retrained"))
+    monkeypatch.setattr(ILoRATrainer, "train", lambda *a, **k: pytest.fail("a finished task was retrained"))
     assert main(argv) == 0
 
 
@@ -1684,28 +1699,27 @@ GUARDED_FIELDS = {
         "double_quantization",
     },
     "data": {"cutoff_len", "use_chat_template"},
-    "ilora": {
+    "continual": {
         "method",
         "use_ilora",
-        "ema_alpha",
-        "consistency_weight",
         "ilora_buffer_size",
         "replay_batch_size",
-        "use_stable_adapter",
-        "consistency_target",
-        "replay_loss",
+        "previous_task_model",
+        "prev_task_id",
+        "current_task_id",
+    },
+    "run": {"tasks", "eval_batch_size", "max_new_tokens", "eval_max_rows", "eval_tasks", "general_windows"},
+    "task": {"name", "scoring", "choices", "columns"},
+    "method_options": {
+        "ema_alpha",
+        "consistency_weight",
+        "ilora_consistency_target",
+        "ilora_replay_loss",
         "selective_update",
         "min_update_threshold",
         "hidden_state_layers",
         "save_ema_adapter",
         "ema_adapter_path",
-        "previous_task_model",
-        "prev_task_id",
-        "current_task_id",
-    },
-    "run": {"method", "tasks", "eval_batch_size", "max_new_tokens", "eval_max_rows", "eval_tasks", "general_windows"},
-    "task": {"name", "scoring", "choices", "columns"},
-    "method_options": {
         "derpp_alpha",
         "derpp_beta",
         "derpp_top_k",
@@ -1726,16 +1740,16 @@ def test_every_setting_is_reviewed_as_guarded_or_unable_to_change_results():
     from transformers import TrainingArguments
 
     from ilora import methods
-    from ilora.config.parse import DataArguments, ILoRAArguments, ModelArguments, RunArguments, TaskSpec
+    from ilora.config.arguments import ContinualArguments, DataArguments, ModelArguments, RunArguments, TaskSpec
     from ilora.store.rundir import NOT_RESULTS
 
     classes = {
         "model": [ModelArguments],
         "data": [DataArguments],
-        "ilora": [ILoRAArguments],
+        "continual": [ContinualArguments],
         "run": [RunArguments],
         "task": [TaskSpec],
-        "method_options": list(methods.argument_classes().values()),
+        "method_options": [cls for cls in methods.argument_classes().values() if cls is not None],
     }
     for part, owners in classes.items():
         fields = {f.name for owner in owners for f in dataclasses.fields(owner)}
@@ -1748,29 +1762,22 @@ def test_every_setting_is_reviewed_as_guarded_or_unable_to_change_results():
 
 
 def test_a_run_directory_moved_with_its_files_continues_without_retraining(world, tmp_path, monkeypatch):
-    from ilora.pipeline import workflow
+    from ilora import ILoRATrainer
 
     argv = run_copy(world, tmp_path)  # another folder: every path differs, every content is the same
-    monkeypatch.setattr(workflow, "_train", lambda *a, **k: pytest.fail("a finished task was retrained"))
+    monkeypatch.setattr(ILoRATrainer, "train", lambda *a, **k: pytest.fail("a finished task was retrained"))
     assert main(argv) == 0
 
 
-def test_a_demo_directory_from_before_the_marker_is_still_the_demos(tmp_path):
-    from ilora.pipeline import demo
-
-    for name in ("data", "seq_lora", "er"):
-        (tmp_path / name).mkdir()
-    (tmp_path / "config.yaml").write_text("seed: 0\n")
-    assert demo._is_demo_dir(tmp_path)
-    (tmp_path / "thesis.txt").write_text("mine")
-    assert not demo._is_demo_dir(tmp_path)
-    (tmp_path / "thesis.txt").unlink()
-    (tmp_path / "config.yaml").unlink()
-    assert not demo._is_demo_dir(tmp_path)  # method folders alone could be anyone's
-
-
-@pytest.mark.parametrize("marker", [None, {"full": False}, {"full": False, "tasks": ["tweets"]}])
-def test_a_demo_directory_of_other_tasks_is_refused_untouched(tmp_path, marker):
+@pytest.mark.parametrize(
+    "marker, refusal",
+    [
+        (None, "not an ilora demo"),
+        ({"full": False}, "damaged demo marker"),
+        ({"full": False, "tasks": ["tweets"]}, "holds a demo of other tasks"),
+    ],
+)
+def test_a_demo_directory_of_other_tasks_is_refused_untouched(tmp_path, marker, refusal):
     from ilora.pipeline import demo
 
     if marker is not None:
@@ -1779,7 +1786,7 @@ def test_a_demo_directory_of_other_tasks_is_refused_untouched(tmp_path, marker):
         (tmp_path / name).mkdir() if name != "config.yaml" else (tmp_path / name).write_text("seed: 0\n")
     (tmp_path / "seq_lora" / "settings.json").write_text("{}")
     before = snapshot(tmp_path)
-    with pytest.raises(ILoRAError, match="holds a demo of other tasks"):
+    with pytest.raises(ILoRAError, match=refusal):
         demo.run_demo(output_dir=tmp_path)
     assert snapshot(tmp_path) == before
 

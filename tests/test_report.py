@@ -9,6 +9,7 @@ from ilora.evaluation.report import aggregate, comparison_table, write_report
 def summary(method, R, tasks=("a", "b")):
     return {
         "method": method,
+        "trains_jointly": method == "joint",
         "tasks": list(tasks),
         "matrices": {"plastic": R},
         "metrics": {"plastic": all_metrics(R)},

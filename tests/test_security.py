@@ -10,7 +10,8 @@ from tiny import sentiment_rows, write_jsonl
 
 from ilora import ILoRAError, ReplayBuffer
 from ilora.cli import main
-from ilora.config.parse import ModelArguments, parse_train_args
+from ilora.config.arguments import ModelArguments
+from ilora.config.parse import parse_train_args
 
 
 class Payload:
@@ -121,4 +122,4 @@ def test_the_source_never_unpickles():
 
 def test_remote_code_is_off_unless_the_user_sets_it():
     assert ModelArguments().trust_remote_code is False
-    assert parse_train_args(["--trust_remote_code", "true"])[0].trust_remote_code is True
+    assert parse_train_args(["--trust_remote_code", "true"]).model.trust_remote_code is True

@@ -1,11 +1,11 @@
 import pytest
 import torch
-from helpers import PAD, TOKENIZER, assert_closed_form_ema, lora, peft_model
+from helpers import PAD, TOKENIZER, arguments, assert_closed_form_ema, lora, peft_model
 from peft import get_peft_model
 from tiny import sentiment_rows, tiny_llama
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from ilora import ILoRAArguments, ILoRATrainer
+from ilora import ILoRATrainer
 from ilora.data.encode import PadCollator, encode_rows
 
 
@@ -47,7 +47,7 @@ def test_use_ilora_false_equals_plain_peft_lora_training(tmp_path):
     ilora = ILoRATrainer(
         model=tiny_llama(),
         args=args,
-        ilora_args=ILoRAArguments(use_ilora=False),
+        **arguments(use_ilora=False),
         peft_config=lora(),
         train_dataset=examples(),
         processing_class=TOKENIZER,
@@ -79,7 +79,7 @@ def test_trainer_ema_runs_once_per_optimizer_step_with_gradient_accumulation(tmp
     trainer = ILoRATrainer(
         model=tiny_llama(),
         args=training_args(tmp_path, gradient_accumulation_steps=2, per_device_train_batch_size=2, max_steps=5),
-        ilora_args=ILoRAArguments(ema_alpha=0.7, ilora_buffer_size=8),
+        **arguments(ema_alpha=0.7, ilora_buffer_size=8),
         peft_config=lora(),
         train_dataset=examples(),
         processing_class=TOKENIZER,
@@ -109,7 +109,7 @@ def test_raw_prompt_response_rows_are_tokenized_and_logs_carry_the_method_losses
     trainer = ILoRATrainer(
         model=tiny_llama(),
         args=training_args(tmp_path, max_steps=3),
-        ilora_args=ILoRAArguments(ilora_buffer_size=8),
+        **arguments(ilora_buffer_size=8),
         peft_config=lora(),
         train_dataset=sentiment_rows(12),
         processing_class=TOKENIZER,
@@ -137,7 +137,7 @@ def test_method_losses_reach_tensorboard(tmp_path):
     trainer = ILoRATrainer(
         model=tiny_llama(),
         args=training_args(tmp_path, max_steps=4, report_to=["tensorboard"]),  # events under output_dir/runs
-        ilora_args=ILoRAArguments(ilora_buffer_size=8, selective_update=True, min_update_threshold=1e6),
+        **arguments(ilora_buffer_size=8, selective_update=True, min_update_threshold=1e6),
         peft_config=lora(),
         train_dataset=examples(16),
         processing_class=TOKENIZER,

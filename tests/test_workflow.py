@@ -5,9 +5,12 @@ import yaml
 from tiny import write_jsonl
 from transformers import TrainingArguments
 
+from ilora import ILoRATrainer
 from ilora.cli import main
-from ilora.config.parse import ILoRAArguments
-from ilora.pipeline import workflow
+from ilora.config.arguments import ContinualArguments, DataArguments, ModelArguments
+from ilora.config.parse import Settings
+from ilora.evaluation.scoring import subsample
+from ilora.pipeline.sequence import joint_settings
 
 LABELS = ["positive", "negative", "neutral"]
 
@@ -68,10 +71,10 @@ def test_three_task_run_writes_matrices_reports_and_resumes(config, tmp_path, mo
         assert (run_dir / name).stat().st_size > 0
     assert [p.name for p in sorted((run_dir / "tasks").iterdir())] == ["1-alpha", "2-beta", "3-gamma"]
     manifest = json.loads((run_dir / "tasks" / "3-gamma" / "ilora_task.json").read_text())
-    assert manifest["prev_task_id"] == "beta" and manifest["ema_step"] == 9
+    assert manifest["prev_task_id"] == "beta" and manifest["sequence_steps"] == 9
 
     # a second run trains nothing: every task is finished and evaluated
-    monkeypatch.setattr(workflow, "_train", lambda *a, **k: pytest.fail("a finished task was retrained"))
+    monkeypatch.setattr(ILoRATrainer, "train", lambda *a, **k: pytest.fail("a finished task was retrained"))
     assert main(["run", str(config)]) == 0
     assert json.loads((run_dir / "metrics.json").read_text())["matrices"] == summary["matrices"]
 
@@ -81,7 +84,7 @@ def test_a_trained_task_whose_evaluation_was_lost_is_evaluated_not_retrained(con
     run_dir = tmp_path / "runs" / "er"
     before = json.loads((run_dir / "metrics.json").read_text())
     (run_dir / "tasks" / "2-beta" / "eval.json").unlink()
-    monkeypatch.setattr(workflow, "_train", lambda *a, **k: pytest.fail("a finished task was retrained"))
+    monkeypatch.setattr(ILoRATrainer, "train", lambda *a, **k: pytest.fail("a finished task was retrained"))
     assert main(["run", str(config), "--method", "er"]) == 0
     after = json.loads((run_dir / "metrics.json").read_text())
     assert after["matrices"] == before["matrices"] and list(after["matrices"]) == ["plastic"]
@@ -96,7 +99,7 @@ def test_baselines_share_the_harness_and_compare_puts_them_in_one_table(config, 
     assert joint_task["global_steps"] == 9  # the sequence's 3 x 3 steps, each on current + replay rows
     assert joint["config"]["training"]["per_device_train_batch_size"] == 8
     seq = json.loads((tmp_path / "runs" / "seq_lora" / "tasks" / "1-alpha" / "ilora_task.json").read_text())
-    assert seq["buffer"] is None and seq["stable_path"] is None
+    assert seq["buffer"] is None and list(seq["adapters"]) == ["plastic"]
     capsys.readouterr()
     assert main(["compare", str(tmp_path / "runs" / "seq_lora"), str(tmp_path / "runs" / "joint")]) == 0
     table = capsys.readouterr().out
@@ -108,7 +111,7 @@ def test_a_run_directory_is_continued_only_under_its_own_settings(config, tmp_pa
     assert main(["run", str(config), "--method", "seq_lora"]) == 0
     settings = yaml.safe_load(config.read_text())
     config.write_text(yaml.safe_dump({**settings, "learning_rate": 0.02, "ilora_buffer_size": 3}))
-    monkeypatch.setattr(workflow, "_train", lambda *a, **k: pytest.fail("trained under changed settings"))
+    monkeypatch.setattr(ILoRATrainer, "train", lambda *a, **k: pytest.fail("trained under changed settings"))
     capsys.readouterr()
     assert main(["run", str(config), "--method", "seq_lora"]) == 2
     err = capsys.readouterr().err.strip()
@@ -134,7 +137,8 @@ def test_joint_training_gets_the_sequence_steps_with_replay_sized_batches(
 ):
     training = {"num_train_epochs": 1, **training}
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, use_cpu=True, **training)
-    joint = workflow.joint_training_arguments(args, ILoRAArguments(**method), sizes)
+    settings = Settings(ModelArguments(), DataArguments(), ContinualArguments(**method), args, {})
+    joint = joint_settings(settings, sizes).training
     assert (joint.max_steps, joint.per_device_train_batch_size) == (steps, batch)
 
 
@@ -180,7 +184,7 @@ def test_eval_max_rows_scores_the_same_seeded_subsample_after_every_task(config,
     ]
     assert all(len(p) == 4 for p in picks)
     rows = [{"i": i} for i in range(50)]
-    sample = workflow.subsample(rows, 7)
-    assert sample == workflow.subsample(rows, 7) and len(sample) == 7  # fixed: the same rows every time
+    sample = subsample(rows, 7)
+    assert sample == subsample(rows, 7) and len(sample) == 7  # fixed: the same rows every time
     assert [r["i"] for r in sample] == sorted(r["i"] for r in sample)  # in file order
-    assert workflow.subsample(rows, 60) == rows
+    assert subsample(rows, 60) == rows

@@ -1,7 +1,10 @@
 """ilora: continual fine-tuning of causal LMs with I-LoRA (plastic + stable LoRA, replay, consistency)
 and the field's baselines as plug-in methods (`ilora.methods`).
 
-Exports load lazily: `import ilora.metrics` (a pure module) must not pull in torch, transformers or peft.
+The folders are the layers, each importing only from those below it (tests/test_layers.py checks):
+errors < files < data, runtime < config, core < methods < store < evaluation < trainer < pipeline < cli.
+Exports load lazily: `import ilora.evaluation.metrics` (a pure module) must not pull in torch,
+transformers or peft.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import importlib
 import logging
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"
 
 
 def _not_kernel_noise(record: logging.LogRecord) -> bool:
@@ -22,9 +25,10 @@ def _not_kernel_noise(record: logging.LogRecord) -> bool:
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_kernel_noise)
 
 _EXPORTS = {
-    "DataArguments": "config.parse",
-    "ILoRAArguments": "config.parse",
-    "ModelArguments": "config.parse",
+    "ContinualArguments": "config.arguments",
+    "DataArguments": "config.arguments",
+    "ModelArguments": "config.arguments",
+    "ILoRAArguments": "methods.ilora",
     "ILoRAError": "errors",
     "ILoRA": "methods.ilora",
     "ILoRATrainer": "trainer",

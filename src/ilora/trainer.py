@@ -1,11 +1,12 @@
 """`ILoRATrainer`: a drop-in `transformers.Trainer` that trains any ilora method (I-LoRA by default).
 
-The Trainer keeps what it is good at (data loading, optimizer, scheduler, mixed precision,
-gradient accumulation, logging to TensorBoard / W&B, checkpoints, Accelerate). ilora adds: the
-adapters (the trainable `plastic` here, whatever else the method needs through its
-`prepare_model`), the method's loss per micro-batch, its hook after each optimizer step (a callback
-on `on_optimizer_step`), its end-of-task hook, and the task output directory (`save_task`). Formats
-(task directories, checkpoints) belong to `taskdir`; the method interface to `ilora.methods.base`.
+The Trainer keeps what it is good at (data loading, optimizer, scheduler, mixed precision, gradient
+accumulation, logging to TensorBoard / W&B, checkpoints, Accelerate). ilora adds the adapters (the
+trainable `plastic` here, whatever else the method needs through its `prepare_model`), the method's
+loss per micro-batch, its hooks at the start of the task, after each optimizer step (a callback on
+`on_optimizer_step`) and at the end of the task, what a checkpoint must carry besides the Trainer's
+own state, and the task's output directory (`save_task`). Formats belong to `ilora.store`, the method
+interface to `ilora.methods.base`, which parallel set-ups run to `ilora.runtime.policy`.
 """
 
 from __future__ import annotations
@@ -24,20 +25,23 @@ from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from ilora import methods
-from ilora.config.parse import (
-    DEEPSPEED_HALF,
-    DEEPSPEED_ZERO3_BF16,
-    ILoRAArguments,
-    check_deepspeed,
-    check_training_arguments,
+from ilora.config.arguments import ContinualArguments
+from ilora.config.checks import check_training_arguments
+from ilora.core.adapters import (
+    ADAPTER_CONFIG,
+    PLASTIC,
+    adapter_parameters,
+    attach_adapters,
+    check_adapter_fits,
+    load_first_adapter,
 )
-from ilora.core.adapters import ADAPTER_CONFIG, PLASTIC, attach_adapters, check_adapter_fits, load_first_adapter
 from ilora.core.buffer import ReplayBuffer, check_token_ids
 from ilora.data.encode import PadCollator, prepare_dataset
 from ilora.errors import ILoRAError, writing
-from ilora.runtime import precision, sharding
+from ilora.runtime import policy, precision, sharding
 from ilora.runtime.loader import quantization_of
-from ilora.store import taskdir
+from ilora.store import checkpoint, taskdir
+from ilora.store.identity import base_model_identity, lora_identity
 
 logger = logging.getLogger(__name__)
 
@@ -59,33 +63,23 @@ class ILoRATrainer(Trainer):
         self,
         model: torch.nn.Module,
         args: TrainingArguments,
-        ilora_args: ILoRAArguments | None = None,
+        continual_args: ContinualArguments | None = None,
+        method_options: Any = None,
         peft_config: LoraConfig | None = None,
         train_dataset=None,
         processing_class=None,
         data_collator=None,
         cutoff_len: int = 1024,
         use_chat_template: bool = True,
-        method_options: Any = None,
         **kwargs: Any,
     ):
-        self.ilora_args = ilora_args = ilora_args or ILoRAArguments()
-        method_cls = methods.get(ilora_args.method)
+        self.continual_args = continual = continual_args or ContinualArguments()
+        method_cls = methods.get(continual.method)
         self.method_options = _options(method_cls, method_options)
         check_training_arguments(args)
         precision.warn_if_emulated(args.bf16, precision.detect(args.device.type))
         set_seed(args.seed)  # LoRA initialisation below draws random numbers
-        self.base_identity = taskdir.base_model_identity(model, processing_class)
-        self._vocab_size = model.get_input_embeddings().num_embeddings  # what a replay buffer's ids must stay below
-        self.quantization = quantization_of(model)  # QLoRA: the base in 4 or 8 bits (None: full precision)
-        if self.quantization and not isinstance(model, PeftModel):
-            # norms and embeddings to fp32, the base frozen, inputs that carry gradients into the adapters
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
-        self.previous = self._previous_task(model, peft_config, method_cls, args)
-        model, self.lora_identity = self._attach_plastic(model, peft_config)
-        method_cls.prepare_model(
-            model, self.previous.adapters if self.previous else {}, ilora_args, self.method_options
-        )
+        model = self._set_up_model(model, peft_config, processing_class, method_cls, args)
         buffer = self._buffer(method_cls, args)
         pad_token_id = _pad_token_id(processing_class, model)
         if train_dataset is not None:
@@ -98,28 +92,49 @@ class ILoRATrainer(Trainer):
             data_collator=data_collator or PadCollator(pad_token_id),
             **kwargs,
         )
-        self._check_parallelism(method_cls)
+        policy.check_engine(
+            self.accelerator.state.deepspeed_plugin if self.is_deepspeed_enabled else None,
+            self.accelerator.state.fsdp_plugin if self.is_fsdp_enabled else None,
+            method_cls,
+            bool(self.quantization),
+            self.args.bf16,
+        )
         # compute_loss returns a per-micro-batch mean: let the Trainer divide by the accumulation steps
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
         self.method = method_cls(
             self.model,
-            ilora_args,
+            continual,
             self.method_options,
             pad_token_id=pad_token_id,
-            replay_batch_size=ilora_args.replay_batch_size or args.per_device_train_batch_size,
+            replay_batch_size=continual.replay_batch_size or args.per_device_train_batch_size,
             buffer=buffer,
-            step=self.previous.step if self.previous else 0,
-            task_id=ilora_args.current_task_id or "",
+            step=self.previous.steps if self.previous else 0,
+            task_id=continual.current_task_id or "",
         )
         if self.previous:
             self.method.load_state(*self.previous.method_state)
         self.add_callback(_MethodHooks(self.method))
 
+    def _set_up_model(self, model, peft_config, tokenizer, method_cls, args) -> PeftModel:
+        """The base with the plastic adapter (fresh, or the previous task's) and what else the method adds;
+        the base's and the tokenizer's identity recorded, a quantized base prepared for training."""
+        self.base_identity = base_model_identity(model, tokenizer)
+        self._vocab_size = model.get_input_embeddings().num_embeddings  # what a replay buffer's ids must stay below
+        self.quantization = quantization_of(model)  # QLoRA: the base in 4 or 8 bits (None: full precision)
+        if self.quantization and not isinstance(model, PeftModel):
+            # norms and embeddings to fp32, the base frozen, inputs that carry gradients into the adapters
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+        self.previous = self._previous_task(model, peft_config, method_cls, args)
+        model, self.lora_identity = self._attach_plastic(model, peft_config)
+        previous_adapters = self.previous.adapters if self.previous else {}
+        method_cls.prepare_model(model, previous_adapters, self.continual_args, self.method_options)
+        return model
+
     def create_accelerator_and_postprocess(self) -> None:
         """Accelerate turns FSDP on only for accelerator devices; on CPU processes (gloo) it would
         silently train with DDP instead. torch's FSDP2 runs on the CPU too: take Accelerate's FSDP path.
-        Checkpoints are sharded unless fsdp_config says otherwise (which `_check_parallelism` refuses)."""
+        Checkpoints are sharded unless fsdp_config says otherwise (which the policy refuses)."""
         plugin_args = self.args.fsdp_plugin_args
         if plugin_args is not None and "state_dict_type" not in (self.args.fsdp_config or {}):
             plugin_args["state_dict_type"] = "SHARDED_STATE_DICT"
@@ -132,37 +147,25 @@ class ILoRATrainer(Trainer):
             state.fsdp_plugin = FullyShardedDataParallelPlugin(**(plugin_args or {}))
             self.is_fsdp_enabled = True
 
-    def _check_parallelism(self, method_cls) -> None:
-        """What runs sharded, and how it is checkpointed; one line for what cannot run."""
-        if self.is_deepspeed_enabled:  # an Accelerate-launched config has not been through ilora's flags
-            plugin = self.accelerator.state.deepspeed_plugin
-            check_deepspeed(plugin.deepspeed_config, "the DeepSpeed config", as_written=False)
-            if plugin.zero_stage == 3:
-                check_zero3(method_cls, bool(self.quantization), self.args.bf16)
-        if self.is_fsdp_enabled:
-            fsdp = self.accelerator.state.fsdp_plugin
-            check_fsdp(fsdp.fsdp_version, fsdp.state_dict_type.name, bool(self.quantization))
-
     def _previous_task(self, model, peft_config, method_cls, args) -> taskdir.PreviousTask | None:
-        ilora_args = self.ilora_args
-        if not ilora_args.previous_task_model:
+        continual = self.continual_args
+        if not continual.previous_task_model:
             return None
         if isinstance(model, PeftModel):
             raise ILoRAError(
                 "with previous_task_model, pass the base model: adapters are loaded from the previous task"
             )
-        lora = taskdir.lora_identity(peft_config) if peft_config is not None else None
-        capacity = ilora_args.ilora_buffer_size if method_cls.uses_replay(ilora_args) else None
-        return taskdir.load_previous(
-            Path(ilora_args.previous_task_model),
-            ilora_args,
-            lora,
-            self.base_identity,
-            capacity,
-            args.world_size,
-            args.process_index,
-            self.quantization,
+        expected = taskdir.Expected(
+            method=continual.method,
+            lora=lora_identity(peft_config) if peft_config is not None else None,
+            base=self.base_identity,
+            quantization=self.quantization,
+            prev_task_id=continual.prev_task_id,
         )
+        capacity = continual.ilora_buffer_size if method_cls.uses_replay(continual) else None
+        elsewhere = method_cls.previous_adapter_locations(self.method_options)
+        directory = Path(continual.previous_task_model)
+        return taskdir.load_previous(directory, expected, elsewhere, capacity, args.world_size, args.process_index)
 
     def _attach_plastic(self, model, peft_config) -> tuple[PeftModel, dict]:
         """The trainable adapter: the previous task's, fresh, or as given on a PeftModel."""
@@ -174,68 +177,91 @@ class ILoRATrainer(Trainer):
                 raise ILoRAError(
                     f"the PeftModel has adapters {list(model.peft_config)}; ilora needs one named 'plastic'"
                 )
-            return model, taskdir.lora_identity(model.peft_config[PLASTIC])
+            return model, lora_identity(model.peft_config[PLASTIC])
         if peft_config is None:
             raise ILoRAError("pass peft_config=LoraConfig(...) (or a PeftModel with a 'plastic' adapter)")
-        return attach_adapters(model, copy.deepcopy(peft_config), with_stable=False), taskdir.lora_identity(peft_config)
+        return attach_adapters(model, copy.deepcopy(peft_config), with_stable=False), lora_identity(peft_config)
 
     def _buffer(self, method_cls, args) -> ReplayBuffer | None:
-        if not method_cls.uses_replay(self.ilora_args):
+        if not method_cls.uses_replay(self.continual_args):
             return None
         if self.previous is not None:
             self._check_buffer(self.previous.buffer, self.previous.directory)
             return self.previous.buffer
         # each rank keeps its own reservoir over its own data shard, with its own random stream
-        return ReplayBuffer(self.ilora_args.ilora_buffer_size, seed=args.seed + args.process_index)
+        return ReplayBuffer(self.continual_args.ilora_buffer_size, seed=args.seed + args.process_index)
 
-    # ------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------- the task
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """`resume_from_checkpoint=True` means the newest *complete* checkpoint in output_dir. After the
-        last step the method's end-of-task hook runs (EWC's Fisher) on the task's data."""
-        if resume_from_checkpoint is True or resume_from_checkpoint in taskdir.RESUME_LATEST:
-            resume_from_checkpoint = taskdir.last_complete_checkpoint(self.args.output_dir)
+        """`resume_from_checkpoint=True` means the newest *complete* checkpoint in output_dir. Before the
+        first step the method's start-of-task hook sees the task's rows (not again on a resume: its
+        effects are in the checkpoint); after the last step its end-of-task hook does (EWC's Fisher)."""
+        if resume_from_checkpoint is True or resume_from_checkpoint in checkpoint.RESUME_LATEST:
+            resume_from_checkpoint = checkpoint.last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ILoRAError(f"no complete checkpoint to resume from in {self.args.output_dir}")
             resume_from_checkpoint = str(resume_from_checkpoint)
+        if not resume_from_checkpoint:
+            self.method.start_of_task(self._task_batches())
         output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         self.method.end_of_task(self._task_batches())
         return output
 
     def _task_batches(self) -> torch.utils.data.DataLoader:
-        """The task's rows in file order, unshuffled: the end-of-task hook sees the same rows on every
-        rank and after a resume (the Trainer's own loader is shuffled and sharded)."""
+        """The task's rows in file order, unshuffled: the start- and end-of-task hooks see the same rows
+        on every rank and after a resume (the Trainer's own loader is shuffled and sharded)."""
         return torch.utils.data.DataLoader(
             self.train_dataset, batch_size=self.args.per_device_train_batch_size, collate_fn=self.data_collator
         )
 
+    def create_optimizer(self, *args, **kwargs):
+        optimizer = super().create_optimizer(*args, **kwargs)
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        trained = {id(t) for t in self.method.trained_tensors()}
+        if in_optimizer - trained:  # the stable adapter, a teacher, an earlier task's LoRA, the base
+            raise RuntimeError(
+                f"{len(in_optimizer - trained)} tensors besides the method's trainable ones reached the optimizer"
+            )
+        if trained - in_optimizer:
+            raise RuntimeError(f"{len(trained - in_optimizer)} trainable plastic tensors are not in the optimizer")
+        return optimizer
+
+    # -------------------------------------------------------------- the step
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:  # evaluation: plain loss, no buffer, no replay
+            inputs = {k: v for k, v in inputs.items() if k != "lengths"}
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = self.method.loss(inputs, forward=model)  # `model` may be the DDP wrapper
+        return (loss, None) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: add the method's means since the last one
+            logs.update(self.method.pop_logs())
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model, trial):
-        """The Trainer's checkpoint (adapters, optimizer, scheduler, RNG) plus the buffer, the method's
-        state and step; a marker written last says the checkpoint is complete. A diverged state is
-        never checkpointed: resuming from it would only diverge again."""
+        """The Trainer's checkpoint (adapters, optimizer, scheduler, RNG) plus what `store.checkpoint`
+        adds. A diverged state is never checkpointed: resuming from it would only diverge again."""
         self.method.check_diverged(f"by optimizer step {self.state.global_step}", adapters=True)
         folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-        taskdir.claim_checkpoint(folder)
+        checkpoint.claim_checkpoint(folder)
         # a full disk: one line, exit 1; the folder has no completion marker, so a retry resumes from the one before
         with writing(folder):
             super()._save_checkpoint(model, trial)
             if self._adapters_outside_trainer_checkpoint():
-                sharding.save_adapters(self.model, folder / taskdir.SHARDED_ADAPTERS)
-            taskdir.save_checkpoint_state(
-                folder,
-                self.method.step,
-                self.ilora_args.current_task_id,
-                self.method.buffer,
-                self.method.state(),
-                self.method.task_loss(),
-                self._identity(),
+                sharding.save_adapters(adapter_parameters(self.model), folder / checkpoint.SHARDED_ADAPTERS)
+            state = checkpoint.CheckpointState(
+                self.method.step, self.method.buffer, self.method.state(), self.method.task_loss()
             )
+            checkpoint.save_checkpoint_state(folder, state, self.continual_args.current_task_id, self._identity())
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Under ZeRO-3 the Trainer gathers only the trainable adapter and writes it under every adapter's
         name (a checkpoint's `stable/` would hold the plastic weights): write each adapter whole instead."""
         if not sharding.is_partitioned(self.model):
             return super().save_model(output_dir, _internal_call)
-        state = sharding.full_adapter_state(self.model)  # a collective: every rank
+        state = sharding.full_state(adapter_parameters(self.model))  # a collective: every rank
         if self.args.should_save:
             self._save(output_dir or self.args.output_dir, state_dict=state)
 
@@ -252,7 +278,7 @@ class ILoRATrainer(Trainer):
         folder = Path(resume_from_checkpoint)
         state = self._checked_checkpoint(folder)  # before the Trainer reads it
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self._restore(folder, *state)
+        self._restore(folder, state)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         """A DeepSpeed resume never calls `_load_from_checkpoint` (the engine loads its own checkpoint
@@ -261,14 +287,14 @@ class ILoRATrainer(Trainer):
             super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None and self.is_deepspeed_enabled:
             folder = Path(checkpoint)
-            self._restore(folder, *self._checked_checkpoint(folder))
+            self._restore(folder, self._checked_checkpoint(folder))
 
-    def _checked_checkpoint(self, folder: Path) -> tuple:
-        """(EMA step, this rank's buffer, method state, task loss) of a checkpoint checked to be complete."""
+    def _checked_checkpoint(self, folder: Path) -> checkpoint.CheckpointState:
+        """What a checkpoint restores besides the Trainer's own state, checked to be complete and to fit."""
         # (an empty buffer is falsy: test for None)
-        state = taskdir.load_checkpoint_state(folder, self.method.buffer is not None, self._identity())
-        if state[1] is not None:
-            self._check_buffer(state[1], folder)
+        state = checkpoint.load_checkpoint_state(folder, self.method.buffer is not None, self._identity())
+        if state.buffer is not None:
+            self._check_buffer(state.buffer, folder)
         for adapter in [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]:
             if (adapter / ADAPTER_CONFIG).is_file():  # what the Trainer will load into the model
                 check_adapter_fits(self.model, adapter)
@@ -283,76 +309,57 @@ class ILoRATrainer(Trainer):
         """What a checkpoint records and a resume compares: base weights, tokenizer, LoRA settings."""
         return {"base_model": self.base_identity, "lora": self.lora_identity}
 
-    def _restore(self, folder: Path, step: int, buffer, method_state, task_loss) -> None:
+    def _restore(self, folder: Path, state: checkpoint.CheckpointState) -> None:
         self.method.pair_adapters()  # after DeepSpeed's cast to bf16: the stable adapter in fp32 before it loads
         if self._adapters_outside_trainer_checkpoint():
-            sharding.load_adapters(self.model, taskdir.sharded_adapters(folder))
-        self.method.restore(step, buffer, task_loss)
-        self.method.load_state(*method_state)
-
-    def create_optimizer(self, *args, **kwargs):
-        optimizer = super().create_optimizer(*args, **kwargs)
-        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        plastic = {id(t) for t in self.method.adapters.plastic}
-        if in_optimizer - plastic:  # the stable adapter, a teacher, an earlier task's LoRA, the base
-            raise RuntimeError(
-                f"{len(in_optimizer - plastic)} tensors besides the plastic adapter reached the optimizer"
-            )
-        if plastic - in_optimizer:
-            raise RuntimeError(f"{len(plastic - in_optimizer)} plastic adapter tensors are not in the optimizer")
-        return optimizer
-
-    # -------------------------------------------------------------- the step
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not model.training:  # evaluation: plain loss, no buffer, no replay
-            inputs = {k: v for k, v in inputs.items() if k != "lengths"}
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss = self.method.loss(inputs, forward=model)  # `model` may be the DDP wrapper
-        return (loss, None) if return_outputs else loss
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:  # a training log: add the method's means since the last one
-            logs.update(self.method.pop_logs())
-        super().log(logs, start_time)
+            sharding.load_adapters(adapter_parameters(self.model), checkpoint.sharded_adapters(folder))
+        self.method.restore(state.steps, state.buffer, state.task_loss)
+        self.method.load_state(*state.method_state)
 
     # ---------------------------------------------------------------- output
     def save_task(self, output_dir: str | Path | None = None) -> Path:
-        """Write plastic, stable, buffer and manifest so the next task can start from them (every rank
-        calls this: each saves its buffer, rank 0 the rest)."""
+        """Write the adapters the method saves, the buffer, the method's state and the manifest, so the
+        next task can start from them (every rank calls this: each saves its buffer, rank 0 the rest)."""
         output_dir = Path(output_dir or self.args.output_dir)
-        args = self.ilora_args
         self.method.check_diverged("by the end of the task", adapters=True, outputs=True)  # nothing diverged is written
-        last_log = next((e for e in reversed(self.state.log_history) if "loss" in e), {})
-        summary = next((e for e in reversed(self.state.log_history) if "train_loss" in e), {})
-        # means over the steps since the last log, or that log if nothing came after it
-        # the loss and every term the method logs (ce_loss, consistency_loss, ewc_penalty, ...), not the Trainer's
-        final_losses = {k: v for k, v in last_log.items() if k not in ("grad_norm", "learning_rate", "epoch", "step")}
-        final_losses.update(self.method.pop_logs())
-        task_loss = self.method.task_loss()  # the whole task's, not only the session since a resume
-        if task_loss["micro_batches"]:
-            final_losses["train_loss"] = task_loss["sum"] / task_loss["micro_batches"]
-        manifest = {
-            "task_id": args.current_task_id,
-            "prev_task_id": self.previous.task_id if self.previous else None,
-            "base_model": self.base_identity,
-            "lora": self.lora_identity,
-            "ema_step": self.method.step,
-            "method_options": dataclasses.asdict(self.method_options) if self.method_options is not None else None,
-            "global_steps": self.state.global_step,
-            "train_seconds": summary.get("train_runtime"),  # of the session that finished the task
-            "hardware": precision.run_record(self.args),  # what trained it, in which precision
-            "quantization": self.quantization,
-            "final_losses": final_losses,
-            # the end-of-task collapse check's figures, on this rank's last micro-batch
-            "collapse_check": {k: float(v) for k, v in self.method.collapse_figures.items()},
-        }
-        method = type(self.method)
-        adapters = method.saved_adapters(args) + sorted(
-            n for n in self.model.peft_config if n.startswith(method.saved_prefixes)
-        )
+        method_cls = type(self.method)
+        previous = list(self.previous.adapters) if self.previous else []
+        targets = taskdir.adapter_targets(output_dir, method_cls, self.method_options, previous, bool(self.previous))
         return taskdir.write_task(
-            output_dir, self.model, self.method.buffer, args, manifest, adapters, self.method.state()
+            output_dir, self.model, self.method.buffer, self._record(), targets, self.method.state()
         )
+
+    def _record(self) -> taskdir.TaskRecord:
+        summary = next((e for e in reversed(self.state.log_history) if "train_loss" in e), {})
+        options = self.method_options
+        return taskdir.TaskRecord(
+            method=self.method.name,
+            task_id=self.continual_args.current_task_id,
+            prev_task_id=self.previous.task_id if self.previous else None,
+            base_model=self.base_identity,
+            lora=self.lora_identity,
+            sequence_steps=self.method.step,
+            global_steps=self.state.global_step,
+            continual_args=dataclasses.asdict(self.continual_args),
+            method_options=dataclasses.asdict(options) if options is not None else None,
+            train_seconds=summary.get("train_runtime"),
+            hardware=precision.run_record(self.args),
+            quantization=self.quantization,
+            final_losses=self._final_losses(),
+            collapse_check={k: float(v) for k, v in self.method.collapse_figures.items()},  # this rank's last batch
+        )
+
+    def _final_losses(self) -> dict[str, float]:
+        """The means over the steps since the last log (or that log, if nothing came after it) of the loss
+        and every term the method logs (ce_loss, consistency_loss, ewc_penalty, ...), and the whole task's
+        mean loss as train_loss, a resumed task's included."""
+        last_log = next((e for e in reversed(self.state.log_history) if "loss" in e), {})
+        losses = {k: v for k, v in last_log.items() if k not in ("grad_norm", "learning_rate", "epoch", "step")}
+        losses.update(self.method.pop_logs())
+        task_loss = self.method.task_loss()
+        if task_loss["micro_batches"]:
+            losses["train_loss"] = task_loss["sum"] / task_loss["micro_batches"]
+        return losses
 
 
 @contextlib.contextmanager
@@ -369,48 +376,6 @@ def _only_tensors(checkpoint):
             f"{checkpoint}: a file holds objects other than tensors ({first}); ilora never runs code "
             "from a checkpoint: resume from another one"
         ) from None
-
-
-def requested_fsdp(args: TrainingArguments) -> tuple[int, str] | None:
-    """(FSDP version, checkpoint state dict type) the Trainer's own FSDP settings ask for, if any."""
-    if args.fsdp_plugin_args is None:
-        return None
-    return args.fsdp_plugin_args["fsdp_version"], (args.fsdp_config or {}).get("state_dict_type", "SHARDED_STATE_DICT")
-
-
-def check_fsdp(version: int, state_dict_type: str, quantized: bool) -> None:
-    """One line for an FSDP setting ilora cannot train with."""
-    if version != 2:
-        raise ILoRAError(
-            "FSDP1 flattens parameters, so the stable adapter cannot be paired with the plastic one: set fsdp_config: {version: 2}"
-        )
-    if quantized:
-        raise ILoRAError(
-            "a quantized base (quantization_bit) does not run under FSDP2 in ilora; use one process or DDP"
-        )
-    if state_dict_type != "SHARDED_STATE_DICT":
-        raise ILoRAError(
-            f"fsdp state_dict_type {state_dict_type}: ilora checkpoints FSDP2 runs as SHARDED_STATE_DICT, "
-            "its default (every rank writes its slices; task outputs are still whole PEFT adapters)"
-        )
-
-
-def check_zero3(method_cls, quantized: bool, bf16: bool = False) -> None:
-    """One line for what ilora cannot train under DeepSpeed ZeRO-3."""
-    if bf16:
-        raise ILoRAError(
-            "bf16 with DeepSpeed ZeRO-3: " + DEEPSPEED_HALF.format(mode="bf16", remedy=DEEPSPEED_ZERO3_BF16)
-        )
-    if method_cls.uses_whole_parameters:
-        raise ILoRAError(
-            f"method {method_cls.name} under DeepSpeed ZeRO-3: its penalty is computed on whole adapter "
-            "matrices outside the forward, and ZeRO-3 keeps only partitions of them there; use ZeRO-2, "
-            "FSDP2 (fsdp: full_shard, fsdp_config: {version: 2}) or DDP"
-        )
-    if quantized:
-        raise ILoRAError(
-            "a quantized base (quantization_bit) does not run under DeepSpeed ZeRO-3 in ilora; use one process or DDP"
-        )
 
 
 def _pad_token_id(tokenizer, model) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,12 +51,22 @@ def attach_adapters(model: torch.nn.Module, lora_config: LoraConfig, with_stable
     if lora_config.modules_to_save:
         raise ILoRAError("modules_to_save is not supported: the stable adapter must cover every trained tensor")
     check_target_modules(model, lora_config.target_modules)
-    peft_model = get_peft_model(model, lora_config, adapter_name=PLASTIC)
+    with _peft_wrapping():
+        peft_model = get_peft_model(model, lora_config, adapter_name=PLASTIC)
     if with_stable:
         peft_model.add_adapter(STABLE, stable_config(lora_config))
         AdapterPair(peft_model).copy_plastic_to_stable()
     peft_model.set_adapter(PLASTIC)
     return peft_model
+
+
+@contextlib.contextmanager
+def _peft_wrapping() -> Iterator[None]:
+    """PEFT's `PeftModel.__init__` reads transformers' deprecated `is_gradient_checkpointing` (PEFT's
+    call, not ilora's, on every wrap): that FutureWarning alone is silenced, for this call alone."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def check_target_modules(model: torch.nn.Module, targets) -> None:
@@ -179,7 +190,8 @@ def load_adapter(peft_model: PeftModel, name: str, directory: Path) -> None:
 def load_first_adapter(base: torch.nn.Module, directory: Path, trainable: bool) -> PeftModel:
     """A PeftModel on `base` with the adapter at `directory` as `plastic`, checked first."""
     check_adapter_fits(base, directory)
-    return PeftModel.from_pretrained(base, str(directory), adapter_name=PLASTIC, is_trainable=trainable)
+    with _peft_wrapping():
+        return PeftModel.from_pretrained(base, str(directory), adapter_name=PLASTIC, is_trainable=trainable)
 
 
 def load_saved_adapters(base: torch.nn.Module, adapters: dict[str, Path]) -> PeftModel:
@@ -223,12 +235,15 @@ class AdapterPair:
         self.has_stable = STABLE in peft_model.peft_config
         self.plastic: list[torch.nn.Parameter] = []
         self.stable: list[torch.nn.Parameter] = []
+        self.slots: list[str] = []  # each plastic tensor's LoRA slot: lora_A, lora_B, lora_embedding_A, ...
         for layer in self.layers:
             for slot in layer.adapter_layer_names:
                 container = getattr(layer, slot, None)
                 if container is None or PLASTIC not in container:
                     continue
-                self.plastic.extend(_tensors(container[PLASTIC]))
+                tensors = _tensors(container[PLASTIC])
+                self.plastic.extend(tensors)
+                self.slots.extend([slot] * len(tensors))
                 if self.has_stable:
                     self.stable.extend(_tensors(container[STABLE]))
         self._check_complete()
@@ -327,18 +342,56 @@ class AdapterPair:
         return [~(t.abs().amax() > limit) for t in self._plastic_local + self._stable_local if t.numel()]
 
     @torch.no_grad()
-    def stable_checksum(self) -> float:
-        """Sum and sum of squares of every stable weight: equal on ranks holding equal adapters. Sharded,
-        the slices' sums add up over the ranks (a collective), so every rank reports the whole adapter's."""
+    def checksum(self) -> float:
+        """Sum and sum of squares of every plastic and stable weight: equal on ranks holding equal adapters.
+        Sharded, the slices' sums add up over the ranks (a collective), so every rank reports the whole's."""
         total = torch.zeros((), dtype=torch.float64, device=self._plastic_local[0].device)
-        for t in self._stable_local:
+        for t in self._plastic_local + self._stable_local:
             total += t.double().sum() + t.double().pow(2).sum()
         if self.sharded:
             total = distributed.sum_(total)
         return float(total)
 
-    def num_parameters(self) -> int:
-        return sum(sharding.shape(t).numel() for t in self.plastic)
+
+def adapter_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Every tensor of every LoRA adapter on `model`, by its state-dict name, found through PEFT's LoRA
+    layers (module, slot, adapter), never by matching parameter names: what sharded checkpoints save."""
+    found = {}
+    for module_name, layer in model.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        for slot in layer.adapter_layer_names:
+            for adapter, part in (getattr(layer, slot, None) or {}).items():
+                named = [("", part)] if isinstance(part, torch.nn.Parameter) else list(part.named_parameters())
+                for param_name, param in named:
+                    found[".".join(p for p in (module_name, slot, adapter, param_name) if p)] = param
+    return found
+
+
+@torch.no_grad()
+def fold_into_base(model: PeftModel, changes: dict[str, torch.Tensor]) -> None:
+    """Add `changes` ({module name in `model.named_modules()`: dense change of its weight}) to the base
+    weights, for good (a merged export)."""
+    modules = dict(model.named_modules())
+    for name, change in changes.items():
+        weight = getattr(modules[name], "base_layer", modules[name]).weight
+        weight.add_(change.to(weight.device, weight.dtype))
+
+
+@contextlib.contextmanager
+def weights_added(model: PeftModel, changes: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Forwards through the base weights plus `changes` ({module name in `model.named_modules()`: dense
+    change of its weight}), every adapter off; the base weights are restored exactly on exit."""
+    modules = dict(model.named_modules())
+    saved = {name: getattr(modules[name], "base_layer", modules[name]).weight.detach().clone() for name in changes}
+    fold_into_base(model, changes)
+    try:
+        with model.disable_adapter():
+            yield
+    finally:
+        with torch.no_grad():
+            for name, original in saved.items():
+                getattr(modules[name], "base_layer", modules[name]).weight.copy_(original)
 
 
 def _tensors(module_or_param: torch.nn.Module | torch.nn.Parameter) -> list[torch.nn.Parameter]:

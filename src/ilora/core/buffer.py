@@ -71,20 +71,11 @@ class ReplayBuffer:
         extras = sum(v.nbytes for row in self.extras for v in row.values())
         return {"tokens": tokens / len(self), "extras": extras / len(self)}
 
-    def sample_indices(self, size: int) -> list[int]:
-        """Up to `size` distinct stored rows (without replacement)."""
-        return self._rng.sample(range(len(self)), min(size, len(self)))
-
-    def sample(self, size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Up to `size` distinct stored examples (without replacement)."""
-        picks = self.sample_indices(size)
-        return [self.input_ids[i] for i in picks], [self.labels[i] for i in picks]
-
-    def to(self, device: torch.device | str) -> ReplayBuffer:
-        self.input_ids = [t.to(device) for t in self.input_ids]
-        self.labels = [t.to(device) for t in self.labels]
-        self.extras = [{k: v.to(device) for k, v in row.items()} for row in self.extras]
-        return self
+    def sample(self, size: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+        """Up to `size` distinct stored rows (without replacement): token ids, labels, and the per-row
+        tensors a method keeps beside them."""
+        picks = self._rng.sample(range(len(self)), min(size, len(self)))
+        return [self.input_ids[i] for i in picks], [self.labels[i] for i in picks], [self.extras[i] for i in picks]
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)

@@ -1,6 +1,6 @@
 """Turning rows into token ids with labels on the assistant's tokens only, and padding.
 
-Rows come from `ilora.formats` as `messages` (an optional system turn, then user and assistant turns
+Rows come from `ilora.data.formats` as `messages` (an optional system turn, then user and assistant turns
 alternating). The loss is on every assistant turn (its tokens and the end-of-sequence token), never on
 user or system text. With a chat template the context before each answer is the template's rendering
 (its generation prompt included); without one, the turns' texts joined by newlines.
@@ -123,19 +123,25 @@ def encode_example(
     tokenizer, prompt: str, response: str, cutoff_len: int, use_chat_template: bool, where: str = "row"
 ) -> dict[str, list[int]]:
     """One prompt and its answer (a one-turn conversation)."""
-    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-    return encode_messages(tokenizer, messages, cutoff_len, use_chat_template, where)
+    return encode_messages(
+        tokenizer, messages_of({"prompt": prompt, "response": response}), cutoff_len, use_chat_template, where
+    )
+
+
+def messages_of(row: dict) -> list[dict]:
+    """A row's turns: its `messages` (rows from `data.formats`), or one turn of prompt and response
+    (rows built in code)."""
+    return row.get("messages") or [
+        {"role": "user", "content": row["prompt"]},
+        {"role": "assistant", "content": row["response"]},
+    ]
 
 
 def encode_rows(rows, tokenizer, cutoff_len: int, use_chat_template: bool, source: str = "dataset"):
     """Encode normalised rows: a `datasets.Dataset` stays one (cached, memory-mapped), a list stays a list."""
 
     def encode(row: dict, index: int) -> dict[str, list[int]]:
-        messages = row.get("messages") or [
-            {"role": "user", "content": row["prompt"]},
-            {"role": "assistant", "content": row["response"]},
-        ]
-        return encode_messages(tokenizer, messages, cutoff_len, use_chat_template, f"{source} row {index + 1}")
+        return encode_messages(tokenizer, messages_of(row), cutoff_len, use_chat_template, f"{source} row {index + 1}")
 
     if isinstance(rows, list):
         return [encode(row, i) for i, row in enumerate(rows)]

@@ -8,7 +8,6 @@ tokens, and the perplexity is exp(mean next-token negative log-likelihood) over 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 
 from ilora.errors import ILoRAError, TrainingDiverged
 from ilora.files import check_regular_file
+from ilora.runtime.precision import inference
 
 
 def read_text(path: str | Path) -> str:
@@ -57,20 +57,14 @@ def windows(text: str, tokenizer, window: int, count: int, where: str = "general
 @torch.inference_mode()
 def perplexity(model, chunks: list[list[int]], batch_size: int = 16, autocast: torch.dtype | None = None) -> float:
     """exp(mean NLL of every next token) of `model` (whatever adapters are active) over the windows."""
-    amp = torch.autocast(model.device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    try:
-        with amp:
-            for start in range(0, len(chunks), batch_size):
-                ids = torch.tensor(chunks[start : start + batch_size], device=model.device)
-                logits = model(input_ids=ids).logits[:, :-1].float()
-                nll = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
-                total += nll.item()
-                count += ids[:, 1:].numel()
-    finally:
-        model.train(was_training)
+    with inference(model, autocast):
+        for start in range(0, len(chunks), batch_size):
+            ids = torch.tensor(chunks[start : start + batch_size], device=model.device)
+            logits = model(input_ids=ids).logits[:, :-1].float()
+            nll = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+            total += nll.item()
+            count += ids[:, 1:].numel()
     value = math.exp(total / count)
     if not math.isfinite(value):
         raise TrainingDiverged("general: the perplexity is not finite (a diverged adapter or an overflow)")

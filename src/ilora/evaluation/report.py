@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from ilora.config.checks import finite_number
 from ilora.errors import ILoRAError
 from ilora.files import read_json, write_json
 from ilora.store.paths import check_directory_target
@@ -22,8 +23,13 @@ def fmt(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
+def table_head(columns: list[str]) -> list[str]:
+    """A Markdown table's header row and rule."""
+    return ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+
+
 def matrix_table(R: list[list[float]], tasks: list[str], joint: bool = False) -> list[str]:
-    lines = ["| after \\ on | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    lines = table_head(["after \\ on", *tasks])
     for k, row in enumerate(R):
         label = "before training" if k == 0 else ("all tasks (joint)" if joint else f"{k}. {tasks[k - 1]}")
         lines.append(f"| {label} | " + " | ".join(fmt(v) for v in row) + " |")
@@ -31,7 +37,7 @@ def matrix_table(R: list[list[float]], tasks: list[str], joint: bool = False) ->
 
 
 def write_report(run_dir: Path, summary: dict) -> None:
-    tasks, joint = summary["tasks"], summary["method"] == "joint"
+    tasks, joint = summary["tasks"], summary["trains_jointly"]
     lines = [
         f"# ilora run: {summary['method']}",
         "",
@@ -43,7 +49,7 @@ def write_report(run_dir: Path, summary: dict) -> None:
         lines += [f"## {adapter} adapter", "", *matrix_table(R, tasks, joint), ""]
         values = summary["metrics"][adapter]
         names = [m for m in METRIC_ORDER if m in values]
-        lines += ["| " + " | ".join(names) + " |", "|---" * len(names) + "|"]
+        lines += table_head(names)
         lines += ["| " + " | ".join(fmt(values[m]) for m in names) + " |", ""]
         lines += ["Final predictions per task (label: count), gold in brackets:", ""]
         final = summary["prediction_distribution"][adapter][-1]
@@ -74,12 +80,11 @@ def general_table(summary: dict) -> list[str]:
     lines = [
         f"## General ability: perplexity on {Path(general['file']).name} ({general['tokens']} tokens; lower is better)",
         "",
-        "| after | " + " | ".join(adapters) + " |",
-        "|---" * (len(adapters) + 1) + "|",
+        *table_head(["after", *adapters]),
         "| before training | " + " | ".join(f"{general['base']:.2f}" for _ in adapters) + " |",
     ]
     for k in range(len(general["perplexity"][adapters[0]])):
-        label = "all tasks (joint)" if summary["method"] == "joint" else f"{k + 1}. {tasks[k]}"
+        label = "all tasks (joint)" if summary["trains_jointly"] else f"{k + 1}. {tasks[k]}"
         lines.append(f"| {label} | " + " | ".join(f"{general['perplexity'][a][k]:.2f}" for a in adapters) + " |")
     return lines
 
@@ -120,7 +125,7 @@ def _curves(path: Path, summary: dict) -> None:
     tasks = summary["tasks"]
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for adapter, R in summary["matrices"].items():
-        style = "-" if adapter == "plastic" else "--"
+        style = "-" if adapter == next(iter(summary["matrices"])) else "--"  # the first adapter solid
         for i, task in enumerate(tasks):
             ax.plot(
                 range(len(R)),
@@ -129,7 +134,7 @@ def _curves(path: Path, summary: dict) -> None:
                 marker="o",
                 label=f"{task} ({adapter})",
             )
-    ax.set_xticks(range(len(summary["matrices"]["plastic"])))
+    ax.set_xticks(range(len(next(iter(summary["matrices"].values())))))
     ax.set_xlabel("tasks trained")
     ax.set_ylabel("accuracy (%)")
     ax.legend(fontsize=7)
@@ -157,6 +162,8 @@ def _summary_problem(summary) -> str | None:
     tasks, matrices, values = summary.get("tasks"), summary.get("matrices"), summary.get("metrics")
     if not isinstance(summary.get("method"), str):
         return "no method"
+    if not isinstance(summary.get("trains_jointly"), bool):
+        return "no trains_jointly"
     if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
         return "no task list"
     if not isinstance(matrices, dict) or not matrices or not isinstance(values, dict):
@@ -172,30 +179,26 @@ def _summary_problem(summary) -> str | None:
         if not all(v is None or _is_accuracy(v) for row in R for v in row) or None in R[0] + R[-1]:
             return f"the {adapter} accuracy matrix holds a value that is not an accuracy"
         metrics = values.get(adapter)
-        if not isinstance(metrics, dict) or not all(v is None or _is_finite(v) for v in metrics.values()):
+        if not isinstance(metrics, dict) or not all(v is None or finite_number(v) for v in metrics.values()):
             return f"the {adapter} metrics are missing or not finite"
     return _timings_problem(summary.get("timings"))
 
 
 def _timings_problem(timings) -> str | None:
     """`timings`: total_seconds, and per task its train_seconds and eval_seconds, all numbers."""
-    if not isinstance(timings, dict) or not _is_finite(timings.get("total_seconds")):
+    if not isinstance(timings, dict) or not finite_number(timings.get("total_seconds")):
         return "no timings (total_seconds)"
     per_task = timings.get("per_task")
     if not isinstance(per_task, list) or not all(
-        isinstance(t, dict) and _is_finite(t.get("train_seconds")) and _is_finite(t.get("eval_seconds"))
+        isinstance(t, dict) and finite_number(t.get("train_seconds")) and finite_number(t.get("eval_seconds"))
         for t in per_task
     ):
         return "timings.per_task must list train_seconds and eval_seconds for each task"
     return None
 
 
-def _is_finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _is_accuracy(value) -> bool:
-    return _is_finite(value) and 0.0 <= value <= 1.0
+    return finite_number(value) and 0.0 <= value <= 1.0
 
 
 def comparable(summaries: list[dict], run_dirs: list[Path]) -> list[str]:
@@ -234,7 +237,7 @@ def comparison_rows(summaries: list[dict]) -> list[tuple[str, dict]]:
 
 
 def comparison_table(summaries: list[dict]) -> str:
-    lines = ["| method | " + " | ".join(METRIC_ORDER) + " |", "|---" * (len(METRIC_ORDER) + 1) + "|"]
+    lines = table_head(["method", *METRIC_ORDER])
     for label, values in comparison_rows(summaries):
         lines.append(f"| {label} | " + " | ".join(fmt(values.get(m)) for m in METRIC_ORDER) + " |")
     return "\n".join(lines)
@@ -242,7 +245,7 @@ def comparison_table(summaries: list[dict]) -> str:
 
 def finals_table(summaries: list[dict], tasks: list[str]) -> str:
     """Each method's final accuracy per task and its wall time, a row per method and adapter."""
-    lines = ["| method | " + " | ".join(tasks) + " | wall min |", "|---" * (len(tasks) + 2) + "|"]
+    lines = table_head(["method", *tasks, "wall min"])
     for summary in summaries:
         minutes = summary["timings"]["total_seconds"] / 60
         for adapter in summary["matrices"]:
@@ -371,7 +374,7 @@ def _mean_sd(values: dict[str, dict[str, list[float]]]) -> dict:
 
 
 def _mean_sd_table(result: dict, columns: list[str], title: str) -> str:
-    lines = [f"| {title} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines = table_head([title, *columns])
     for label, group in result.items():
         cells = [f"{fmt(group[c]['mean'])} ± {fmt(group[c]['sd'])}" if c in group else "-" for c in columns]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")

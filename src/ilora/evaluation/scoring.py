@@ -13,8 +13,8 @@ Levenshtein similarity TRACE uses for code) score the same generations against t
 
 from __future__ import annotations
 
-import contextlib
 import math
+import random
 import re
 import string
 from collections.abc import Sequence
@@ -24,9 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
-from ilora.config.parse import SCORINGS, check_choices
-from ilora.data.encode import answer_ids, context_before_answer
+from ilora.config.arguments import SCORINGS
+from ilora.config.checks import check_choices
+from ilora.data.encode import answer_ids, context_before_answer, messages_of
 from ilora.errors import ILoRAError, TrainingDiverged
+from ilora.runtime.precision import inference
 
 
 @dataclass
@@ -63,29 +65,24 @@ def build_test_set(
     for line, row in enumerate(rows, start=1):
         answer = row["response"]
         choices = row.get("choices") or task_choices or []
-        answer_ids: list[list[int]] = []
+        candidates: list[list[int]] = []
         if scoring == "choice":
             if not choices:
                 raise ILoRAError(f"{source}:{line}: choice scoring needs at least two choices (per row or per task)")
             choices = check_choices(choices, f"{source}:{line}")
             if answer not in choices:
                 raise ILoRAError(f"{source}:{line}: answer {answer!r} is not among the choices {choices}")
-            answer_ids = [answer_tokens(tokenizer, c) for c in choices]
-        budget = cutoff_len - max((len(a) for a in answer_ids), default=0)
-        prompt = context_before_answer(tokenizer, _messages(row), use_chat_template)[0]
+            candidates = [answer_ids(tokenizer, c) for c in choices]
+        budget = cutoff_len - max((len(a) for a in candidates), default=0)
+        prompt = context_before_answer(tokenizer, messages_of(row), use_chat_template)[0]
         test.prompts.append(prompt[max(0, len(prompt) - budget) :])
         test.answers.append(answer)
         if scoring == "choice":
             test.choices.append(choices)
-            test.choice_ids.append(answer_ids)
+            test.choice_ids.append(candidates)
     if not test.prompts:
         raise ILoRAError(f"task {name!r}: the test set is empty ({source})")
     return test
-
-
-def answer_tokens(tokenizer, text: str) -> list[int]:
-    """An answer's tokens as training saw them: the text, then end-of-sequence."""
-    return answer_ids(tokenizer, text)
 
 
 # ------------------------------------------------------------------- choice
@@ -208,26 +205,20 @@ def evaluate(
     model, tokenizer, test: TestSet, batch_size: int = 16, max_new_tokens: int = 16, autocast: torch.dtype | None = None
 ) -> dict:
     """Accuracy and each prediction of `model` (with whatever adapter is active) on one test set."""
-    amp = torch.autocast(model.device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
-    was_training = model.training
-    model.eval()
-    try:
-        with amp:
-            if test.scoring == "choice":
-                scores = score_choices(model, test, tokenizer.pad_token_id, batch_size)
-                if not all(math.isfinite(v) for row in scores for v in row):  # argmax of NaN picks choice 0
-                    raise TrainingDiverged(
-                        f"task {test.name!r}: the model's answer scores are NaN or inf "
-                        "(a diverged adapter, or an overflow in reduced precision)"
-                    )
-                picks = predict_choices(scores)
-                predictions = [test.choices[r][p] for r, p in enumerate(picks)]
-                correct = [p == g for p, g in zip(picks, test.gold())]
-            else:
-                predictions = generate_answers(model, tokenizer, test, max_new_tokens, batch_size)
-                correct = generation_scores(test.scoring, predictions, test.answers)
-    finally:
-        model.train(was_training)
+    with inference(model, autocast):
+        if test.scoring == "choice":
+            scores = score_choices(model, test, tokenizer.pad_token_id, batch_size)
+            if not all(math.isfinite(v) for row in scores for v in row):  # argmax of NaN picks choice 0
+                raise TrainingDiverged(
+                    f"task {test.name!r}: the model's answer scores are NaN or inf "
+                    "(a diverged adapter, or an overflow in reduced precision)"
+                )
+            picks = predict_choices(scores)
+            predictions = [test.choices[r][p] for r, p in enumerate(picks)]
+            correct = [p == g for p, g in zip(picks, test.gold())]
+        else:
+            predictions = generate_answers(model, tokenizer, test, max_new_tokens, batch_size)
+            correct = generation_scores(test.scoring, predictions, test.answers)
     return {"accuracy": sum(correct) / len(correct), "predictions": predictions}
 
 
@@ -248,9 +239,55 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int) -> list[list
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _messages(row: dict) -> list[dict]:
-    """A normalised row's turns (rows built in code may carry prompt and response only)."""
-    return row.get("messages") or [
-        {"role": "user", "content": row["prompt"]},
-        {"role": "assistant", "content": row["response"]},
-    ]
+# ----------------------------------------------------------- a run's test sets
+def subsample(rows: list[dict], limit: int | None, seed: int = 0) -> list[dict]:
+    """At most `limit` rows, drawn once with a fixed seed and kept in file order: the same subsample
+    after every task and in every run of the same file."""
+    if limit is None or len(rows) <= limit:
+        return rows
+    keep = sorted(random.Random(seed).sample(range(len(rows)), limit))
+    return [rows[i] for i in keep]
+
+
+def test_set_of(task, rows, tokenizer, cutoff_len: int, use_chat_template: bool) -> TestSet:
+    """A run task's (config.arguments.TaskSpec) test set from its rows."""
+    return build_test_set(
+        task.name, rows, tokenizer, task.scoring, task.choices, cutoff_len, use_chat_template, task.test
+    )
+
+
+class Scorer:
+    """Every test set of a run (and the general text's windows, if any), scored on a model as its
+    forward stands: the base model, or inside `methods.base.evaluating` an evaluated model."""
+
+    def __init__(
+        self,
+        tokenizer,
+        tests: list[TestSet],
+        batch_size: int,
+        max_new_tokens: int,
+        autocast,
+        quiet: bool = False,
+        windows: list[list[int]] | None = None,
+    ):
+        self.tokenizer, self.tests, self.windows = tokenizer, tests, windows
+        self.batch_size, self.max_new_tokens, self.autocast = batch_size, max_new_tokens, autocast
+        self.quiet = quiet  # the Trainer's disable_tqdm: no progress bars at all
+
+    def score(self, model, only: list[str] | None = None, label: str = "") -> dict[str, dict]:
+        """Every test set (or those named in `only`): accuracy and predictions."""
+        from tqdm.auto import tqdm
+
+        tests = [t for t in self.tests if only is None or t.name in only]
+        results = {}
+        for test in tqdm(tests, desc=f"eval {label}".strip(), leave=False, disable=self.quiet):
+            results[test.name] = evaluate(
+                model, self.tokenizer, test, self.batch_size, self.max_new_tokens, self.autocast
+            )
+        return results
+
+    def perplexity(self, model) -> float:
+        """Perplexity on the general text's windows."""
+        from ilora.evaluation.general import perplexity
+
+        return perplexity(model, self.windows, self.batch_size, self.autocast)

@@ -1,42 +1,71 @@
 """The interface every continual-learning method keeps, and what the methods share.
 
-A method is one class in one module of `ilora.methods`, registered by one line in its `__init__`.
-`ILoRATrainer` (any method; the name is the library's) calls it in this order:
+A method is one class in one module of `ilora.methods`, registered by one line in its `__init__`, with
+its own options dataclass (`Arguments`) beside it. `ILoRATrainer` (any method; the name is the
+library's) calls it in this order:
 
   prepare_model(model, previous, args, options)   classmethod, once per task, before training: the
         trainer has put the trainable `plastic` adapter on the model (fresh, or the previous task's);
         the method adds what else it needs (a stable copy, a frozen teacher, frozen earlier LoRAs).
         `previous` maps adapter names to the previous task's saved adapter directories ({} at first).
   Method(model, args, options, ...)                 the trainer's model, after `prepare_model`
+  trainable(pair) -> [tensors]                      which plastic tensors the optimizer trains (all of
+                                                    them by default; the rest stay frozen)
   load_state(tensors, record)                       the previous task's saved method state, if any
+  start_of_task(batches)                            once, before the first optimizer step, with the
+                                                    task's rows (not again on a resume: its effects
+                                                    are in the checkpoint)
   loss(batch, forward)                              every micro-batch: the loss to backpropagate
   after_optimizer_step()                            after every optimizer step
-  end_of_task(batches)                              once, after the last step (EWC's Fisher)
+  end_of_task(batches)                              once, after the last step
   state() -> (tensors, record)                      what goes into the task directory and checkpoints
                                                     (safetensors + JSON; never pickle)
-  evaluated(model, args) -> {report: [adapters]}    classmethod: what evaluation scores, and which
-                                                    adapters are summed in that forward
-  saved_adapters(args) -> [names] / saved_prefixes  classmethod: adapters written as PEFT directories
 
-The optimizer trains the plastic adapter and nothing else (the trainer checks it); every other
-adapter a method adds is frozen. Under FSDP2 the parameters are this rank's slices: a term computed on
-them outside the forward takes them `sharding.whole` (O-LoRA's, EWC's penalties), and gradients reach
-them only through the model's backward (EWC's Fisher); tests/test_fsdp.py runs each method against DDP.
-Shared here: the reservoir buffer (for methods that replay), the finite flag that watches for
-divergence without a host sync per step, the end-of-task collapse check, and logging means.
+and, as classmethods that need no trained model:
+
+  evaluated(model, options) -> {report: [adapters]} what evaluation scores, and which adapters are
+                                                    summed in that forward
+  merged_weights(model, report, options)            None when `report`'s model is that sum of adapters;
+                                                    else {module: dense weight change} that evaluation
+                                                    adds to the base weights and `export --merge` folds in
+  saved_adapters(options, previous) -> [names]      adapters written as PEFT directories
+  adapter_locations(output_dir, options, chained)   where some of them go, if not output_dir/<name>
+  previous_adapter_locations(options)               where a chained task reads some of them instead
+
+Which kinds of method fit which hooks:
+- a loss term on the current rows (EWC, LwF, DER++, O-LoRA's orthogonality): `loss`, with
+  `end_of_task` for statistics of the finished task (EWC's Fisher) and `state`/`load_state` to carry them;
+- an update after each step (I-LoRA's EMA of the stable adapter): `after_optimizer_step`;
+- extra frozen adapters summed in the forward (O-LoRA's earlier tasks, I-LoRA's stable one): add them in
+  `prepare_model`, name them in `evaluated` and `saved_adapters`;
+- adapters designed from the new task's data before training (InfLoRA's down-projections):
+  `start_of_task`, and `trainable` to train part of the plastic adapter only (InfLoRA's B);
+- an evaluated model that is not a sum of adapters (MagMax's per-parameter maximum-magnitude merge of
+  task vectors): `merged_weights`.
+
+The optimizer trains the `trainable` plastic tensors and nothing else (the trainer checks it); every
+other adapter a method adds is frozen. Under FSDP2 the parameters are this rank's slices: a term
+computed on them outside the forward takes them `sharding.whole` (O-LoRA's, EWC's penalties), and
+gradients reach them only through the model's backward (EWC's Fisher); such a method sets
+`uses_whole_parameters`, and is refused under DeepSpeed ZeRO-3. Shared here: the reservoir buffer (for
+methods that replay), the finite flag that watches for divergence without a host sync per step, the
+end-of-task collapse check, and logging means.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
 
-from ilora.config.parse import ILoRAArguments
-from ilora.core.adapters import PLASTIC, AdapterPair
+from ilora.config.arguments import ContinualArguments
+from ilora.core.adapters import PLASTIC, AdapterPair, weights_added
 from ilora.core.buffer import ReplayBuffer
 from ilora.data.encode import IGNORE_INDEX, pad_rows
 from ilora.errors import ILoRAError, TrainingDiverged
@@ -54,41 +83,67 @@ COLLAPSE_MARGIN = 1.0
 
 class Method:
     name: ClassVar[str] = ""
-    Arguments: ClassVar[type | None] = None  # the method's own hyperparameters (a dataclass), if any
+    Arguments: ClassVar[type | None] = None  # the method's own options (a dataclass), if any
     replays: ClassVar[bool] = False  # draws rows from the reservoir buffer (with ilora_buffer_size > 0)
     trains_jointly: ClassVar[bool] = False  # one stage over every task's data (the upper bound)
     # computes a term on whole adapter matrices outside the forward (EWC's, O-LoRA's penalties): FSDP2 can
-    # gather them differentiably (`sharding.whole`), DeepSpeed ZeRO-3 cannot (the trainer refuses it there)
+    # gather them differentiably (`sharding.whole`), DeepSpeed ZeRO-3 cannot (policy refuses it there)
     uses_whole_parameters: ClassVar[bool] = False
 
-    # ----------------------------------------------------------- set-up
+    # --------------------------------------------- what the method is, before any model exists
     @classmethod
-    def uses_replay(cls, args: ILoRAArguments) -> bool:
+    def uses_replay(cls, args: ContinualArguments) -> bool:
         return cls.replays and args.ilora_buffer_size > 0
 
     @classmethod
-    def prepare_model(cls, model: PeftModel, previous: dict, args: ILoRAArguments, options) -> None:
-        """Add the adapters the method needs besides `plastic` (none by default)."""
-
-    @classmethod
-    def evaluated(cls, model: PeftModel | None, args: ILoRAArguments) -> dict[str, list[str]]:
+    def evaluated(cls, model: PeftModel | None, options) -> dict[str, list[str]]:
+        """What evaluation scores: {report: adapters summed in that forward}. `model` may be None (the
+        names reports are known by, before any model exists)."""
         return {PLASTIC: [PLASTIC]}
 
     @classmethod
-    def reports(cls, args: ILoRAArguments) -> list[str]:
-        """The names evaluation reports under (known before any model exists)."""
-        return list(cls.evaluated(None, args))
+    def reports(cls, options) -> list[str]:
+        """The names evaluation reports under (known before any model exists). On a tie in a run's
+        accuracy, export prefers the last."""
+        return list(cls.evaluated(None, options))
 
     @classmethod
-    def saved_adapters(cls, args: ILoRAArguments) -> list[str]:
+    def merged_weights(cls, model: PeftModel, report: str, options) -> dict[str, torch.Tensor] | None:
+        """None: `report`'s model is the sum of the adapters `evaluated` names. Otherwise the dense change
+        of each adapted module's weight ({module name: tensor shaped like its base weight}) that
+        evaluation adds to the base weights (adapters off) and `export --merge` folds in."""
+        return None
+
+    @classmethod
+    def saved_adapters(cls, options, previous: Sequence[str]) -> list[str]:
+        """The adapters a task writes as PEFT directories, given the names its previous task saved."""
         return [PLASTIC]
 
-    saved_prefixes: ClassVar[tuple[str, ...]] = ()  # more saved adapters, named by prefix (O-LoRA's)
+    @classmethod
+    def adapter_locations(cls, output_dir: Path, options, chained: bool) -> dict[str, Path]:
+        """Where saved adapters go when not `output_dir/<name>` (I-LoRA's stable one: ema_adapter_path)."""
+        return {}
+
+    @classmethod
+    def previous_adapter_locations(cls, options) -> dict[str, Path]:
+        """Where a chained task reads some of the previous task's adapters instead of where they were
+        saved (I-LoRA's stable one: ema_adapter_path)."""
+        return {}
+
+    # ----------------------------------------------------------- set-up
+    @classmethod
+    def prepare_model(cls, model: PeftModel, previous: dict, args: ContinualArguments, options) -> None:
+        """Add the adapters the method needs besides `plastic` (none by default)."""
+
+    def trainable(self, pair: AdapterPair) -> list[torch.nn.Parameter]:
+        """The plastic tensors the optimizer trains (every one by default); the others stay frozen. A
+        function of `pair` alone: it is called again whenever the tensors are paired anew."""
+        return pair.plastic
 
     def __init__(
         self,
         model: PeftModel,
-        args: ILoRAArguments,
+        args: ContinualArguments,
         options=None,
         pad_token_id: int = 0,
         replay_batch_size: int = 1,
@@ -103,7 +158,7 @@ class Method:
         self.replay_batch_size = replay_batch_size
         self.task_id = task_id
         self.step = step  # optimizer steps since the first task began, carried across tasks
-        self.adapters = AdapterPair(model)
+        self.pair_adapters()
         if self.uses_replay(args) and buffer is None:
             raise ILoRAError(f"method {self.name} with ilora_buffer_size > 0 needs a ReplayBuffer")
         self.buffer = buffer if self.uses_replay(args) else None
@@ -117,23 +172,29 @@ class Method:
         self.collapse_figures: dict[str, float | torch.Tensor] = {}
         self._reset_stats()
 
-    def restore(self, step: int, buffer: ReplayBuffer | None, task_loss: dict | None = None) -> None:
+    def restore(self, step: int, buffer: ReplayBuffer | None, task_loss: dict) -> None:
         """Continue from a checkpoint: the Trainer has reloaded the adapters, so pair them again.
-        `task_loss`: the checkpoint's `task_loss()` (None in checkpoints that predate it)."""
+        `task_loss`: the checkpoint's `task_loss()`."""
         if self.uses_replay(self.args) and buffer is None:
             raise ILoRAError("the checkpoint holds no replay buffer, but this run uses one")
         self.step = step
         self.buffer = buffer
-        if task_loss is not None:
-            self._task_loss_sum = torch.tensor(float(task_loss["sum"]), device=self.device)
-            self._task_micro_batches = int(task_loss["micro_batches"])
+        self._task_loss_sum = torch.tensor(float(task_loss["sum"]), device=self.device)
+        self._task_micro_batches = int(task_loss["micro_batches"])
         self.pair_adapters()
 
     def pair_adapters(self) -> None:
-        """Find the adapter tensors again: the Trainer reloaded them, FSDP2 sharded them, or DeepSpeed cast
-        them to bf16 (the stable one goes back to fp32)."""
+        """Find the adapter tensors (again: the Trainer reloaded them, FSDP2 sharded them, or DeepSpeed cast
+        them to bf16, and the stable one goes back to fp32); only the `trainable` ones require grad."""
         self.adapters = AdapterPair(self.model)
         self.adapters.stable_in_fp32()
+        trained = {id(t) for t in self.trainable(self.adapters)}
+        for tensor in self.adapters.plastic:
+            tensor.requires_grad_(id(tensor) in trained)
+
+    def trained_tensors(self) -> list[torch.nn.Parameter]:
+        """The tensors the optimizer holds: `trainable` of the current pairing."""
+        return self.trainable(self.adapters)
 
     # ------------------------------------------------------------ hooks
     def loss(self, batch: dict, forward: torch.nn.Module | None = None) -> torch.Tensor:
@@ -143,6 +204,9 @@ class Method:
 
     def after_optimizer_step(self) -> None:
         self.step += 1
+
+    def start_of_task(self, batches) -> None:
+        """Before the first optimizer step of a task, with its rows (file order, the same on every rank)."""
 
     def end_of_task(self, batches) -> None:
         """After the last optimizer step, before the task is written."""
@@ -173,7 +237,7 @@ class Method:
     def draw_replay(self, device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         if self.buffer is None or len(self.buffer) == 0:
             return [], []
-        ids, labels = self.buffer.sample(self.replay_batch_size)
+        ids, labels, _ = self.buffer.sample(self.replay_batch_size)
         return [t.to(device, non_blocking=True) for t in ids], [t.to(device, non_blocking=True) for t in labels]
 
     def remember(self, ids: list[torch.Tensor], labels: list[torch.Tensor], extras: list[dict] | None = None) -> None:
@@ -241,8 +305,8 @@ class Method:
         ceiling = torch.clamp(base_loss, min=uniform_loss) + COLLAPSE_MARGIN
         checks: dict[str, list[torch.Tensor]] = {}
         figures = {"untrained_loss": base_loss, "uniform_loss": uniform_loss}
-        for report, names in self.evaluated(self.model, self.args).items():
-            with self.adapters.active(names):
+        for report in self.evaluated(self.model, self.options):
+            with evaluating(type(self), self.model, report, self.options):
                 logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
             loss = causal_lm_loss(logits, labels)
             figures[f"{report}_loss"] = loss
@@ -267,6 +331,20 @@ class Method:
             logs = {k: float(v / self._micro_batches) for k, v in self._stats.items()}
         self._reset_stats()
         return logs
+
+
+@contextlib.contextmanager
+def evaluating(method_cls, model: PeftModel, report: str, options) -> Iterator[None]:
+    """Within this, `model`'s forward is `report`'s evaluated model: the adapters `evaluated` names,
+    summed, or (`merged_weights`) the base weights with the method's dense changes added, adapters off.
+    Scoring, the collapse check and `ilora eval` all go through here."""
+    changes = method_cls.merged_weights(model, report, options)
+    if changes is None:
+        with AdapterPair(model).active(method_cls.evaluated(model, options)[report]):
+            yield
+    else:
+        with weights_added(model, changes):
+            yield
 
 
 def varies(logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

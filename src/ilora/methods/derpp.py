@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ilora.config.parse import at_least, check_value
+from ilora.config.checks import at_least, check_value
 from ilora.data.encode import IGNORE_INDEX
 from ilora.methods.base import Method, causal_lm_loss, shift_labels, split_rows
 
@@ -74,12 +74,11 @@ class DERpp(Method):
     def _draw(self, device):
         if self.buffer is None or len(self.buffer) == 0:
             return [], [], []
-        picks = self.buffer.sample_indices(self.replay_batch_size)
-        rows = [(self.buffer.input_ids[i], self.buffer.labels[i], self.buffer.extras[i]) for i in picks]
+        ids, labels, extras = self.buffer.sample(self.replay_batch_size)
         return (
-            [r[0].to(device, non_blocking=True) for r in rows],
-            [r[1].to(device, non_blocking=True) for r in rows],
-            [{k: v.to(device, non_blocking=True) for k, v in r[2].items()} for r in rows],
+            [t.to(device, non_blocking=True) for t in ids],
+            [t.to(device, non_blocking=True) for t in labels],
+            [{k: v.to(device, non_blocking=True) for k, v in row.items()} for row in extras],
         )
 
 

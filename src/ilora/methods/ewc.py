@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ilora.config.parse import at_least, check_value
+from ilora.config.checks import at_least, check_value
 from ilora.errors import ILoRAError
 from ilora.methods.base import Method, causal_lm_loss, split_rows
 from ilora.runtime import distributed

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ilora.config.parse import above, at_least, check_value
+from ilora.config.checks import above, at_least, check_value
 from ilora.core.adapters import load_adapter
 from ilora.data.encode import IGNORE_INDEX
 from ilora.methods.base import Method, shift_labels

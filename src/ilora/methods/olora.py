@@ -9,12 +9,13 @@ task's LoRA as a PEFT adapter (`olora-1`, `olora-2`, ...) beside the new one (`p
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from peft.tuners.lora import LoraLayer
 
-from ilora.config.parse import at_least, check_value
+from ilora.config.checks import at_least, check_value
 from ilora.core.adapters import PLASTIC, load_adapter
 from ilora.methods.base import Method
 from ilora.runtime.sharding import whole
@@ -40,7 +41,6 @@ class OLoRA(Method):
     name = "olora"
     uses_whole_parameters = True
     Arguments = OLoRAArguments
-    saved_prefixes = (PREFIX,)
 
     @classmethod
     def prepare_model(cls, model, previous, args, options):
@@ -55,11 +55,19 @@ class OLoRA(Method):
             layer.reset_lora_parameters(PLASTIC, True)  # fresh, as PEFT initialises a new LoRA
 
     @classmethod
-    def evaluated(cls, model, args):
+    def evaluated(cls, model, options):
         return {PLASTIC: frozen_names(model) + [PLASTIC]}
 
+    @classmethod
+    def saved_adapters(cls, options, previous: Sequence[str]) -> list[str]:
+        """Every earlier task's LoRA (the previous task's trained one joins them) and the new one."""
+        if not previous:
+            return [PLASTIC]
+        earlier = sorted((n for n in previous if n.startswith(PREFIX)), key=task_number)
+        return [PLASTIC, *earlier, f"{PREFIX}{len(earlier) + 1}"]
+
     def loss(self, batch, forward=None):
-        with self.adapters.active(self.evaluated(self.model, self.args)[PLASTIC]):  # every task's LoRA, summed
+        with self.adapters.active(self.evaluated(self.model, self.options)[PLASTIC]):  # every task's LoRA, summed
             ce = self.current_rows_loss(batch, forward)[0]
         loss = ce
         old = frozen_names(self.model)

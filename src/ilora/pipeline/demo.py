@@ -1,7 +1,7 @@
 """The demo and the full benchmark: their plans (tasks, sizes, methods, seeds, settings) and how they run.
 
 `ilora demo` builds the offline benchmark from real text in installed wheels, writes a run config beside
-it, runs every method of the plan through `workflow.run_sequence`, and returns the comparison table
+it, runs every method of the plan through `pipeline.sequence.run_sequence`, and returns the comparison table
 with where the time went. Re-running continues where it stopped (finished tasks are skipped).
 """
 
@@ -12,19 +12,18 @@ from pathlib import Path
 
 import yaml
 
-from ilora.config.parse import load_yaml_mapping
+from ilora.config.load import load_config
 from ilora.errors import ILoRAError
 from ilora.evaluation import report
 from ilora.files import read_json, write_json
-from ilora.pipeline.workflow import load_run_config, run_sequence
+from ilora.pipeline.sequence import load_run_config, run_sequence
 from ilora.store.paths import check_directory_target
 
 log = logging.getLogger(__name__)
 
-# Sized for 15 minutes on a 2-core CPU without native bf16 (fp32). Measured with torch's AVX2 kernels:
-# `make demo` on a fresh clone in 7 minutes; the demo alone in 8.7 with one thread. Two tasks with short
-# texts that SmolLM2 learns in 24 steps, and that interfere: plot-or-review is lost when spam is learned
-# (the earlier plan's tweets and debate stayed near chance at this size: nothing learned, nothing to forget).
+# Sized for 15 minutes of `make demo` on a 2-core CPU without native bf16 (fp32; docs/results.md has the
+# figures). Two tasks with short texts that SmolLM2 learns in 24 steps, and that interfere: plot-or-review
+# is lost when spam is learned, so there is something to forget.
 DEMO = {
     "tasks": ["kind", "spam"],
     "n_train": 96,
@@ -33,8 +32,7 @@ DEMO = {
     "seeds": [0],
     "max_chars": 100,
 }
-# Every registered method. I-LoRA and the baselines added with the plug-in interface come first: when a
-# session cannot finish a seed, what is missing is what earlier figures already cover.
+# Every registered method, I-LoRA first.
 FULL = {
     "tasks": ["tweets", "debate", "reviews", "kind"],
     "n_train": 400,
@@ -50,76 +48,68 @@ def run_demo(
 ) -> str:
     """Build the offline benchmark, run every method on it, and return the comparison table.
     `seed` replaces the demo's training seed (the full plan has its own three)."""
-    from ilora.data.corpora import build_benchmark, general_text
+    from ilora.data.corpora import build_benchmark
 
     plan = FULL if full else DEMO if seed is None else {**DEMO, "seeds": [seed]}
     root = Path(output_dir or ("runs/full" if full else "runs/demo"))
+    _claim_directory(root, full, plan["tasks"])
+    entries = build_benchmark(root / "data", plan["tasks"], plan["n_train"], plan["n_test"], 0, plan["max_chars"])
+    tasks = [
+        {**e, "train": str((root / "data" / e["train"]).resolve()), "test": str((root / "data" / e["test"]).resolve())}
+        for e in entries
+    ]
+    config = {**_settings(full), **(overrides or {}), "tasks": tasks}
+    tables = [
+        _run_seed(root if len(plan["seeds"]) == 1 else root / f"seed-{s}", s, config, plan) for s in plan["seeds"]
+    ]
+    if len(plan["seeds"]) > 1:
+        summary = report.aggregate([root / f"seed-{s}" for s in plan["seeds"]], plan["methods"], root)
+        return "\n\n".join([summary, *tables])
+    return tables[0]
+
+
+def _claim_directory(root: Path, full: bool, tasks: list[str]) -> None:
+    """`root` is new, empty, or an earlier demo's of the same tasks; the marker says it is the demo's."""
     check_directory_target(root, "--output_dir")
     if root.is_dir() and any(root.iterdir()):
         if not _is_demo_dir(root):
             raise ILoRAError(
                 f"--output_dir {root} already holds files that are not an ilora demo; choose another directory"
             )
-        _check_same_tasks(root, full, plan["tasks"])
+        _check_same_tasks(root, full, tasks)
     root.mkdir(parents=True, exist_ok=True)
     # says: this directory is the demo's to rewrite, and which tasks its runs trained on
-    write_json(root / DEMO_MARKER, {"full": full, "tasks": plan["tasks"]})
-    entries = build_benchmark(root / "data", plan["tasks"], plan["n_train"], plan["n_test"], 0, plan["max_chars"])
-    base_config = load_yaml_mapping(Path(__file__).parent / "configs" / "demo.yaml")
+    write_json(root / DEMO_MARKER, {"full": full, "tasks": tasks})
+
+
+def _settings(full: bool) -> dict:
+    """The bundled config, with the full plan's settings, or the demo's general text."""
+    from ilora.data.corpora import general_text
+
+    config = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml")
     if full:
-        base_config.update(FULL_SETTINGS)
-    else:  # general forgetting, on a text none of the tasks comes from (the full plan predates it)
-        base_config.update(general=str(general_text()), general_windows=DEMO_GENERAL_WINDOWS)
-    base_config.update(overrides or {})
-    tables = []
-    for seed in plan["seeds"]:
-        seed_root = root if len(plan["seeds"]) == 1 else root / f"seed-{seed}"
-        config = {
-            **base_config,
-            "seed": seed,
-            "output_dir": str(seed_root.resolve()),
-            "tasks": [
-                {
-                    **e,
-                    "train": str((root / "data" / e["train"]).resolve()),
-                    "test": str((root / "data" / e["test"]).resolve()),
-                }
-                for e in entries
-            ],
-        }
-        seed_root.mkdir(parents=True, exist_ok=True)
-        config_path = seed_root / "config.yaml"
-        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        for method in plan["methods"]:
-            log.info("== %s, seed %d ==", method, seed)
-            run_sequence(*load_run_config(config_path, {"method": method}))
-        runs = [seed_root / m for m in plan["methods"]]
-        times = report.time_table([report.load_summary(r) for r in runs])
-        tables.append(f"{report.compare(runs, seed_root)}\n\nWhere the time went (seed {seed}):\n\n{times}")
-    if len(plan["seeds"]) > 1:
-        return "\n\n".join(
-            [report.aggregate([root / f"seed-{s}" for s in plan["seeds"]], plan["methods"], root), *tables]
-        )
-    return tables[0]
+        config.update(FULL_SETTINGS)
+    else:  # general forgetting, on a text none of the tasks comes from (the full plan scores none)
+        config.update(general=str(general_text()), general_windows=DEMO_GENERAL_WINDOWS)
+    return config
+
+
+def _run_seed(seed_root: Path, seed: int, settings: dict, plan: dict) -> str:
+    """Every method of the plan at `seed`, from one config written beside the runs; their comparison."""
+    seed_root.mkdir(parents=True, exist_ok=True)
+    config_path = seed_root / "config.yaml"
+    config = {**settings, "seed": seed, "output_dir": str(seed_root.resolve())}
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    for method in plan["methods"]:
+        log.info("== %s, seed %d ==", method, seed)
+        run_sequence(load_run_config(config_path, {"method": method}))
+    runs = [seed_root / m for m in plan["methods"]]
+    times = report.time_table([report.load_summary(r) for r in runs])
+    return f"{report.compare(runs, seed_root)}\n\nWhere the time went (seed {seed}):\n\n{times}"
 
 
 DEMO_GENERAL_WINDOWS = 16  # x cutoff_len 48 = 768 tokens of Hamlet: about a second per adapter
 DEMO_MARKER = "ilora_demo.json"
-# What a demo directory holds; one written before the marker existed is recognised by these names alone.
-DEMO_ENTRIES = {
-    "data",
-    "config.yaml",
-    "base_eval.json",
-    "compare.md",
-    "compare.png",
-    "summary.md",
-    "summary.json",
-    *FULL["methods"],
-}
-
-
-# The tasks of a demo directory whose marker does not name them (written before the demo was resized).
-EARLIER_TASKS = {False: ["tweets", "debate", "reviews"], True: FULL["tasks"]}
 
 
 def _check_same_tasks(root: Path, full: bool, tasks: list[str]) -> None:
@@ -128,10 +118,10 @@ def _check_same_tasks(root: Path, full: bool, tasks: list[str]) -> None:
     if all(p.name in ("data", "config.yaml", DEMO_MARKER) for p in root.iterdir()):
         return  # nothing trained yet
     marker = root / DEMO_MARKER
-    recorded = read_json(marker, "demo marker") if marker.is_file() else {}
-    if not isinstance(recorded, dict):
-        raise ILoRAError(f"{marker}: damaged demo marker (not a JSON object)")
-    earlier = recorded.get("tasks", EARLIER_TASKS[full])
+    recorded = read_json(marker, "demo marker")
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("tasks"), list):
+        raise ILoRAError(f"{marker}: damaged demo marker (no task list)")
+    earlier = recorded["tasks"]
     if earlier != tasks:
         raise ILoRAError(
             f"--output_dir {root} holds a demo of other tasks ({earlier}; this one trains on {tasks}): "
@@ -140,19 +130,14 @@ def _check_same_tasks(root: Path, full: bool, tasks: list[str]) -> None:
 
 
 def _is_demo_dir(root: Path) -> bool:
-    if (root / DEMO_MARKER).is_file():
-        return True
-    names = {p.name for p in root.iterdir()}
-    earlier = {"data", "config.yaml"} <= names or any(n.startswith("seed-") for n in names)
-    return earlier and all(n in DEMO_ENTRIES or n.startswith("seed-") for n in names)
+    return (root / DEMO_MARKER).is_file()
 
 
 # The full benchmark: a buffer of 5% of the 1,600-row training stream (a generous buffer turns ER into
 # joint training and hides every difference) and an EMA horizon of ~10 steps in a 200-step run. The
 # learning rate warms up and decays within each task: at a constant 1e-3, joint training ended on
-# whatever label its last batches favoured (all "rotten" in one seed) and learned no task to chance + 15.
-# The rest are the demo config's values from when the full benchmark's seeds were started: a run continues
-# only under its own settings, so the demo's resizing must not reach them.
+# whatever label its last batches favoured and learned no task to chance + 15. The full benchmark keeps
+# its own sizes (cutoff, batch), apart from the demo's.
 FULL_SETTINGS = {
     "ilora_buffer_size": 80,
     "ema_alpha": 0.9,

@@ -6,7 +6,8 @@ From a task directory the adapter defaults to I-LoRA's stable one (the other met
 run directory (`<output_dir>/<method>`), the last task's, and the adapter with the best average accuracy
 in its metrics.json. What a method evaluates as the sum of several LoRAs (O-LoRA) is exported as that
 sum: merged into the weights, or concatenated into one LoRA of the summed rank (exact: sum_i B_i A_i =
-[B_1 ... B_k][A_1; ...; A_k]). `ilora_export.json` beside the export records where it came from.
+[B_1 ... B_k][A_1; ...; A_k]). A method whose evaluated model is not a sum of adapters (its
+`merged_weights`) is exported merged only. `ilora_export.json` beside the export records where it came from.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from ilora import __version__, methods
-from ilora.core.adapters import AdapterPair, load_saved_adapters, save_adapter
+from ilora import __version__
+from ilora.core.adapters import AdapterPair, fold_into_base, save_adapter
 from ilora.errors import ILoRAError, did_you_mean, writing
 from ilora.files import write_json
-from ilora.runtime.loader import load_model_and_tokenizer
+from ilora.pipeline.models import open_task
 from ilora.store import rundir, taskdir
 from ilora.store.paths import check_directory_target
 
@@ -33,7 +34,12 @@ EXPORTED = "exported"  # the adapter name an unmerged export is built under
 
 
 def export(
-    source: Path, output: Path, adapter: str | None = None, merge: bool = False, model: str | None = None
+    source: Path,
+    output: Path,
+    adapter: str | None = None,
+    merge: bool = False,
+    model: str | None = None,
+    trust_remote_code: bool = False,
 ) -> Path:
     """Write the export into `output` (new or empty) and return it."""
     check_directory_target(output, "--output")
@@ -41,56 +47,58 @@ def export(
         raise ILoRAError(f"--output {output} exists and is not empty; export into a new directory")
     task_dir, summary = _task_of(source)
     manifest = taskdir.read_manifest(task_dir)
-    method = methods.get(taskdir.manifest_method(manifest))
-    report = adapter or _default_report(method, summary, taskdir.saved_adapters(task_dir, manifest))
-    base_name = model or manifest["base_model"]["name_or_path"]
     quantization = manifest.get("quantization")
     if quantization and merge:
         raise ILoRAError(
             f"{task_dir} was trained on a {quantization['bits']}-bit base: merging into quantized weights "
             "loses the adapter's precision; export the adapter (without --merge)"
         )
-    base, tokenizer = load_model_and_tokenizer(base_name, quantization=quantization)
-    taskdir.check_identity(manifest, task_dir, taskdir.base_model_identity(base, tokenizer))
-    saved = taskdir.saved_adapters(task_dir, manifest)
-    for path in saved.values():
-        taskdir.check_adapter_dir(path, manifest["lora"])
-    peft_model = load_saved_adapters(base, saved)
-    evaluated = method.evaluated(peft_model, None)
-    if report not in evaluated or not all(n in peft_model.peft_config for n in evaluated[report]):
-        available = [r for r, names in evaluated.items() if all(n in peft_model.peft_config for n in names)]
+    task = open_task(task_dir, model, trust_remote_code)
+    available = task.reports()
+    report = adapter or _default_report(task.method.reports(task.options), summary, available)
+    if report not in available:
         raise ILoRAError(f"--adapter {report!r}: {task_dir} offers {available}{did_you_mean(report, available)}")
-    names = evaluated[report]
+    names = task.method.evaluated(task.model, task.options)[report]
+    changes = task.method.merged_weights(task.model, report, task.options)
+    if changes is not None and not merge:
+        raise ILoRAError(
+            f"method {task.method.name}'s {report} model is not a sum of LoRA adapters: export it with --merge"
+        )
+    base_name = model or manifest["base_model"]["name_or_path"]
     record = {
         "source": str(source.resolve()),
         "task_dir": str(task_dir.resolve()),
         "task_id": manifest.get("task_id"),
-        "method": method.name,
+        "method": task.method.name,
         "adapter": report,
-        "adapters_summed": names,
+        "adapters_summed": names if changes is None else None,
         "merged": merge,
         "base_model": {"name_or_path": base_name, "fingerprint": manifest["base_model"]["fingerprint"]},
         "metrics": _metrics_of(summary, report),
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "ilora_version": __version__,
     }
-    # written beside `output`, moved into place when complete: a failed export (a full disk) leaves
-    # nothing at `output`, so the retry runs as the first try did
+    if merge:
+        _write_into(output, record, lambda d: _write_merged(task.model, names, changes, task.tokenizer, d))
+    else:
+        _write_into(output, record, lambda d: _write_adapter(task.model, names, d, _base_path(base_name)))
+    return output
+
+
+def _write_into(output: Path, record: dict, write) -> None:
+    """`write(directory)` and the provenance record, beside `output`, moved into place when complete: a
+    failed export (a full disk) leaves nothing at `output`, so the retry runs as the first try did."""
     staging = output.parent / f".{output.name}.exporting-{os.getpid()}"
     try:
         with writing(output):
             staging.mkdir(parents=True)
-            if merge:
-                _write_merged(peft_model, names, tokenizer, staging)
-            else:
-                _write_adapter(peft_model, names, staging, _base_path(base_name))
+            write(staging)
             write_json(staging / PROVENANCE, record)
             if output.exists():
                 output.rmdir()  # the empty directory the user named
             os.replace(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return output
 
 
 def _task_of(source: Path) -> tuple[Path, dict | None]:
@@ -101,8 +109,8 @@ def _task_of(source: Path) -> tuple[Path, dict | None]:
         from ilora.evaluation.report import load_summary
 
         summary = load_summary(source)
-        joint = methods.get(summary["method"]).trains_jointly if summary["method"] in methods.REGISTRY else False
-        last = source / rundir.TASKS_DIR / rundir.stage_dir_names(summary["method"], summary["tasks"], joint)[-1]
+        folders = rundir.stage_dir_names(summary["method"], summary["tasks"], summary["trains_jointly"])
+        last = source / rundir.TASKS_DIR / folders[-1]
         if not taskdir.is_finished(last):  # the run's own last task, whatever else tasks/ holds
             raise ILoRAError(f"{source}: its last task directory {last.name} is missing or unfinished")
         return last, summary
@@ -111,15 +119,14 @@ def _task_of(source: Path) -> tuple[Path, dict | None]:
     )
 
 
-def _default_report(method, summary: dict | None, saved: dict[str, Path]) -> str:
-    """A run's best adapter by average accuracy after the last task (a tie goes to stable); a task
-    directory's stable adapter where it saved one, else plastic."""
-    reports = method.reports(None)  # plastic, then stable for I-LoRA
+def _default_report(reports: list[str], summary: dict | None, available: list[str]) -> str:
+    """A run's best evaluated model by average accuracy after the last task (a tie goes to the method's
+    last report: I-LoRA's stable adapter); a task directory's last report where it saved it, else its first."""
     if summary is not None:
-        aps = {r: summary["metrics"][r]["AP"] for r in reports if r in summary.get("metrics", {})}
+        aps = {r: summary["metrics"][r]["AP"] for r in reports if r in summary.get("metrics", {}) and r in available}
         if aps:
             return max(aps, key=lambda r: (aps[r], reports.index(r)))
-    return reports[-1] if reports[-1] in saved else reports[0]
+    return reports[-1] if reports[-1] in available else reports[0]
 
 
 def _metrics_of(summary: dict | None, report: str) -> dict | None:
@@ -132,9 +139,14 @@ def _metrics_of(summary: dict | None, report: str) -> dict | None:
     }
 
 
-def _write_merged(model: PeftModel, names: list[str], tokenizer, output: Path) -> None:
-    """Base + the adapters folded into the weights: a plain transformers model directory."""
-    merged = model.merge_and_unload(adapter_names=names)
+def _write_merged(model: PeftModel, names: list[str], changes: dict | None, tokenizer, output: Path) -> None:
+    """The evaluated model folded into the base weights (the adapters `names` summed, or the method's
+    dense `changes`): a plain transformers model directory."""
+    if changes is None:
+        merged = model.merge_and_unload(adapter_names=names)
+    else:
+        fold_into_base(model, changes)
+        merged = model.unload()
     merged.save_pretrained(str(output), safe_serialization=True)
     tokenizer.save_pretrained(str(output))
 

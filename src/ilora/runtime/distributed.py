@@ -51,3 +51,10 @@ def gather(value: float) -> list[float]:
     values = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(values, mine)
     return [v.item() for v in values]
+
+
+def finish() -> None:
+    """Leave the process group when this rank's work is done (no collective follows): left to the
+    interpreter's teardown, gloo's threads may abort the process (SIGABRT) after its work is written."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

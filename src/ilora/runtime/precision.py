@@ -9,8 +9,10 @@ against 47-79 in fp32.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -110,6 +112,19 @@ def run_record(args) -> dict:
 def autocast_dtype(bf16: bool, fp16: bool) -> torch.dtype | None:
     """The dtype evaluation autocasts to: the same choice as training."""
     return torch.bfloat16 if bf16 else torch.float16 if fp16 else None
+
+
+@contextlib.contextmanager
+def inference(model: torch.nn.Module, autocast: torch.dtype | None) -> Iterator[None]:
+    """Eval mode, autocast to `autocast` (None: none), and the model's mode restored after."""
+    amp = torch.autocast(model.device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
+    was_training = model.training
+    model.eval()
+    try:
+        with amp:
+            yield
+    finally:
+        model.train(was_training)
 
 
 _warned: set[str] = set()

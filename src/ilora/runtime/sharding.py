@@ -75,64 +75,52 @@ def whole(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def full_adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every LoRA tensor whole, on the CPU, keyed as in `model.state_dict()`. A collective: every rank
-    calls it, in the same order, and every rank receives the whole tensors."""
-    if is_partitioned(model):
-        return _gathered_adapter_state(model)
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if "lora_" not in name:
-            continue
-        whole = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-        state[name] = whole.detach().to("cpu", copy=True)  # own storage: PEFT's save reads storage pointers
-    return state
+def full_state(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors `params` names, whole, on the CPU (own storage: PEFT's save reads storage pointers).
+    A collective: every rank calls it, in the same order, and every rank receives the whole tensors."""
+    if any(hasattr(p, "ds_tensor") for p in params.values()):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(params.values())):  # whole on every rank, read-only
+            return {name: p.detach().to("cpu", copy=True) for name, p in params.items()}
+    return {name: whole(p).detach().to("cpu", copy=True) for name, p in params.items()}
 
 
-def _gathered_adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    import deepspeed
-
-    params = {name: p for name, p in model.named_parameters() if "lora_" in name}
-    with deepspeed.zero.GatheredParameters(list(params.values())):  # whole on every rank, read-only
-        return {name: p.detach().to("cpu", copy=True) for name, p in params.items()}
-
-
-def save_adapters(model: torch.nn.Module, directory: Path) -> None:
-    """Every LoRA tensor (a collective). Accelerate's FSDP checkpoint keeps only the active adapter,
-    DeepSpeed's leaves every frozen one out; the stable one (and any other a method adds) must survive
-    a crash too. FSDP2: every rank's slices, as a torch.distributed.checkpoint directory. ZeRO-3: the
-    tensors gathered whole (adapter-sized) into one file by rank 0, so any number of ranks reads it.
+def save_adapters(params: dict[str, torch.Tensor], directory: Path) -> None:
+    """The adapters' tensors `params` (a collective). Accelerate's FSDP checkpoint keeps only the active
+    adapter, DeepSpeed's leaves every frozen one out; the stable one (and any other a method adds) must
+    survive a crash too. FSDP2: every rank's slices, as a torch.distributed.checkpoint directory. ZeRO-3:
+    the tensors gathered whole (adapter-sized) into one file by rank 0, so any number of ranks reads it.
     Otherwise (ZeRO-0/1/2) the tensors are whole on every rank: dcp writes them once."""
-    if not is_partitioned(model):
-        dcp.save(_adapter_slices(model), checkpoint_id=str(directory))
+    if not any(hasattr(p, "ds_tensor") for p in params.values()):
+        dcp.save(_detached(params), checkpoint_id=str(directory))
         return
-    state = _gathered_adapter_state(model)
+    state = full_state(params)
     if distributed.rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)
         save_file(state, str(directory / PARTITIONED_ADAPTERS))
     distributed.barrier()
 
 
-def load_adapters(model: torch.nn.Module, directory: Path) -> None:
-    """Read `save_adapters`' directory back into the sharded parameters, in place."""
-    if not is_partitioned(model):
+def load_adapters(params: dict[str, torch.Tensor], directory: Path) -> None:
+    """Read `save_adapters`' directory back into the sharded parameters `params`, in place."""
+    if not any(hasattr(p, "ds_tensor") for p in params.values()):
         if not (directory / ".metadata").is_file():
             raise ILoRAError(f"{directory.parent}: written by a run under ZeRO-3; resume it the way it ran")
-        dcp.load(_adapter_slices(model), checkpoint_id=str(directory))  # a collective
+        dcp.load(_detached(params), checkpoint_id=str(directory))  # a collective
         return
     if not (directory / PARTITIONED_ADAPTERS).is_file():
         raise ILoRAError(f"{directory.parent}: written by a run not under ZeRO-3; resume it the way it ran")
     state = load_file(str(directory / PARTITIONED_ADAPTERS))
-    params = [(name, p) for name, p in model.named_parameters() if "lora_" in name]
     with torch.no_grad():
-        for name, param in params:
+        for name, param in params.items():
             part = _partition(param)
             start = _first_element(param)
             part.copy_(state[name].flatten()[start : start + part.numel()])
-    release_gathered([p for _, p in params])
+    release_gathered(list(params.values()))
 
 
-def _adapter_slices(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    # FSDP2's state dict holds the sharded parameters themselves (detached views): loading into it
-    # writes the parameters
-    return {name: tensor for name, tensor in model.state_dict().items() if "lora_" in name}
+def _detached(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Views sharing the parameters' storage (DTensors stay DTensors): loading into them writes the
+    parameters, as loading into FSDP2's state dict does."""
+    return {name: p.detach() for name, p in params.items()}

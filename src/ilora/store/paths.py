@@ -111,18 +111,14 @@ class TaskOutputs:
     """The paths one task writes and the paths it reads; `check()` refuses every unsafe combination."""
 
     output_dir: Path
-    stable: Path | None  # where the stable adapter is saved; None: it is not saved
+    adapters: dict[str, Path]  # where each adapter the task saves is written, by adapter name
     reads: dict[str, Path]  # what the task starts from, e.g. {"previous_task_model": ...}
     overwrite: bool
 
     def writes(self) -> dict[str, tuple[Path, str]]:
         """What -> (path, kind) of every directory the task replaces."""
-        paths = {
-            "plastic adapter": (self.output_dir / "plastic", "adapter"),
-            "replay buffer": (self.output_dir / "buffer", "buffer"),
-        }
-        if self.stable is not None:
-            paths["stable adapter"] = (self.stable, "adapter")
+        paths = {f"{name} adapter": (path, "adapter") for name, path in self.adapters.items()}
+        paths["replay buffer"] = (self.output_dir / "buffer", "buffer")
         return paths
 
     def check(self, finished: bool) -> None:
@@ -137,9 +133,9 @@ class TaskOutputs:
         for what, (path, kind) in writes.items():
             check_directory_target(path, what)
             check_replaceable(path, kind, self.overwrite, what)
-        outside = self.stable is not None and _absolute(self.output_dir) not in _absolute(self.stable).parents
-        if outside and overlaps(self.stable, self.output_dir):  # output_dir itself, or a folder holding it
-            raise ILoRAError(f"ema_adapter_path {self.stable} would replace output_dir {self.output_dir}")
+            outside = _absolute(self.output_dir) not in _absolute(path).parents
+            if outside and overlaps(path, self.output_dir):  # output_dir itself, or a folder holding it
+                raise ILoRAError(f"the {what} at {path} would replace output_dir {self.output_dir}")
         items = list(writes.items())
         for i, (what, (path, _)) in enumerate(items):
             for other, (other_path, _) in items[i + 1 :]:

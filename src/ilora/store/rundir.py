@@ -16,15 +16,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from ilora.config.checks import finite_number
 from ilora.errors import ILoRAError
-from ilora.evaluation import metrics
-from ilora.files import file_digest
+from ilora.files import file_digest, read_json
 from ilora.store import taskdir
+from ilora.store.checkpoint import last_complete_checkpoint
+from ilora.store.identity import tokenizer_digest
 
 SETTINGS_FILE = "settings.json"
 EVAL_FILE = "eval.json"
@@ -48,7 +48,7 @@ def inputs_record(model_fingerprint: str, tokenizer, tasks, general: str | None 
 
     return {
         "model": model_fingerprint,
-        "tokenizer": taskdir.tokenizer_digest(tokenizer),
+        "tokenizer": tokenizer_digest(tokenizer),
         "train": {t.name: digest(t.train, t.dataset_dir) for t in tasks},
         "test": {t.name: digest(t.test, t.dataset_dir) for t in tasks},
         "general": file_digest(general) if general else None,
@@ -82,7 +82,7 @@ def has_trained(run_dir: Path) -> bool:
     tasks = run_dir / TASKS_DIR
     if not tasks.is_dir():
         return False
-    return any(taskdir.is_finished(d) or taskdir.last_complete_checkpoint(d) for d in tasks.iterdir() if d.is_dir())
+    return any(taskdir.is_finished(d) or last_complete_checkpoint(d) for d in tasks.iterdir() if d.is_dir())
 
 
 def check_same_settings(run_dir: Path, record: dict) -> None:
@@ -90,7 +90,7 @@ def check_same_settings(run_dir: Path, record: dict) -> None:
     path = run_dir / SETTINGS_FILE
     if not path.is_file() or not has_trained(run_dir):
         return  # nothing trained yet: a failed start does not block the corrected retry
-    stored = taskdir.read_json(path, "run settings")
+    stored = read_json(path, "run settings")
     if not isinstance(stored, dict):
         raise ILoRAError(f"{path}: damaged run settings (not a JSON object); delete {run_dir} to start again")
     changed_input = _changed_input(stored.get("inputs"), record["inputs"])
@@ -118,7 +118,7 @@ def check_same_settings(run_dir: Path, record: dict) -> None:
 
 def _changed_input(stored: Any, current: dict) -> str | None:
     if not isinstance(stored, dict):
-        return "the record of its inputs (settings.json from an older ilora)"
+        return "the record of its inputs (settings.json has none)"
     if stored.get("model") != current["model"]:
         return "the base model's weights"
     if stored.get("tokenizer") != current["tokenizer"]:
@@ -136,19 +136,19 @@ def _changed_input(stored: Any, current: dict) -> str | None:
 def read_eval(path: Path, adapters: list[str], test_rows: dict[str, int], general: bool = False) -> dict:
     """A task's `eval.json`, checked against the run: every adapter, every task, every row, finite
     (and, with `general`, each adapter's perplexity on the general text)."""
-    saved = taskdir.read_json(path, "evaluation file")
+    saved = read_json(path, "evaluation file")
     scores = saved.get("scores") if isinstance(saved, dict) else None
     timings = saved.get("timings") if isinstance(saved, dict) else None
     if not isinstance(scores, dict) or not isinstance(timings, dict):
         raise _damaged(path, "no 'scores' and 'timings'")
     for key in ("train_seconds", "eval_seconds"):
-        if not _finite_number(timings.get(key)):
+        if not finite_number(timings.get(key)):
             raise _damaged(path, f"timing '{key}' is {timings.get(key)!r}")
     for adapter in adapters:
         check_scores(path, scores.get(adapter), test_rows, adapter)
         if general:
             value = (saved.get("general") or {}).get(adapter)
-            if not _finite_number(value) or value < 1.0:
+            if not finite_number(value) or value < 1.0:
                 raise _damaged(path, f"general perplexity of {adapter} is {value!r}")
     return saved
 
@@ -157,23 +157,12 @@ def read_general_base(path: Path, key: dict) -> float | None:
     """The base model's cached general perplexity, or None when computed for other inputs."""
     if not path.exists():
         return None
-    cached = taskdir.read_json(path, "base-model general perplexity")
+    cached = read_json(path, "base-model general perplexity")
     if not isinstance(cached, dict) or cached.get("key") != key:
         return None
-    if not _finite_number(cached.get("perplexity")):
+    if not finite_number(cached.get("perplexity")):
         raise _damaged(path, f"perplexity is {cached.get('perplexity')!r}")
     return cached["perplexity"]
-
-
-def general_summary(run, windows: list[list[int]], base: float, results: list[dict], adapters: list[str]) -> dict:
-    """metrics.json's general-forgetting row: perplexity before training and after each task."""
-    return {
-        "file": run.general,
-        "windows": len(windows),
-        "tokens": sum(len(w) for w in windows),
-        "base": base,
-        "perplexity": {a: [r["general"][a] for r in results] for a in adapters},
-    }
 
 
 def check_scores(path: Path, scores: Any, test_rows: dict[str, int], label: str) -> None:
@@ -184,7 +173,7 @@ def check_scores(path: Path, scores: Any, test_rows: dict[str, int], label: str)
         if not isinstance(entry, dict):
             raise _damaged(path, f"no score of {label} on task {task!r}")
         accuracy, predictions = entry.get("accuracy"), entry.get("predictions")
-        if not _finite_number(accuracy) or not 0.0 <= accuracy <= 1.0:
+        if not finite_number(accuracy) or not 0.0 <= accuracy <= 1.0:
             raise _damaged(path, f"accuracy of {label} on task {task!r} is {accuracy!r}")
         if not isinstance(predictions, list) or len(predictions) != rows:
             count = len(predictions) if isinstance(predictions, list) else predictions
@@ -195,7 +184,7 @@ def read_base_eval(path: Path, key: dict, test_rows: dict[str, int]) -> dict | N
     """The cached scores of the untrained model, or None when they were computed for other inputs."""
     if not path.exists():
         return None
-    cached = taskdir.read_json(path, "base-model evaluation")
+    cached = read_json(path, "base-model evaluation")
     if not isinstance(cached, dict) or "key" not in cached:
         raise _damaged(path, "no 'key'")
     if cached["key"] != key:
@@ -208,10 +197,6 @@ def _damaged(path: Path, what: str) -> ILoRAError:
     return ILoRAError(f"{path}: damaged ({what}); delete it and run again to recompute it")
 
 
-def _finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 # ------------------------------------------------------- records and summary
 # The fields of a run's config record that cannot change its results: where files go, logging and
 # progress, how often checkpoints are written (a resume is bitwise), process plumbing, and the paths
@@ -222,7 +207,7 @@ def _finite_number(value: Any) -> bool:
 NOT_RESULTS: dict[str, frozenset[str]] = {
     "model": frozenset({"model_name_or_path"}),
     "data": frozenset({"dataset", "dataset_dir", "overwrite_output_dir"}),
-    "ilora": frozenset(),
+    "continual": frozenset(),
     "method_options": frozenset(),
     "run": frozenset({"general"}),
     "task": frozenset({"train", "test", "dataset_dir"}),
@@ -301,66 +286,21 @@ def settings_record(config: dict) -> dict:
     run = _guarded("run", config["run"])
     run["tasks"] = [_guarded("task", task) for task in config["run"]["tasks"]]
     record = {
-        part: _guarded(part, config[part] or {}) for part in ("model", "data", "ilora", "method_options", "training")
+        part: _guarded(part, config[part] or {})
+        for part in ("model", "data", "continual", "method_options", "training")
     }
     record["run"] = run
     return json.loads(json.dumps(record))  # as it reads back from the file
 
 
-def summary(run, adapters, base_row, results, timings, seconds, tests, joint: bool) -> dict:
-    """metrics.json: accuracy matrices, CL metrics (AP only for one joint stage), prediction counts, times."""
-    names = [t.name for t in run.tasks]
-    matrices, metric_table, distributions = {}, {}, {}
-    for adapter in adapters:
-        rows = [base_row] + [r["scores"][adapter] for r in results]
-        # None: a task not scored at that point (eval_tasks: seen_and_next leaves out cells no metric uses)
-        R = [[row[name]["accuracy"] if name in row else None for name in names] for row in rows]
-        matrices[adapter] = R
-        if joint:
-            metric_table[adapter] = {"AP": sum(R[-1]) / len(names)}  # one training stage: no transfer metrics
-        else:
-            metric_table[adapter] = metrics.all_metrics(R)
-        distributions[adapter] = [
-            {name: dict(Counter(row[name]["predictions"]).most_common()) for name in names if name in row}
-            for row in rows
-        ]
+def config_record(settings) -> dict:
+    """Every setting of a run (config.parse.Settings), as metrics.json records it."""
+    options = settings.method_options
     return {
-        "method": run.method,
-        "tasks": names,
-        "test_rows": {t.name: len(t) for t in tests},
-        "eval_max_rows": run.eval_max_rows,
-        "eval_tasks": run.eval_tasks,
-        "gold_distribution": {t.name: dict(Counter(t.answers).most_common()) for t in tests},
-        "matrices": matrices,
-        "metrics": metric_table,
-        "prediction_distribution": distributions,
-        "timings": {"per_task": timings, "total_seconds": seconds},
-        "versions": versions(),
-    }
-
-
-def config_record(model_args, data_args, method_args, training_args, run, method_options) -> dict:
-    return {
-        "model": dataclasses.asdict(model_args),
-        "data": dataclasses.asdict(data_args),
-        "ilora": dataclasses.asdict(method_args),
-        "method_options": dataclasses.asdict(method_options) if method_options is not None else None,
-        "training": {k: v for k, v in training_args.to_dict().items() if not k.startswith("_")},
-        "run": dataclasses.asdict(run),
-    }
-
-
-def versions() -> dict:
-    import peft
-    import torch
-    import transformers
-
-    from ilora import __version__
-
-    return {
-        "ilora": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "cpu_threads": torch.get_num_threads(),
+        "model": dataclasses.asdict(settings.model),
+        "data": dataclasses.asdict(settings.data),
+        "continual": dataclasses.asdict(settings.continual),
+        "method_options": dataclasses.asdict(options) if options is not None else None,
+        "training": {k: v for k, v in settings.training.to_dict().items() if not k.startswith("_")},
+        "run": dataclasses.asdict(settings.run),
     }
