@@ -135,3 +135,45 @@ def test_a_write_error_is_one_line_and_leaves_no_finished_task(tiny_model_dir, t
     err = capsys.readouterr().err
     assert "No space left on device" in err and f"could not write {tmp_path / 'o'}" in err
     assert not (tmp_path / "o" / "ilora_task.json").exists()
+
+
+def test_an_easycl_config_with_its_twelve_parameter_names_trains_two_chained_tasks(tiny_model_dir, tmp_path):
+    """EasyCL's I-LoRA module documents twelve parameters; a config written for it runs unchanged."""
+    import yaml
+
+    write_jsonl(tmp_path / "t1.jsonl", sentiment_rows(8))
+    write_jsonl(tmp_path / "t2.jsonl", sentiment_rows(8, offset=50))
+    common = {
+        "model_name_or_path": str(tiny_model_dir),
+        "lora_target": "q_proj,v_proj",
+        "lora_rank": 4,
+        "max_steps": 3,
+        "use_cpu": True,
+        "report_to": "none",
+        "use_ilora": True,
+        "ema_alpha": 0.9,
+        "consistency_weight": 0.5,
+        "ilora_buffer_size": 6,
+        "selective_update": True,
+        "min_update_threshold": 0.0,
+        "hidden_state_layers": [-1],
+        "save_ema_adapter": True,
+    }
+    first = {**common, "dataset": "t1.jsonl", "output_dir": "t1", "current_task_id": "t1", "ema_adapter_path": "ema/t1"}
+    second = {
+        **common,
+        "dataset": "t2.jsonl",
+        "output_dir": "t2",
+        "current_task_id": "t2",
+        "previous_task_model": "t1",
+        "prev_task_id": "t1",
+        "ema_adapter_path": "ema/t1",  # for a chained task: where the previous stable adapter is read
+    }
+    for name, config in (("first", first), ("second", second)):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
+        assert main(["train", str(tmp_path / f"{name}.yaml")]) == 0, name
+    manifest = json.loads((tmp_path / "t2" / "ilora_task.json").read_text())
+    assert manifest["method"] == "ilora" and manifest["prev_task_id"] == "t1"
+    assert manifest["method_options"]["consistency_weight"] == 0.5 and manifest["sequence_steps"] == 6
+    assert (tmp_path / "ema" / "t1" / "adapter_config.json").is_file()  # task 1's stable adapter where it was asked
+    assert (tmp_path / "t2" / "stable" / "adapter_config.json").is_file()  # task 2's in its own directory

@@ -22,7 +22,14 @@ def _not_kernel_noise(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
 
 
+def _not_accelerator_noise(record: logging.LogRecord) -> bool:
+    """transformers and accelerate ask DeepSpeed, whenever it is installed, which accelerator it runs on;
+    on a machine without a GPU it says so on every command, although nothing may run under DeepSpeed."""
+    return not str(record.msg).startswith("Setting accelerator to CPU")
+
+
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_kernel_noise)
+logging.getLogger("DeepSpeed").addFilter(_not_accelerator_noise)
 
 _EXPORTS = {
     "ContinualArguments": "config.arguments",
