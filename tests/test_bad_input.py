@@ -290,10 +290,6 @@ CASES = {
 }
 
 
-def test_there_are_at_least_25_cases():
-    assert len(CASES) >= 25
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input(case, world, tmp_path, capsys):
     make_argv, message = CASES[case]
