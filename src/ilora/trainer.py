@@ -102,19 +102,25 @@ class ILoRATrainer(Trainer):
         # compute_loss returns a per-micro-batch mean: let the Trainer divide by the accumulation steps
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
-        self.method = method_cls(
+        self.method = self._method(method_cls, pad_token_id, buffer)
+        self.add_callback(_MethodHooks(self.method))
+
+    def _method(self, method_cls, pad_token_id: int, buffer: ReplayBuffer | None):
+        """The method on the Trainer's model, continuing the previous task's step count and state."""
+        continual = self.continual_args
+        method = method_cls(
             self.model,
             continual,
             self.method_options,
             pad_token_id=pad_token_id,
-            replay_batch_size=continual.replay_batch_size or args.per_device_train_batch_size,
+            replay_batch_size=continual.replay_batch_size or self.args.per_device_train_batch_size,
             buffer=buffer,
             step=self.previous.steps if self.previous else 0,
             task_id=continual.current_task_id or "",
         )
         if self.previous:
-            self.method.load_state(*self.previous.method_state)
-        self.add_callback(_MethodHooks(self.method))
+            method.load_state(*self.previous.method_state)
+        return method
 
     def _set_up_model(self, model, peft_config, tokenizer, method_cls, args) -> PeftModel:
         """The base with the plastic adapter (fresh, or the previous task's) and what else the method adds;
