@@ -225,6 +225,30 @@ CASES = {
         "a.test.jsonl:1: answer 'positive' is not among the choices",
     ),
     "run tasks not a list": (lambda w, t: run_config(w, t, lambda c: c.update(tasks="a")), "'tasks' must be a list"),
+    "run gate on perplexity without a general text": (
+        lambda w, t: run_config(w, t, lambda c: c.update(gate_general_ppl=0.05)),
+        "gate_general_ppl gates the perplexity on the general text: set general: FILE too",
+    ),
+    "run gate of negative points": (
+        lambda w, t: run_config(w, t, lambda c: c.update(gate_task_drop=-1)),
+        "gate_task_drop=-1 must be a finite number of points >= 0",
+    ),
+    "run override without a value's key": (
+        lambda w, t: [*run_config(w, t, lambda c: None), "=5"],
+        "'=5': after the config, give overrides as key=value",
+    ),
+    "run override of an unknown key": (
+        lambda w, t: [*run_config(w, t, lambda c: None), "lerning_rate=0.1"],
+        "unknown key 'lerning_rate' (did you mean 'learning_rate'?)",
+    ),
+    "run override given twice": (
+        lambda w, t: [*run_config(w, t, lambda c: None), "seed=1", "seed=2"],
+        "seed is overridden twice",
+    ),
+    "run method given twice": (
+        lambda w, t: [*run_config(w, t, lambda c: None), "method=er", "--method", "ewc"],
+        "method is given twice",
+    ),
     "eval bad adapter": (
         lambda w, t: [
             "eval",

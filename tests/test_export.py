@@ -160,3 +160,53 @@ def test_bad_export_input_is_one_line_and_writes_nothing(case, tiny_model_dir, t
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expected in err, err
     assert not out.exists() or [p.name for p in out.iterdir()] == ["mine.txt"]
+
+
+def test_serve_writes_every_tasks_models_as_adapters_that_load_together_on_one_base(tiny_model_dir, tmp_path, ids):
+    """`--serve`: each task's plastic and stable adapters, `<task>-<model>`, with serve.json and the vllm
+    command; two of them loaded on one base with PEFT's multi-adapter API each give that task's model."""
+    from ilora.methods.base import evaluating
+    from ilora.pipeline.models import open_task
+
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        yaml.safe_dump(two_task_config(tmp_path, tiny_model_dir, max_steps=3, output_dir=str(tmp_path / "out")))
+    )
+    assert main(["run", str(config)]) == 0
+    run = tmp_path / "out" / "ilora"
+    assert main(["export", str(run), "--serve", str(tmp_path / "serve")]) == 0
+    served = json.loads((tmp_path / "serve" / "serve.json").read_text())
+    names = [a["name"] for a in served["adapters"]]
+    assert names == ["alpha-plastic", "alpha-stable", "beta-plastic", "beta-stable"]
+    summary = json.loads((run / "metrics.json").read_text())
+    assert served["adapters"][2]["accuracy"] == dict(zip(summary["tasks"], summary["matrices"]["plastic"][2]))
+    assert served["base"] == str(tiny_model_dir.resolve())
+    assert served["command"].startswith(f"vllm serve {served['base']} --enable-lora --max-lora-rank 8 --max-loras 4")
+    assert "alpha-stable=alpha-stable" in served["command"]
+
+    both = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "serve" / "alpha-stable", adapter_name="a"
+    )
+    both.load_adapter(str(tmp_path / "serve" / "beta-plastic"), adapter_name="b")
+    for adapter, folder, model in (("a", "1-alpha", "stable"), ("b", "2-beta", "plastic")):
+        both.set_adapter(adapter)
+        task = open_task(run / "tasks" / folder)
+        with evaluating(task.method, task.model, model, task.options):
+            want = logits(task.model, ids)
+        torch.testing.assert_close(logits(both, ids), want, atol=1e-5, rtol=0)
+    assert (logits(both, ids) - logits(AutoModelForCausalLM.from_pretrained(tiny_model_dir), ids)).abs().max() > 1e-4
+
+
+def test_serve_takes_a_run_and_copies_the_base_when_asked(tiny_model_dir, tmp_path, capsys):
+    task = train(tiny_model_dir, tmp_path, "t1")
+    capsys.readouterr()
+    assert main(["export", str(task), "--serve", str(tmp_path / "serve")]) == 2
+    assert "not a finished run directory" in capsys.readouterr().err and not (tmp_path / "serve").exists()
+    config = tmp_path / "run.yaml"
+    settings = two_task_config(tmp_path, tiny_model_dir, max_steps=1, method="er", output_dir=str(tmp_path / "out"))
+    config.write_text(yaml.safe_dump(settings))
+    assert main(["run", str(config)]) == 0
+    assert main(["export", str(tmp_path / "out" / "er"), "--serve", str(tmp_path / "serve"), "--copy_base"]) == 0
+    served = json.loads((tmp_path / "serve" / "serve.json").read_text())
+    assert served["base"] == "base" and (tmp_path / "serve" / "base" / "config.json").is_file()
+    assert [a["name"] for a in served["adapters"]] == ["alpha-plastic", "beta-plastic"]

@@ -83,3 +83,27 @@ def test_the_report_shows_the_measured_numbers(learned):
     R, values = summary["matrices"]["plastic"], summary["metrics"]["plastic"]
     assert f"| 2. beta | {100 * R[2][0]:.1f} | {100 * R[2][1]:.1f} |" in report
     assert f"{100 * values['BWT']:.1f}" in report and "nan" not in report.lower()
+
+
+def test_a_forgetting_gate_passes_or_stops_a_release_without_retraining(learned, monkeypatch, capsys):
+    """The run forgot alpha (its accuracy fell by at least 30 points): a 5-point gate is breached, exit code 3,
+    while metrics.json and report.md are written and say so; a 100-point gate passes. Changing the gate
+    re-judges the finished run without retraining it."""
+    from ilora import ILoRATrainer
+    from ilora.errors import EXIT_GATE
+
+    root, run, _ = learned
+    monkeypatch.setattr(ILoRATrainer, "train", lambda *a, **k: pytest.fail("a finished task was retrained"))
+    config = root / "config.yaml"
+    capsys.readouterr()
+    assert main(["run", str(config), "--method", "seq_lora", "gate_task_drop=5"]) == EXIT_GATE
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "forgetting gate breached" in err and "'alpha'" in err, err
+    summary = json.loads((run / "metrics.json").read_text())
+    gate = summary["gate"]
+    assert gate["model"] == "plastic" and gate["task_drop"]["drops"]["alpha"] >= 30 and gate["breaches"]
+    assert gate["task_drop"]["drops"]["beta"] == 0.0  # the last task cannot have dropped yet
+    assert "**BREACHED**" in (run / "report.md").read_text()
+    assert main(["run", str(config), "--method", "seq_lora", "gate_task_drop=100"]) == 0
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["gate"]["breaches"] == [] and "passed" in (run / "report.md").read_text()

@@ -50,3 +50,22 @@ def test_finals_table_aligns_tasks_by_name_and_shows_wall_time():
     s["timings"] = {"total_seconds": 90.0, "per_task": []}
     table = finals_table([s], ["b", "a"])  # another run's task order: values follow the names
     assert "| ewc (plastic) | 80.0 | 70.0 | 1.5 |" in table
+
+
+def test_the_gate_judges_the_released_model_on_general_perplexity_and_task_drops():
+    from ilora.evaluation import gate
+
+    two = summary("ilora", [[0.5, 0.5], [0.9, 0.5], [0.7, 0.8]])
+    # stable ends level on AP with plastic (0.75): the tie goes to the method's last, stable
+    two["matrices"]["stable"] = [[0.5, 0.5], [0.8, 0.5], [0.8, 0.7]]
+    two["metrics"]["stable"] = all_metrics(two["matrices"]["stable"])
+    two["general"] = {"base": 10.0, "perplexity": {"plastic": [10.2, 12.0], "stable": [10.1, 10.4]}}
+    assert gate.released(two) == "stable"
+    passed = gate.check(two, general_ppl=0.05, task_drop=5)
+    assert passed["model"] == "stable" and passed["breaches"] == []
+    assert passed["general_ppl"]["rise"] == pytest.approx(0.04) and passed["task_drop"]["drops"] == {"a": 0.0, "b": 0.0}
+    breached = gate.check(two, general_ppl=0.03, task_drop=None)
+    assert len(breached["breaches"]) == 1 and "rose 4.0%" in breached["breaches"][0]
+    plastic_only = {**two, "metrics": {"plastic": two["metrics"]["plastic"]}}
+    dropped = gate.check(plastic_only, general_ppl=None, task_drop=5)
+    assert dropped["task_drop"]["drops"]["a"] == pytest.approx(20.0) and "'a'" in dropped["breaches"][0]

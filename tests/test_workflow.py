@@ -188,3 +188,26 @@ def test_eval_max_rows_scores_the_same_seeded_subsample_after_every_task(config,
     assert sample == subsample(rows, 7) and len(sample) == 7  # fixed: the same rows every time
     assert [r["i"] for r in sample] == sorted(r["i"] for r in sample)  # in file order
     assert subsample(rows, 60) == rows
+
+
+def test_key_value_overrides_set_any_key_of_the_config(config, tmp_path):
+    """`ilora run CONFIG key=value`, as llamafactory-cli takes them: values read as YAML, paths from the
+    working directory; no copy of the config needed for another seed or directory."""
+    other = tmp_path / "elsewhere"
+    argv = ["run", str(config), "--method", "seq_lora", f"output_dir={other}", "learning_rate=0.02", "seed=7"]
+    assert main(argv) == 0
+    recorded = json.loads((other / "seq_lora" / "metrics.json").read_text())["config"]["training"]
+    assert recorded["learning_rate"] == 0.02 and recorded["seed"] == 7
+    assert not (tmp_path / "runs" / "seq_lora").exists()
+
+
+def test_train_takes_a_config_then_overrides_then_flags_each_winning_over_the_one_before(tiny_model_dir, tmp_path):
+    from ilora.pipeline.task import parse
+
+    write_jsonl(tmp_path / "d.jsonl", task_rows(0, 4))
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump({"model": str(tiny_model_dir), "dataset": "d.jsonl", "output_dir": "o", "seed": 1}))
+    settings = parse([str(path), "seed=2", "lora_rank=4", "--seed", "3"])
+    assert settings.training.seed == 3 and settings.model.lora_rank == 4
+    assert settings.data.dataset == str(tmp_path / "d.jsonl")  # the config's paths: from its directory
+    assert {"seed", "lora_rank", "dataset", "model_name_or_path"} <= settings.given

@@ -30,7 +30,8 @@ commands:
   run       train and evaluate a task sequence: ilora run CONFIG.yaml [key=value ...] [--method {names}]
   eval      score adapters on a config's tasks: ilora eval --model M --adapter DIR --tasks CONFIG.yaml
   compare   one table and plot for several runs: ilora compare RUN_DIR... [--out DIR]
-  export    a merged model or a clean PEFT adapter: ilora export TASK_OR_RUN_DIR --output DIR [--merge]
+  export    a merged model or a clean PEFT adapter: ilora export TASK_OR_RUN_DIR --output DIR [--merge];
+            every task's adapters for vLLM: ilora export RUN_DIR --serve DIR
   demo      the offline benchmark on SmolLM2-135M and real text: ilora demo [--full]
 
 add --debug to any command for full tracebacks."""
@@ -86,14 +87,29 @@ def command_export(argv: list[str]) -> None:
         prog="ilora export", description="a task's or a run's adapter as a merged model or a clean PEFT adapter"
     )
     parser.add_argument("source", type=Path, help="ilora task directory, or run directory (<output_dir>/<method>)")
-    parser.add_argument("--output", required=True, type=Path, help="a new (or empty) directory")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--output", type=Path, help="a new (or empty) directory")
+    target.add_argument(
+        "--serve", type=Path, help="every task's adapters of a run, for vLLM: a new (or empty) directory"
+    )
+    parser.add_argument("--copy_base", action="store_true", help="with --serve: copy the base model beside them")
     parser.add_argument("--adapter", help="plastic or stable (default: a run's best; a task's stable where it has one)")
     parser.add_argument("--merge", action="store_true", help="fold the adapter into the base weights: a plain HF model")
     parser.add_argument("--model", help="the base model (default: the one the task recorded)")
     parser.add_argument("--trust_remote_code", action="store_true", help="allow model code from the model directory")
     opts = parser.parse_args(argv)
-    from ilora.pipeline.export import export
+    from ilora.pipeline.export import export, serve
 
+    if opts.serve:
+        if opts.merge or opts.adapter or opts.model:
+            raise ILoRAError(
+                "--serve exports every task's adapters of a run: --merge, --adapter and --model do not apply"
+            )
+        output = serve(opts.source, opts.serve, opts.copy_base, opts.trust_remote_code)
+        print(f"ilora: adapters for serving in {output} (serve.json holds the vllm serve command)")
+        return
+    if opts.copy_base:
+        raise ILoRAError("--copy_base goes with --serve")
     output = export(opts.source, opts.output, opts.adapter, opts.merge, opts.model, opts.trust_remote_code)
     print(f"ilora: exported to {output} ({'merged model' if opts.merge else 'PEFT adapter'})")
 

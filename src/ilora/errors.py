@@ -12,6 +12,7 @@ from collections.abc import Iterable
 EXIT_BAD_INPUT = 2  # a flag, config key, data file, path or saved state we cannot use
 EXIT_DIVERGED = 1  # training diverged or collapsed: nothing was marked finished
 EXIT_WRITE_FAILED = 1  # the machine refused a write (disk full, I/O error, read-only): retry once it is fixed
+EXIT_GATE = 3  # the run finished and was written, but its released model breached the forgetting gate
 EXIT_INTERRUPTED = 130  # Ctrl-C: re-running the same command resumes
 
 
@@ -25,6 +26,12 @@ class TrainingDiverged(ILoRAError):
     """A loss, adapter or score stopped being finite. The task is not written as finished."""
 
     exit_code = EXIT_DIVERGED
+
+
+class GateBreached(ILoRAError):
+    """A finished run whose released model forgot more than the run's gate allows (written as usual)."""
+
+    exit_code = EXIT_GATE
 
 
 class WriteFailed(ILoRAError):

@@ -222,9 +222,29 @@ class RunArguments:
     general_windows: int = field(
         default=32, metadata={"help": "Windows of cutoff_len tokens of the general text that are scored."}
     )
+    gate_general_ppl: float | None = field(
+        default=None,
+        metadata={
+            "help": "Forgetting gate: the released model's perplexity on `general` may rise at most this share "
+            "above the base model's (0.05 = 5%); a breach is reported and the command exits with code 3."
+        },
+    )
+    gate_task_drop: float | None = field(
+        default=None,
+        metadata={
+            "help": "Forgetting gate: on every task, the released model's final accuracy may be at most this many "
+            "points below the best it reached after training the task; a breach exits with code 3."
+        },
+    )
 
     def __post_init__(self) -> None:
         check_value("general_windows", self.general_windows, at_least(1), "must be >= 1")
+        if self.gate_general_ppl is not None:
+            check_value("gate_general_ppl", self.gate_general_ppl, at_least(0), "must be a finite share >= 0")
+            if not self.general:
+                raise ILoRAError("gate_general_ppl gates the perplexity on the general text: set general: FILE too")
+        if self.gate_task_drop is not None:
+            check_value("gate_task_drop", self.gate_task_drop, at_least(0), "must be a finite number of points >= 0")
         check_value("eval_batch_size", self.eval_batch_size, at_least(1), "must be >= 1")
         check_value("max_new_tokens", self.max_new_tokens, at_least(1), "must be >= 1")
         if self.eval_max_rows is not None:

@@ -59,6 +59,8 @@ def write_report(run_dir: Path, summary: dict) -> None:
     if summary.get("general"):
         lines += general_table(summary) + ["", "![general perplexity](general.png)", ""]
         _general_plot(run_dir / "general.png", summary)
+    if summary.get("gate"):
+        lines += gate_lines(summary["gate"]) + [""]
     timings = summary["timings"]
     lines += [
         f"Total time: {timings['total_seconds']:.0f} s.",
@@ -71,6 +73,22 @@ def write_report(run_dir: Path, summary: dict) -> None:
     (run_dir / "report.md").write_text("\n".join(lines))
     _heatmaps(run_dir / "heatmap.png", summary)
     _curves(run_dir / "curves.png", summary)
+
+
+def gate_lines(gate: dict) -> list[str]:
+    """The forgetting gate's verdict on the released model."""
+    verdict = "**BREACHED**" if gate["breaches"] else "passed"
+    lines = ["## Forgetting gate", "", f"The released model ({gate['model']}): {verdict}.", ""]
+    if "general_ppl" in gate:
+        rise, limit = gate["general_ppl"]["rise"], gate["general_ppl"]["limit"]
+        lines.append(f"- general perplexity: {100 * rise:+.1f}% over the base model (limit {100 * limit:.1f}%)")
+    if "task_drop" in gate:
+        worst = max(gate["task_drop"]["drops"].items(), key=lambda item: item[1])
+        lines.append(
+            f"- largest drop below a task's best: {worst[1]:.1f} points on {worst[0]} "
+            f"(limit {gate['task_drop']['limit']:g})"
+        )
+    return lines + [f"- {breach}" for breach in gate["breaches"]]
 
 
 def general_table(summary: dict) -> list[str]:

@@ -8,11 +8,18 @@ in its metrics.json. What a method evaluates as the sum of several LoRAs (O-LoRA
 sum: merged into the weights, or concatenated into one LoRA of the summed rank (exact: sum_i B_i A_i =
 [B_1 ... B_k][A_1; ...; A_k]). A method whose evaluated model is not a sum of adapters (its
 `merged_weights`) is exported merged only. `ilora_export.json` beside the export records where it came from.
+
+    ilora export RUN_DIR --serve DIR [--copy_base]
+
+writes every task's evaluated models as PEFT adapters named `<task>-<model>` for a server that holds many
+LoRAs on one base (vLLM's `--enable-lora --lora-modules`), with `serve.json`: the base, each adapter's
+task and accuracies from the run, and the `vllm serve` command line.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import time
@@ -24,6 +31,7 @@ from peft import PeftModel
 from ilora import __version__
 from ilora.core.adapters import AdapterPair, fold_into_base, save_adapter
 from ilora.errors import ILoRAError, did_you_mean, writing
+from ilora.evaluation.gate import released
 from ilora.files import write_json
 from ilora.pipeline.models import open_task
 from ilora.store import rundir, taskdir
@@ -120,12 +128,10 @@ def _task_of(source: Path) -> tuple[Path, dict | None]:
 
 
 def _default_report(reports: list[str], summary: dict | None, available: list[str]) -> str:
-    """A run's best evaluated model by average accuracy after the last task (a tie goes to the method's
-    last report: I-LoRA's stable adapter); a task directory's last report where it saved it, else its first."""
-    if summary is not None:
-        aps = {r: summary["metrics"][r]["AP"] for r in reports if r in summary.get("metrics", {}) and r in available}
-        if aps:
-            return max(aps, key=lambda r: (aps[r], reports.index(r)))
+    """A run's released model (`evaluation.gate.released`: the best average accuracy, a tie to the method's
+    last report, I-LoRA's stable adapter); a task directory's last report where it saved it, else its first."""
+    if summary is not None and any(r in available for r in summary["metrics"]):
+        return released(summary, available)
     return reports[-1] if reports[-1] in available else reports[0]
 
 
@@ -164,7 +170,9 @@ def _write_adapter(model: PeftModel, names: list[str], output: Path, base_path: 
     config.modules_to_save = None
     model.add_adapter(EXPORTED, config)
     _fill_concatenated(model, names)
+    output.mkdir(parents=True, exist_ok=True)
     save_adapter(model, EXPORTED, output / ".adapter")
+    model.delete_adapter(EXPORTED)  # the model stays as it was: another adapter may be exported from it
     for path in (output / ".adapter").iterdir():
         path.rename(output / path.name)
     (output / ".adapter").rmdir()
@@ -184,3 +192,74 @@ def _base_path(name: str) -> str:
     from ilora.runtime.loader import SMOLLM2, smollm2_dir
 
     return str(smollm2_dir() if name == SMOLLM2 else Path(name).resolve())
+
+
+# ------------------------------------------------------------------ serving
+SERVE_MANIFEST = "serve.json"
+VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM accepts for --max-lora-rank
+
+
+def serve(run_dir: Path, output: Path, copy_base: bool = False, trust_remote_code: bool = False) -> Path:
+    """Every task's evaluated models of a finished run, each a clean PEFT adapter `<task>-<model>` in
+    `output` (new or empty), with `serve.json` and, with `copy_base`, the base model beside them."""
+    check_directory_target(output, "--serve")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise ILoRAError(f"--serve {output} exists and is not empty; export into a new directory")
+    if not (run_dir / rundir.METRICS_FILE).is_file():
+        raise ILoRAError(f"{run_dir}: not a finished run directory (no metrics.json); --serve exports a whole run")
+    from ilora.evaluation.report import load_summary
+
+    summary = load_summary(run_dir)
+    folders = rundir.stage_dir_names(summary["method"], summary["tasks"], summary["trains_jointly"])
+    _write_into(
+        output,
+        {"source": str(run_dir.resolve()), "ilora_version": __version__},
+        lambda d: _write_served(run_dir, folders, summary, d, copy_base, trust_remote_code),
+    )
+    return output
+
+
+def _write_served(run_dir: Path, folders: list[str], summary: dict, out: Path, copy_base: bool, trust: bool) -> None:
+    adapters, base_path = [], None
+    for k, folder in enumerate(folders, start=1):
+        task_dir = run_dir / rundir.TASKS_DIR / folder
+        if not taskdir.is_finished(task_dir):
+            raise ILoRAError(f"{run_dir}: its task directory {folder} is missing or unfinished")
+        task = open_task(task_dir, trust_remote_code=trust)
+        base_path = base_path or _base_path(task.manifest["base_model"]["name_or_path"])
+        for report in task.reports():
+            if task.method.merged_weights(task.model, report, task.options) is not None:
+                raise ILoRAError(
+                    f"method {task.method.name}'s {report} model is not a sum of LoRA adapters: "
+                    "it cannot be served as a LoRA (export it with --merge)"
+                )
+            name = f"{task.manifest['task_id']}-{report}"
+            names = task.method.evaluated(task.model, task.options)[report]
+            _write_adapter(task.model, names, out / name, base_path)
+            row = summary["matrices"][report][k]
+            adapters.append(
+                {
+                    "name": name,
+                    "path": name,
+                    "task": task.manifest["task_id"],
+                    "model": report,
+                    "rank": json.loads((out / name / "adapter_config.json").read_text())["r"],
+                    "accuracy": dict(zip(summary["tasks"], row)),
+                }
+            )
+    if copy_base:
+        shutil.copytree(base_path, out / "base")
+        base_path = "base"
+    write_json(
+        out / SERVE_MANIFEST,
+        {"base": base_path, "adapters": adapters, "command": vllm_command(out, base_path, adapters)},
+    )
+
+
+def vllm_command(out: Path, base: str, adapters: list[dict]) -> str:
+    """The `vllm serve` line that serves every adapter on one base, paths as the export will hold them."""
+    rank = next(r for r in VLLM_RANKS if r >= max(a["rank"] for a in adapters))
+    modules = " ".join(f"{a['name']}={a['path']}" for a in adapters)
+    return (
+        f"vllm serve {base} --enable-lora --max-lora-rank {rank} --max-loras {len(adapters)} --lora-modules {modules}"
+    )

@@ -24,7 +24,8 @@ from ilora.core.adapters import check_adapter_dir, check_target_modules
 from ilora.core.buffer import ReplayBuffer
 from ilora.data.encode import encode_rows
 from ilora.data.formats import read_data
-from ilora.evaluation import general, report, results
+from ilora.errors import GateBreached
+from ilora.evaluation import gate, general, report, results
 from ilora.evaluation.scoring import Scorer, subsample, test_set_of
 from ilora.files import read_json, write_json
 from ilora.methods.base import evaluating
@@ -377,5 +378,11 @@ def _write_summary(plan: Plan, base_row, base_general, evaluations: list[dict], 
     summary["config"] = plan.config
     summary["hardware"] = precision.run_record(settings.training)
     summary["inputs"] = plan.record["inputs"]  # lets `ilora compare` refuse runs scored on other test files
+    run = settings.run
+    if run.gate_general_ppl is not None or run.gate_task_drop is not None:
+        summary["gate"] = gate.check(summary, run.gate_general_ppl, run.gate_task_drop)
     write_json(plan.run_dir / rundir.METRICS_FILE, summary)
     report.write_report(plan.run_dir, summary)
+    if summary.get("gate", {}).get("breaches"):
+        breaches = summary["gate"]["breaches"]
+        raise GateBreached(f"forgetting gate breached ({'; '.join(breaches)}); the run is written to {plan.run_dir}")

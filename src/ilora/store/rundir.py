@@ -209,7 +209,7 @@ NOT_RESULTS: dict[str, frozenset[str]] = {
     "data": frozenset({"dataset", "dataset_dir", "overwrite_output_dir"}),
     "continual": frozenset(),
     "method_options": frozenset(),
-    "run": frozenset({"general"}),
+    "run": frozenset({"general", "gate_general_ppl", "gate_task_drop"}),  # a gate judges results, changes none
     "task": frozenset({"train", "test", "dataset_dir"}),
     "training": frozenset(
         {
