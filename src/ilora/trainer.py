@@ -1,4 +1,5 @@
-"""`ILoRATrainer`: a drop-in `transformers.Trainer` that trains any ilora method (I-LoRA by default).
+"""`ILoRATrainer`: a drop-in `transformers.Trainer` that trains any ilora method (I-LoRA by default);
+`ContinualTrainerMixin` does the same for any Trainer subclass.
 
 The Trainer keeps what it is good at (data loading, optimizer, scheduler, mixed precision, gradient
 accumulation, logging to TensorBoard / W&B, checkpoints, Accelerate). ilora adds the adapters (the
@@ -58,7 +59,12 @@ class _MethodHooks(TrainerCallback):
         self.method.after_optimizer_step()
 
 
-class ILoRATrainer(Trainer):
+class ContinualTrainerMixin:
+    """What makes a `transformers.Trainer` (or a subclass: TRL's `SFTTrainer`, see `ilora.integrations.trl`)
+    train an ilora method: the adapters, the method's loss and hooks, checkpoints that carry the method's
+    state, and the task directory. Put it first: `class MyTrainer(ContinualTrainerMixin, SomeTrainer)`;
+    `_training_data` says who tokenizes and collates the rows."""
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -69,8 +75,6 @@ class ILoRATrainer(Trainer):
         train_dataset=None,
         processing_class=None,
         data_collator=None,
-        cutoff_len: int = 1024,
-        use_chat_template: bool = True,
         **kwargs: Any,
     ):
         self.continual_args = continual = continual_args or ContinualArguments()
@@ -82,14 +86,13 @@ class ILoRATrainer(Trainer):
         model = self._set_up_model(model, peft_config, processing_class, method_cls, args)
         buffer = self._buffer(method_cls, args)
         pad_token_id = _pad_token_id(processing_class, model)
-        if train_dataset is not None:
-            train_dataset = prepare_dataset(train_dataset, processing_class, cutoff_len, use_chat_template)
+        train_dataset, data_collator = self._training_data(train_dataset, processing_class, data_collator, pad_token_id)
         super().__init__(
             model=model,
             args=args,
             train_dataset=train_dataset,
             processing_class=processing_class,
-            data_collator=data_collator or PadCollator(pad_token_id),
+            data_collator=data_collator,
             **kwargs,
         )
         policy.check_engine(
@@ -121,6 +124,10 @@ class ILoRATrainer(Trainer):
         if self.previous:
             method.load_state(*self.previous.method_state)
         return method
+
+    def _training_data(self, dataset, tokenizer, collator, pad_token_id: int):
+        """(dataset, collator) as the Trainer below takes them."""
+        raise NotImplementedError
 
     def _set_up_model(self, model, peft_config, tokenizer, method_cls, args) -> PeftModel:
         """The base with the plastic adapter (fresh, or the previous task's) and what else the method adds;
@@ -366,6 +373,21 @@ class ILoRATrainer(Trainer):
         if task_loss["micro_batches"]:
             losses["train_loss"] = task_loss["sum"] / task_loss["micro_batches"]
         return losses
+
+
+class ILoRATrainer(ContinualTrainerMixin, Trainer):
+    """A drop-in `transformers.Trainer` that trains any ilora method (I-LoRA by default). Rows may be
+    tokenized (`input_ids`, `labels`) or raw in any format `ilora.data.formats` reads; they are encoded
+    with the loss on the assistant's tokens, `cutoff_len` tokens at most."""
+
+    def __init__(self, *args: Any, cutoff_len: int = 1024, use_chat_template: bool = True, **kwargs: Any):
+        self._encoding = (cutoff_len, use_chat_template)
+        super().__init__(*args, **kwargs)
+
+    def _training_data(self, dataset, tokenizer, collator, pad_token_id: int):
+        if dataset is not None:
+            dataset = prepare_dataset(dataset, tokenizer, *self._encoding)
+        return dataset, collator or PadCollator(pad_token_id)
 
 
 @contextlib.contextmanager

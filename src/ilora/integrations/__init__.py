@@ -1,0 +1,1 @@
+"""Layer 8: ilora's methods inside other libraries' trainers (TRL's `SFTTrainer`)."""
