@@ -211,3 +211,30 @@ def test_train_takes_a_config_then_overrides_then_flags_each_winning_over_the_on
     assert settings.training.seed == 3 and settings.model.lora_rank == 4
     assert settings.data.dataset == str(tmp_path / "d.jsonl")  # the config's paths: from its directory
     assert {"seed", "lora_rank", "dataset", "model_name_or_path"} <= settings.given
+
+
+def test_a_finished_run_extended_by_a_task_trains_only_that_task_and_keeps_its_results(config, tmp_path, monkeypatch):
+    settings = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump({**settings, "tasks": settings["tasks"][:2]}))
+    assert main(["run", str(config), "--method", "er"]) == 0
+    run_dir = tmp_path / "runs" / "er"
+    before = json.loads((run_dir / "metrics.json").read_text())
+    trained = []
+    original = ILoRATrainer.train
+    monkeypatch.setattr(
+        ILoRATrainer, "train", lambda self, *a, **k: trained.append(self.args.output_dir) or original(self, *a, **k)
+    )
+    config.write_text(yaml.safe_dump(settings))  # one more task
+    assert main(["run", str(config), "--method", "er"]) == 0
+    assert [p.split("/")[-1] for p in trained] == ["3-gamma"]
+    after = json.loads((run_dir / "metrics.json").read_text())
+    assert after["tasks"] == ["alpha", "beta", "gamma"]
+    R_before, R_after = before["matrices"]["plastic"], after["matrices"]["plastic"]
+    assert [row[:2] for row in R_after[:3]] == R_before  # the earlier cells as they were
+    assert R_after[2][2] is not None  # task 2 now scored on the next task too (FWT reads it)
+    gamma = json.loads((run_dir / "tasks" / "2-beta" / "eval.json").read_text())["scores"]["plastic"]
+    assert set(gamma) == {"alpha", "beta", "gamma"}
+
+    config.write_text(yaml.safe_dump({**settings, "tasks": [settings["tasks"][1], settings["tasks"][0]]}))
+    monkeypatch.setattr(ILoRATrainer, "train", lambda *a, **k: pytest.fail("trained after a reorder"))
+    assert main(["run", str(config), "--method", "er"]) == 2  # another order is another experiment

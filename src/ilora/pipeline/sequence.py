@@ -97,6 +97,7 @@ def run_sequence(settings: Settings) -> Path:
     for stage in plan.stages:
         if stage.done():
             log.info("task %d/%d %s: finished earlier, skipped", stage.number, len(plan.stages), stage.name)
+            _score_what_is_due(plan, stage)  # a run extended by more tasks: their test sets, on this task's model
         else:
             _train_and_score(plan, stage)
         if distributed.rank() == 0:  # the other ranks train, then wait
@@ -168,7 +169,9 @@ def _plan(settings, method, root, run_dir, base, tokenizer, train_rows, test_row
     config = rundir.config_record(settings)
     inputs = rundir.inputs_record(identity["fingerprint"], tokenizer, run.tasks, run.general)
     record = {**rundir.settings_record(config), "inputs": inputs}
-    rundir.check_same_settings(run_dir, record)
+    appended = rundir.check_same_settings(run_dir, record, extendable=not method.trains_jointly)
+    if appended:
+        log.info("the run is extended by %s: only those are trained", ", ".join(appended))
     stages = _stages(settings, method, run_dir, {t.name: len(t) for t in tests})
     reports = method.reports(settings.method_options)
     for stage in stages:  # damaged state is found now, not after hours of training
@@ -207,7 +210,7 @@ def _check_saved_stage(stage: Stage, reports: list[str], replay: bool) -> None:
         if replay:
             ReplayBuffer.load(buffer_path(task_dir / BUFFER_DIR))
         if (task_dir / rundir.EVAL_FILE).exists():
-            rundir.read_eval(task_dir / rundir.EVAL_FILE, reports, stage.scored)
+            rundir.read_eval(task_dir / rundir.EVAL_FILE, reports, stage.scored, partial=True)
     elif task_dir.is_dir():
         check_trainer_outputs(task_dir)
         last = checkpoint.last_complete_checkpoint(task_dir)
@@ -286,6 +289,27 @@ def _train_and_score(plan: Plan, stage: Stage) -> None:
     distributed.barrier()
 
 
+def _score_what_is_due(plan: Plan, stage: Stage) -> None:
+    """A finished task scored before tasks were appended to the run lacks the new tasks' test sets (the
+    next task's, every task's after the last): rank 0 scores those on the saved task and adds them."""
+    if distributed.rank() == 0:
+        path = stage.directory / rundir.EVAL_FILE
+        saved = rundir.read_eval(path, plan.reports, stage.scored, partial=True)
+        missing = [t for t in stage.scored if any(t not in saved["scores"][r] for r in plan.reports)]
+        if missing:
+            settings = plan.settings
+            task = open_task(
+                stage.directory,
+                settings.model.model_name_or_path,
+                settings.model.trust_remote_code,
+                settings.training.device,
+            )
+            for name, scores in _score_stage(plan, task.model, missing, general=False)["scores"].items():
+                saved["scores"][name].update(scores)
+            write_json(path, saved)
+    distributed.barrier()
+
+
 def _train_stage(plan: Plan, stage: Stage):
     """The stage's rows encoded and trained, chained to the previous stage's task directory."""
     settings = plan.settings
@@ -320,16 +344,15 @@ def _concatenated(parts: list):
     return datasets.concatenate_datasets(parts)
 
 
-def _score_stage(plan: Plan, model, scored: list[str]) -> dict:
-    """Each evaluated model's scores on the test sets due, and its general perplexity."""
+def _score_stage(plan: Plan, model, scored: list[str], general: bool = True) -> dict:
+    """Each evaluated model's scores on the test sets due, and (`general`) its general perplexity."""
     options = plan.settings.method_options
-    record: dict = {"scores": {}}
-    if plan.scorer.windows is not None:
-        record["general"] = {}
+    general = general and plan.scorer.windows is not None
+    record: dict = {"scores": {}, **({"general": {}} if general else {})}
     for name in plan.reports:
         with evaluating(plan.method, model, name, options):
             record["scores"][name] = plan.scorer.score(model, scored, label=name)
-            if plan.scorer.windows is not None:
+            if general:
                 record["general"][name] = plan.scorer.perplexity(model)
     return record
 

@@ -85,15 +85,18 @@ def has_trained(run_dir: Path) -> bool:
     return any(taskdir.is_finished(d) or last_complete_checkpoint(d) for d in tasks.iterdir() if d.is_dir())
 
 
-def check_same_settings(run_dir: Path, record: dict) -> None:
-    """Refuse to continue a run that has trained under other settings or on other inputs."""
+def check_same_settings(run_dir: Path, record: dict, extendable: bool = True) -> list[str]:
+    """Refuse to continue a run that has trained under other settings or on other inputs. A run may be
+    extended: its config may list more tasks after the ones it was started with (not for joint training,
+    `extendable` False), which are returned."""
     path = run_dir / SETTINGS_FILE
     if not path.is_file() or not has_trained(run_dir):
-        return  # nothing trained yet: a failed start does not block the corrected retry
+        return []  # nothing trained yet: a failed start does not block the corrected retry
     stored = read_json(path, "run settings")
     if not isinstance(stored, dict):
         raise ILoRAError(f"{path}: damaged run settings (not a JSON object); delete {run_dir} to start again")
-    changed_input = _changed_input(stored.get("inputs"), record["inputs"])
+    appended = _appended_tasks(stored.get("run"), record["run"]) if extendable else []
+    changed_input = _changed_input(stored.get("inputs"), record["inputs"], appended)
     if changed_input:
         raise ILoRAError(
             f"{changed_input} changed since {run_dir} was started: its results would not match "
@@ -102,6 +105,8 @@ def check_same_settings(run_dir: Path, record: dict) -> None:
     changed = []
     for part, values in record.items():
         before = stored.get(part) if isinstance(stored.get(part), dict) else {}
+        if part == "run" and appended:  # the tasks it was started with come first: an extension
+            before = {**before, "tasks": values["tasks"]}
         if part != "inputs":
             changed += [
                 f"{key}: {before.get(key)!r} -> {values.get(key)!r}"
@@ -114,9 +119,19 @@ def check_same_settings(run_dir: Path, record: dict) -> None:
             f"{run_dir} was started with other settings ({listed}); "
             "use another output_dir or delete that directory to start again"
         )
+    return appended
 
 
-def _changed_input(stored: Any, current: dict) -> str | None:
+def _appended_tasks(stored_run: Any, run: dict) -> list[str]:
+    """The names of the tasks `run` lists after every task of `stored_run`, which it lists first, as it was."""
+    before = stored_run.get("tasks") if isinstance(stored_run, dict) else None
+    now = run["tasks"]
+    if not isinstance(before, list) or len(now) <= len(before) or now[: len(before)] != before:
+        return []
+    return [task["name"] for task in now[len(before) :]]
+
+
+def _changed_input(stored: Any, current: dict, appended: list[str] = ()) -> str | None:
     if not isinstance(stored, dict):
         return "the record of its inputs (settings.json has none)"
     if stored.get("model") != current["model"]:
@@ -125,7 +140,7 @@ def _changed_input(stored: Any, current: dict) -> str | None:
         return "the model's tokenizer"
     for kind in ("train", "test"):
         for task, digest in current[kind].items():
-            if (stored.get(kind) or {}).get(task) != digest:
+            if task not in appended and (stored.get(kind) or {}).get(task) != digest:
                 return f"the {kind} file of task {task!r}"
     if stored.get("general") != current.get("general"):
         return "the general text"
@@ -133,9 +148,12 @@ def _changed_input(stored: Any, current: dict) -> str | None:
 
 
 # ------------------------------------------------------------- evaluation files
-def read_eval(path: Path, adapters: list[str], test_rows: dict[str, int], general: bool = False) -> dict:
+def read_eval(
+    path: Path, adapters: list[str], test_rows: dict[str, int], general: bool = False, partial: bool = False
+) -> dict:
     """A task's `eval.json`, checked against the run: every adapter, every task, every row, finite
-    (and, with `general`, each adapter's perplexity on the general text)."""
+    (and, with `general`, each adapter's perplexity on the general text). `partial`: the tasks it lacks are
+    not damage (scored before tasks were appended to the run, they are scored now)."""
     saved = read_json(path, "evaluation file")
     scores = saved.get("scores") if isinstance(saved, dict) else None
     timings = saved.get("timings") if isinstance(saved, dict) else None
@@ -145,7 +163,9 @@ def read_eval(path: Path, adapters: list[str], test_rows: dict[str, int], genera
         if not finite_number(timings.get(key)):
             raise _damaged(path, f"timing '{key}' is {timings.get(key)!r}")
     for adapter in adapters:
-        check_scores(path, scores.get(adapter), test_rows, adapter)
+        scored = scores.get(adapter)
+        due = {t: n for t, n in test_rows.items() if t in scored} if partial and isinstance(scored, dict) else test_rows
+        check_scores(path, scored, due, adapter)
         if general:
             value = (saved.get("general") or {}).get(adapter)
             if not finite_number(value) or value < 1.0:
