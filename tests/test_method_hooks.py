@@ -66,7 +66,7 @@ def test_only_the_trainable_tensors_train_and_reach_the_optimizer(toys, tmp_path
     pair = AdapterPair(ilora.model)
     designed = [t.detach().clone() for t, slot in zip(pair.plastic, pair.slots) if slot == "lora_A"]
     ilora2 = trainer(tmp_path / "again", "toy_designed")  # the same rows: the same design, before training
-    ilora2.method.start_of_task(ilora2._task_batches())
+    ilora2.method.start_of_task(ilora2.task_batches())
     pair2 = ilora2.method.adapters
     before = [t for t, slot in zip(pair2.plastic, pair2.slots) if slot == "lora_A"]
     assert all(torch.equal(a, b) for a, b in zip(designed, before)), "a frozen lora_A moved while training"

@@ -215,12 +215,12 @@ class ContinualTrainerMixin:
                 raise ILoRAError(f"no complete checkpoint to resume from in {self.args.output_dir}")
             resume_from_checkpoint = str(resume_from_checkpoint)
         if not resume_from_checkpoint:
-            self.method.start_of_task(self._task_batches())
+            self.method.start_of_task(self.task_batches())
         output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-        self.method.end_of_task(self._task_batches())
+        self.method.end_of_task(self.task_batches())
         return output
 
-    def _task_batches(self) -> torch.utils.data.DataLoader:
+    def task_batches(self) -> torch.utils.data.DataLoader:
         """The task's rows in file order, unshuffled: the start- and end-of-task hooks see the same rows
         on every rank and after a resume (the Trainer's own loader is shuffled and sharded)."""
         return torch.utils.data.DataLoader(

@@ -187,6 +187,7 @@ def _string_map(value) -> bool:
 
 
 EVAL_TASKS = ("seen_and_next", "all")
+START = "start"  # the task name of start_from
 
 
 @dataclass
@@ -222,6 +223,23 @@ class RunArguments:
     general_windows: int = field(
         default=32, metadata={"help": "Windows of cutoff_len tokens of the general text that are scored."}
     )
+    start_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "A PEFT LoRA adapter directory trained elsewhere (LLaMA-Factory's output, ...): the sequence "
+            "starts from it, as the first task's plastic and stable adapters. LoRA keys left unset take its values."
+        },
+    )
+    start_from_data: str | None = field(
+        default=None, metadata={"help": "Rows start_from was trained on: they seed the replay buffer."}
+    )
+    start_from_test: str | None = field(
+        default=None,
+        metadata={
+            "help": "Test rows of start_from's task: task 'start' then opens the accuracy matrix (its own column), "
+            "so its forgetting is reported. Scored by choice where its rows carry choices, else by exact match."
+        },
+    )
     gate_general_ppl: float | None = field(
         default=None,
         metadata={
@@ -245,6 +263,10 @@ class RunArguments:
                 raise ILoRAError("gate_general_ppl gates the perplexity on the general text: set general: FILE too")
         if self.gate_task_drop is not None:
             check_value("gate_task_drop", self.gate_task_drop, at_least(0), "must be a finite number of points >= 0")
+        for key in ("start_from_data", "start_from_test"):
+            if getattr(self, key) and not self.start_from:
+                raise ILoRAError(f"{key} goes with start_from (the adapter the sequence starts from)")
+
         check_value("eval_batch_size", self.eval_batch_size, at_least(1), "must be >= 1")
         check_value("max_new_tokens", self.max_new_tokens, at_least(1), "must be >= 1")
         if self.eval_max_rows is not None:

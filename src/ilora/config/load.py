@@ -35,6 +35,9 @@ PATH_KEYS = (
     "general",
     "data_dir",
     "deepspeed",
+    "start_from",
+    "start_from_data",
+    "start_from_test",
 )
 NOT_PATHS = {"smollm2", "true", "false", "last", "True", "False"}  # names and flags those keys also accept
 # Keys that LLaMA-Factory writes as comma-separated strings and YAML users write as lists.

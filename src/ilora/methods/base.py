@@ -15,6 +15,8 @@ library's) calls it in this order:
   start_of_task(batches)                            once, before the first optimizer step, with the
                                                     task's rows (not again on a resume: its effects
                                                     are in the checkpoint)
+  seed_replay(batches)                              instead of training: an adapter trained elsewhere
+                                                    starts a run, its rows go into the replay buffer
   loss(batch, forward)                              every micro-batch: the loss to backpropagate
   after_optimizer_step()                            after every optimizer step
   end_of_task(batches)                              once, after the last step
@@ -207,6 +209,12 @@ class Method:
 
     def start_of_task(self, batches) -> None:
         """Before the first optimizer step of a task, with its rows (file order, the same on every rank)."""
+
+    def seed_replay(self, batches) -> None:
+        """Rows an adapter trained elsewhere was trained on, into the replay buffer (`start_from_data`), as
+        if this method had trained on them: what it keeps beside a row is computed on the current model."""
+        for batch in batches:
+            self.remember(*split_rows(batch))
 
     def end_of_task(self, batches) -> None:
         """After the last optimizer step, before the task is written."""

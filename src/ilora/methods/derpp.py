@@ -71,6 +71,15 @@ class DERpp(Method):
         self.remember(ids, labels, [top_logits(logits[i], padded[i], self.options.derpp_top_k) for i in range(n)])
         return self.watch(loss)
 
+    @torch.no_grad()
+    def seed_replay(self, batches) -> None:
+        """Each row with the current model's logits on it, as DER++ keeps a row it trained on."""
+        for batch in batches:
+            ids, labels = split_rows(batch)
+            outputs, padded, _ = self.forward_rows(None, ids, labels)
+            k = self.options.derpp_top_k
+            self.remember(ids, labels, [top_logits(outputs.logits[i], padded[i], k) for i in range(len(ids))])
+
     def _draw(self, device):
         if self.buffer is None or len(self.buffer) == 0:
             return [], [], []

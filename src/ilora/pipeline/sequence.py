@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ilora import methods
-from ilora.config.arguments import TaskSpec
+from ilora.config.arguments import START, TaskSpec
 from ilora.config.parse import Settings, parse_run_config
 from ilora.core.adapters import check_adapter_dir, check_target_modules
 from ilora.core.buffer import ReplayBuffer
@@ -30,6 +30,7 @@ from ilora.evaluation.scoring import Scorer, subsample, test_set_of
 from ilora.files import read_json, write_json
 from ilora.methods.base import evaluating
 from ilora.pipeline.models import load_base, on_device, open_task
+from ilora.pipeline.start import import_start, start_model, with_start
 from ilora.pipeline.task import check_method, train
 from ilora.runtime import distributed, policy, precision, sharding
 from ilora.store import checkpoint, rundir, taskdir
@@ -48,13 +49,16 @@ def load_run_config(path: Path, overrides: dict | None = None) -> Settings:
 @dataclass
 class Stage:
     """One training stage: a task (or every task, for joint training), where it is written, and which
-    test sets are scored after it (with their row counts: what its eval.json must hold)."""
+    test sets are scored after it (with their row counts: what its eval.json must hold). An imported
+    stage is an adapter trained elsewhere (`start_from`); one outside the matrix has no column or row."""
 
     number: int
     name: str
     tasks: list[TaskSpec]
     directory: Path
     scored: dict[str, int]
+    imported: bool = False
+    in_matrix: bool = True
 
     def done(self) -> bool:
         return taskdir.is_finished(self.directory) and (self.directory / rundir.EVAL_FILE).is_file()
@@ -84,6 +88,7 @@ def run_sequence(settings: Settings) -> Path:
     method = check_method(settings, refuse_others=False)  # one config may serve several methods
     root, run_dir = _directories(settings)
     policy.check_sharding(settings.training, settings.model.quantization is not None, method)
+    settings = with_start(settings, method.trains_jointly)
     train_rows, test_rows, general_text = _read_inputs(settings)  # every data error before anything loads
     if method.trains_jointly:
         settings = joint_settings(settings, [len(train_rows[t.name]) for t in settings.run.tasks])
@@ -100,7 +105,7 @@ def run_sequence(settings: Settings) -> Path:
             _score_what_is_due(plan, stage)  # a run extended by more tasks: their test sets, on this task's model
         else:
             _train_and_score(plan, stage)
-        if distributed.rank() == 0:  # the other ranks train, then wait
+        if distributed.rank() == 0 and stage.in_matrix:  # the other ranks train, then wait
             evaluations.append(_read_evaluation(plan, stage))
     if distributed.rank() == 0:
         _write_summary(plan, base_row, base_general, evaluations, time.time() - started)
@@ -154,10 +159,14 @@ def _stages(settings: Settings, method, run_dir: Path, rows: dict[str, int]) -> 
     groups = [run.tasks] if method.trains_jointly else [[t] for t in run.tasks]
     folders = rundir.stage_dir_names(settings.method, [t.name for t in run.tasks], method.trains_jointly)
     stages = []
+    if run.start_from and not run.start_from_test:  # the model the sequence starts from, outside the matrix
+        stages.append(Stage(0, START, [], run_dir / rundir.TASKS_DIR / f"0-{START}", {}, True, False))
     for k, (tasks, folder) in enumerate(zip(groups, folders), start=1):
         scored = scored_tasks(list(rows), k, k == len(groups), run.eval_tasks)
         name = settings.method if len(tasks) > 1 else tasks[0].name
-        stages.append(Stage(k, name, tasks, run_dir / rundir.TASKS_DIR / folder, {n: rows[n] for n in scored}))
+        imported = bool(run.start_from) and name == START
+        directory = run_dir / rundir.TASKS_DIR / folder
+        stages.append(Stage(k, name, tasks, directory, {n: rows[n] for n in scored}, imported))
     return stages
 
 
@@ -167,7 +176,8 @@ def _plan(settings, method, root, run_dir, base, tokenizer, train_rows, test_row
     tests = [test_set_of(t, test_rows[t.name], tokenizer, data.cutoff_len, data.use_chat_template) for t in run.tasks]
     identity = base_model_identity(base)
     config = rundir.config_record(settings)
-    inputs = rundir.inputs_record(identity["fingerprint"], tokenizer, run.tasks, run.general)
+    start = (run.start_from, run.start_from_data, run.start_from_test) if run.start_from else ()
+    inputs = rundir.inputs_record(identity["fingerprint"], tokenizer, run.tasks, run.general, start)
     record = {**rundir.settings_record(config), "inputs": inputs}
     appended = rundir.check_same_settings(run_dir, record, extendable=not method.trains_jointly)
     if appended:
@@ -221,12 +231,17 @@ def _check_saved_stage(stage: Stage, reports: list[str], replay: bool) -> None:
 # ----------------------------------------------------------------- the base
 def _score_base(plan: Plan, base) -> tuple[dict, float | None]:
     """Row 0 of the accuracy matrix and the base's general perplexity, scored where the tasks will be
-    (the Trainer's device). Shared by every method run from one config, so cached beside the runs."""
+    (the Trainer's device). Shared by every method run from one config, so cached beside the runs. A run
+    that starts from an adapter outside the matrix starts from base + that adapter: row 0 is its."""
+    run = plan.settings.run
+    if run.start_from and not run.start_from_test:
+        base = start_model(plan.settings, base)
     base = on_device(base, plan.settings.training.device)
     data, inputs = plan.settings.data, plan.record["inputs"]
     key = {
         "model": plan.identity,
-        "tasks": [dataclasses.asdict(t) for t in plan.settings.run.tasks],
+        "start_from": inputs["start_from"] if run.start_from and not run.start_from_test else None,
+        "tasks": [dataclasses.asdict(t) for t in run.tasks],
         "test_files": inputs["test"],
         "cutoff_len": data.cutoff_len,
         "use_chat_template": data.use_chat_template,
@@ -243,9 +258,10 @@ def _base_general(plan: Plan, base) -> float | None:
     windows = plan.scorer.windows
     if windows is None:
         return None
-    inputs = plan.record["inputs"]
+    inputs, run = plan.record["inputs"], plan.settings.run
     key = {
         "model": plan.identity,
+        "start_from": inputs["start_from"] if run.start_from and not run.start_from_test else None,
         "general": inputs["general"],
         "windows": len(windows),
         "cutoff_len": plan.settings.data.cutoff_len,
@@ -266,6 +282,9 @@ def _train_and_score(plan: Plan, stage: Stage) -> None:
     model = None
     if taskdir.is_finished(stage.directory):  # trained, but the evaluation was interrupted
         train_seconds = taskdir.read_manifest(stage.directory).get("train_seconds") or 0.0
+    elif stage.imported:
+        import_start(plan.settings, stage.directory, plan.tokenizer)
+        train_seconds = 0.0
     else:
         trainer = _train_stage(plan, stage)
         train_seconds = time.time() - began
@@ -275,18 +294,20 @@ def _train_and_score(plan: Plan, stage: Stage) -> None:
         del trainer
     if distributed.rank() == 0:
         eval_began = time.time()
-        if model is None:
-            settings = plan.settings
-            model = open_task(
-                stage.directory,
-                settings.model.model_name_or_path,
-                settings.model.trust_remote_code,
-                settings.training.device,
-            ).model
-        record = _score_stage(plan, model, list(stage.scored))
+        record = {"scores": {name: {} for name in plan.reports}}  # outside the matrix: nothing to score
+        if stage.in_matrix:
+            record = _score_stage(plan, model or _opened(plan, stage), list(stage.scored))
         record["timings"] = {"train_seconds": train_seconds, "eval_seconds": time.time() - eval_began}
         write_json(stage.directory / rundir.EVAL_FILE, record)
     distributed.barrier()
+
+
+def _opened(plan: Plan, stage: Stage):
+    """The stage's task read back whole (trained sharded, or imported), on the training device."""
+    model_args, training = plan.settings.model, plan.settings.training
+    return open_task(
+        stage.directory, model_args.model_name_or_path, model_args.trust_remote_code, training.device
+    ).model
 
 
 def _score_what_is_due(plan: Plan, stage: Stage) -> None:
@@ -297,14 +318,7 @@ def _score_what_is_due(plan: Plan, stage: Stage) -> None:
         saved = rundir.read_eval(path, plan.reports, stage.scored, partial=True)
         missing = [t for t in stage.scored if any(t not in saved["scores"][r] for r in plan.reports)]
         if missing:
-            settings = plan.settings
-            task = open_task(
-                stage.directory,
-                settings.model.model_name_or_path,
-                settings.model.trust_remote_code,
-                settings.training.device,
-            )
-            for name, scores in _score_stage(plan, task.model, missing, general=False)["scores"].items():
+            for name, scores in _score_stage(plan, _opened(plan, stage), missing, general=False)["scores"].items():
                 saved["scores"][name].update(scores)
             write_json(path, saved)
     distributed.barrier()
@@ -318,7 +332,8 @@ def _train_stage(plan: Plan, stage: Stage):
     examples = encode_rows(
         rows, plan.tokenizer, settings.data.cutoff_len, settings.data.use_chat_template, f"task {stage.name}"
     )
-    previous = plan.stages[stage.number - 2] if stage.number > 1 else None
+    index = plan.stages.index(stage)
+    previous = plan.stages[index - 1] if index else None
     continual = dataclasses.replace(
         settings.continual,
         previous_task_model=str(previous.directory) if previous else None,

@@ -34,11 +34,12 @@ METRICS_FILE = "metrics.json"
 TASKS_DIR = "tasks"
 
 
-def inputs_record(model_fingerprint: str, tokenizer, tasks, general: str | None = None) -> dict[str, Any]:
-    """The run's inputs by content: a changed file at the same path is a changed input."""
+def inputs_record(model_fingerprint: str, tokenizer, tasks, general: str | None = None, start=()) -> dict[str, Any]:
+    """The run's inputs by content: a changed file at the same path is a changed input. `start`: the
+    adapter a run starts from and the files of its task (`start_from`, `start_from_data`, `start_from_test`)."""
     from ilora.data.formats import source_files
 
-    def digest(spec: str, dataset_dir: str | None) -> str:
+    def digest(spec: str, dataset_dir: str | None = None) -> str:
         files = source_files(spec, dataset_dir)
         return (
             file_digest(files[0])
@@ -52,6 +53,7 @@ def inputs_record(model_fingerprint: str, tokenizer, tasks, general: str | None 
         "train": {t.name: digest(t.train, t.dataset_dir) for t in tasks},
         "test": {t.name: digest(t.test, t.dataset_dir) for t in tasks},
         "general": file_digest(general) if general else None,
+        "start_from": [digest(path) if path else None for path in start] or None,
     }
 
 
@@ -144,6 +146,8 @@ def _changed_input(stored: Any, current: dict, appended: list[str] = ()) -> str 
                 return f"the {kind} file of task {task!r}"
     if stored.get("general") != current.get("general"):
         return "the general text"
+    if stored.get("start_from") != current.get("start_from"):
+        return "start_from (the adapter the run starts from, or its data)"
     return None
 
 
@@ -229,7 +233,10 @@ NOT_RESULTS: dict[str, frozenset[str]] = {
     "data": frozenset({"dataset", "dataset_dir", "overwrite_output_dir"}),
     "continual": frozenset(),
     "method_options": frozenset(),
-    "run": frozenset({"general", "gate_general_ppl", "gate_task_drop"}),  # a gate judges results, changes none
+    # a gate judges results and changes none; start_from's files are recorded by content (inputs_record)
+    "run": frozenset(
+        {"general", "gate_general_ppl", "gate_task_drop", "start_from", "start_from_data", "start_from_test"}
+    ),
     "task": frozenset({"train", "test", "dataset_dir"}),
     "training": frozenset(
         {
