@@ -38,8 +38,8 @@ ACCELERATE_FSDP2 = {
 GLOO_ABORT = "terminate called without an active exception"
 
 
-def torchrun(script: Path, *args, env=None):
-    for attempt in (1, 2):
+def torchrun(script: Path, *args, env=None, retry: bool = True):
+    for attempt in (1, 2) if retry else (1,):
         with socket.socket() as s:  # a free port: test_parallel's runs may hold theirs
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -57,7 +57,8 @@ def torchrun(script: Path, *args, env=None):
 
 
 def ilora_run(config: Path, kill=("none", "0"), env=None):
-    return torchrun(KILLER, *kill, "run", str(config), env=env)
+    # a run killed on purpose is not run again: the second try would start from the first one's checkpoint
+    return torchrun(KILLER, *kill, "run", str(config), env=env, retry=kill[0] == "none")
 
 
 def config(tmp_path, model_dir, name, **settings) -> Path:
