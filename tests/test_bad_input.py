@@ -168,7 +168,7 @@ CASES = {
     ),
     "buffer capacity mismatch": (
         lambda w, t: train(w, t, "--previous_task_model", str(w["t1"]), "--ilora_buffer_size", "9"),
-        "differs from the previous task's buffer capacity",
+        "this task's replay buffer (reservoir, 9 rows) differs from the previous task's (reservoir, 4 rows,",
     ),
     "other base model": (
         lambda w, t: [

@@ -5,15 +5,19 @@ import torch
 import torch.nn.functional as F
 from helpers import batches, method, peft_model, train
 
+from ilora import methods
 from ilora.core.adapters import PLASTIC, STABLE, AdapterPair, load_adapter, save_adapter
 from ilora.core.buffer import ReplayBuffer
 from ilora.data.encode import IGNORE_INDEX
-from ilora.errors import TrainingDiverged
-from ilora.methods.base import causal_lm_loss, split_rows, varies
+from ilora.errors import ILoRAError, TrainingDiverged
+from ilora.methods.base import causal_lm_loss, evaluating, split_rows, varies
 from ilora.methods.derpp import DERppArguments, bytes_per_row, logit_mse, top_logits
 from ilora.methods.ewc import EWCArguments, ewc_penalty
 from ilora.methods.ilora import consistency_loss
+from ilora.methods.inflora import REMOVE, RETAIN, InfLoRAArguments, compact, first_basis, grow
 from ilora.methods.lwf import TEACHER, LwF, distillation_loss
+from ilora.methods.magmax import MERGED, MagMax, MagMaxArguments, max_magnitude
+from ilora.methods.nlora import NLoRA, NLoRAArguments, sparsity_loss
 from ilora.methods.olora import OLoRA, orthogonality_loss
 
 
@@ -173,6 +177,212 @@ def test_olora_forward_sums_every_tasks_lora_and_only_the_new_one_trains(tmp_pat
     summed = base + (outs[("olora-1",)] - base) + (outs[(PLASTIC,)] - base)
     torch.testing.assert_close(outs[("olora-1", PLASTIC)], summed, rtol=1e-5, atol=1e-6)
     assert OLoRA.evaluated(model, None) == {PLASTIC: ["olora-1", PLASTIC]}
+
+
+# ----------------------------------------------------------------- N-LoRA
+def test_nlora_sparsity_is_the_l1_norm_of_each_modules_dense_update(tmp_path):
+    model = peft_model(with_stable=False, init_lora_weights=False)
+    save_adapter(model, PLASTIC, tmp_path / "t1")
+    NLoRA.prepare_model(model, {PLASTIC: tmp_path / "t1"}, None, None)
+    layers = AdapterPair(model).layers
+    assert sparsity_loss(layers).item() == 0.0  # a fresh LoRA (B = 0) has changed nothing
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for layer in layers:
+            layer.lora_B[PLASTIC].weight.normal_()
+            layer.lora_B["nlora-1"].weight.normal_()  # the frozen earlier LoRA is not penalised
+    direct, params = 0.0, dict(model.named_parameters())
+    with torch.no_grad():  # entry by entry: (B A)_ij = B_i . A_:j
+        for name, b in params.items():
+            if name.endswith(f"lora_B.{PLASTIC}.weight"):
+                a = params[name.replace("lora_B", "lora_A")]
+                direct += sum(abs(float(b[i] @ a[:, j])) for i in range(b.shape[0]) for j in range(a.shape[1]))
+    assert sparsity_loss(layers).item() == pytest.approx(direct, rel=1e-4)
+    assert NLoRA.evaluated(model, None) == {PLASTIC: ["nlora-1", PLASTIC]}
+
+
+def test_nlora_loss_adds_lambda_times_the_sparsity_and_trains_only_the_new_lora(tmp_path):
+    model = peft_model(with_stable=False, init_lora_weights=False)
+    save_adapter(model, PLASTIC, tmp_path / "t1")
+    NLoRA.prepare_model(model, {PLASTIC: tmp_path / "t1"}, None, None)
+    with torch.no_grad():
+        for layer in AdapterPair(model).layers:
+            layer.lora_B[PLASTIC].weight.normal_()
+    losses = {}
+    for weight in (0.0, 0.25):
+        nlora = method(model=model, method="nlora", options=NLoRAArguments(nlora_lambda1=weight))
+        losses[weight] = nlora.loss(batches(1)[0])
+    penalty = sparsity_loss(AdapterPair(model).layers)
+    torch.testing.assert_close(losses[0.25], losses[0.0] + 0.25 * penalty, rtol=1e-5, atol=1e-5)
+    losses[0.25].backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads and all(f".{PLASTIC}." in n for n in grads)
+
+
+# ------------------------------------------------------------ replay policies
+@pytest.mark.parametrize("name", ["er", "ilora", "derpp"])
+def test_surprise_is_each_rows_mean_token_loss_before_the_step_that_trains_on_it(name):
+    buffer = ReplayBuffer(50, policy="surprise")
+    replaying = method(model=peft_model(with_stable=name == "ilora"), method=name, buffer=buffer)
+    data = batches(2)
+    for batch in data:
+        ids, labels = split_rows(batch)
+        with torch.no_grad():  # the model as the step finds it, row by row
+            expected = [
+                causal_lm_loss(replaying.model(input_ids=x[None]).logits, y[None]).item() for x, y in zip(ids, labels)
+            ]
+        offered = len(buffer)
+        train(replaying, [batch])
+        assert buffer.priorities[offered:] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
+# ---------------------------------------------------------------- InfLoRA
+def _inflora(tmp_path=None, **options):
+    """InfLoRA on the tiny model: its first task, or (`tmp_path`) its second, task 1's LoRA frozen."""
+    model = peft_model(with_stable=False, init_lora_weights=False)
+    if tmp_path is not None:
+        save_adapter(model, PLASTIC, tmp_path / "t1")
+        methods.get("inflora").prepare_model(model, {PLASTIC: tmp_path / "t1"}, None, None)
+    return method(model=model, method="inflora", options=InfLoRAArguments(**options))
+
+
+def test_inflora_covariance_is_the_mean_outer_product_of_a_modules_real_input_tokens():
+    inflora = _inflora()
+    data = batches(2)
+    covariance = inflora.input_covariances(data)[0]  # the first adapted module: layer 0's q_proj
+    base = inflora.model.base_model.model.model
+    with torch.no_grad():
+        rows = []
+        for batch in data:
+            x = base.layers[0].input_layernorm(base.embed_tokens(batch["input_ids"]))
+            rows.append(x[batch["attention_mask"].bool()])
+        x = torch.cat(rows)
+    torch.testing.assert_close(covariance, x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6)
+
+
+def test_inflora_designs_a_outside_the_earlier_subspace_and_trains_only_b(tmp_path):
+    inflora = _inflora(tmp_path)
+    width = inflora.adapters.layers[0].in_features
+    protected = torch.linalg.qr(torch.randn(width, 5, generator=torch.Generator().manual_seed(0))).Q
+    inflora.bases, inflora.kinds = [protected] * len(inflora.adapters.layers), [REMOVE] * len(inflora.adapters.layers)
+    data = batches(2)
+    covariances = inflora.input_covariances(data)
+    inflora.start_of_task(data)
+    for layer, covariance in zip(inflora.adapters.layers, covariances):
+        down = layer.lora_A[PLASTIC].weight.detach()
+        rank = down.shape[0]
+        torch.testing.assert_close(down @ protected, torch.zeros(rank, 5), atol=1e-5, rtol=0)
+        torch.testing.assert_close(down @ down.T, torch.eye(rank) / 3, atol=1e-5, rtol=0)
+        outside = covariance - protected @ (protected.T @ covariance)
+        top = torch.linalg.svd(outside).U[:, :rank]  # the same rows up to sign
+        torch.testing.assert_close((down @ top).abs(), torch.eye(rank) / 3**0.5, atol=1e-4, rtol=0)
+    slots = dict(zip(map(id, inflora.adapters.plastic), inflora.adapters.slots))
+    assert {slots[id(t)] for t in inflora.trained_tensors()} == {"lora_B"}
+    before = [t.detach().clone() for t in inflora.adapters.plastic]
+    train(inflora, batches(2, offset=30))
+    for tensor, old, slot in zip(inflora.adapters.plastic, before, inflora.adapters.slots):
+        assert torch.equal(tensor, old) == (slot == "lora_A"), slot
+
+
+def test_inflora_with_a_retained_free_subspace_designs_a_inside_it(tmp_path):
+    inflora = _inflora(tmp_path)
+    width = inflora.adapters.layers[0].in_features
+    free = torch.linalg.qr(torch.randn(width, 6, generator=torch.Generator().manual_seed(1))).Q
+    inflora.bases, inflora.kinds = [free] * len(inflora.adapters.layers), [RETAIN] * len(inflora.adapters.layers)
+    inflora.start_of_task(batches(2))
+    for layer in inflora.adapters.layers:
+        down = layer.lora_A[PLASTIC].weight.detach()
+        torch.testing.assert_close(down, down @ free @ free.T, atol=1e-5, rtol=0)
+
+
+def test_dualgpm_counts_directions_by_their_share_of_squared_singular_values():
+    covariance = torch.diag(torch.tensor([4.0, 2.0, 1.0, 0.5, 0.25, 0.0, 0.0, 0.0]))
+    # shares 0.751, 0.188, 0.047, 0.012, 0.003: cumulative 0.751, 0.938, 0.985, 0.997, 1.0
+    basis, kind = first_basis(covariance, 0.9)
+    assert kind == REMOVE and basis.shape == (8, 1)  # the official count: below the threshold
+    grown, kind = grow(covariance, basis, REMOVE, 0.9)  # 0.751 held: one more reaches 0.938
+    assert kind == REMOVE and grown.shape == (8, 2)
+    grown, _ = grow(covariance, grown, REMOVE, 0.99)  # 0.938, 0.985, then 0.997
+    assert grown.shape == (8, 4)
+    torch.testing.assert_close(grown.T @ grown, torch.eye(4), atol=1e-5, rtol=0)
+    assert torch.equal(grow(covariance, grown, REMOVE, 0.9)[0], grown)  # already held: unchanged
+    wide, kind = compact(torch.eye(8)[:, :5], REMOVE)  # 5 of 8 dimensions: kept as the 3 free ones
+    assert kind == RETAIN and wide.shape == (8, 3)
+    torch.testing.assert_close(torch.eye(8)[:, :5].T @ wide, torch.zeros(5, 3), atol=1e-6, rtol=0)
+    # directions 0 and 1 held (0.938), 2..7 free: free share 0.062 must fall below 0.01: 2 and 3 taken
+    free, kind = grow(covariance, torch.eye(8)[:, 2:], RETAIN, 0.99)
+    assert kind == RETAIN and free.shape == (8, 4)
+    torch.testing.assert_close(free[:4], torch.zeros(4, 4), atol=1e-6, rtol=0)
+
+
+def test_inflora_state_round_trips_and_a_mismatched_one_is_refused(tmp_path):
+    inflora = _inflora()
+    inflora.end_of_task(batches(2))
+    tensors, record = inflora.state()
+    again = _inflora()
+    again.load_state(tensors, record)
+    assert again.kinds == inflora.kinds and all(torch.equal(a, b) for a, b in zip(again.bases, inflora.bases))
+    with pytest.raises(ILoRAError, match="InfLoRA: the previous task's subspaces do not match"):
+        again.load_state({k: v[:-1] for k, v in tensors.items()}, record)
+
+
+# ----------------------------------------------------------------- MagMax
+def test_max_magnitude_keeps_each_entrys_largest_change_and_a_tie_goes_to_the_later_task():
+    first, second, third = torch.tensor([1.0, -3.0, 2.0, 0.5]), torch.tensor([-2.0, 1.0, -2.0, 0.0]), torch.zeros(4)
+    torch.testing.assert_close(max_magnitude([first, second]), torch.tensor([-2.0, -3.0, -2.0, 0.5]))
+    torch.testing.assert_close(max_magnitude([first, second, third]), torch.tensor([-2.0, -3.0, -2.0, 0.5]))
+    assert torch.equal(max_magnitude([first]), first)
+
+
+def _magmax_second_task(tmp_path):
+    """MagMax's task 2 as it starts: t1's LoRA frozen as magmax-1, the plastic LoRA going on from it."""
+    model = peft_model(with_stable=False, init_lora_weights=False)
+    save_adapter(model, PLASTIC, tmp_path / "t1")
+    first = {n: p.detach().clone() for n, p in model.named_parameters() if f".{PLASTIC}." in n}
+    MagMax.prepare_model(model, {PLASTIC: tmp_path / "t1"}, None, None)
+    return model, first
+
+
+def test_magmax_trains_on_from_the_previous_tasks_lora_and_keeps_a_frozen_copy(tmp_path):
+    model, first = _magmax_second_task(tmp_path)
+    params = dict(model.named_parameters())
+    for name, value in first.items():
+        assert torch.equal(params[name], value)  # sequential fine-tuning: not reset
+        assert torch.equal(params[name.replace(f".{PLASTIC}.", ".magmax-1.")], value)
+        assert not params[name.replace(f".{PLASTIC}.", ".magmax-1.")].requires_grad
+    assert MagMax.saved_adapters(None, [PLASTIC]) == [PLASTIC, "magmax-1"]
+    assert MagMax.saved_adapters(None, [PLASTIC, "magmax-1"]) == [PLASTIC, "magmax-1", "magmax-2"]
+
+
+def test_magmax_merged_model_is_the_base_plus_scaled_max_magnitude_task_vectors(tmp_path):
+    model, _ = _magmax_second_task(tmp_path)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for layer in AdapterPair(model).layers:
+            layer.lora_B[PLASTIC].weight.normal_()
+    options = MagMaxArguments(magmax_scaling=0.5)
+    ids = batches(1)[0]["input_ids"]
+    with torch.no_grad(), evaluating(MagMax, model, MERGED, options):
+        merged = model(input_ids=ids).logits
+    with torch.no_grad(), evaluating(MagMax, model, PLASTIC, options):
+        plastic = model(input_ids=ids).logits
+    reference = peft_model(with_stable=False)  # the same base weights (seed 0), merged by hand
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, target in reference.named_modules():
+            layer = modules.get(name)
+            if layer is not None and hasattr(layer, "lora_A") and PLASTIC in layer.lora_A:
+                task_vectors = []
+                for adapter in ("magmax-1", PLASTIC):
+                    b, a = layer.lora_B[adapter].weight, layer.lora_A[adapter].weight
+                    task_vectors.append(layer.scaling[adapter] * b @ a)
+                one, two = task_vectors
+                target.base_layer.weight += 0.5 * torch.where(two.abs() >= one.abs(), two, one)
+        with reference.disable_adapter():
+            expected = reference(input_ids=ids).logits
+    torch.testing.assert_close(merged, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(merged, plastic, atol=1e-4)
+    assert MagMax.merged_weights(model, PLASTIC, options) is None
 
 
 # ------------------------------------------- I-LoRA's official-code options

@@ -53,7 +53,14 @@ def test_a_task_directory_holds_loadable_adapters_buffer_and_manifest(task1, tin
     assert manifest["task_id"] == "t1" and manifest["sequence_steps"] == 4
     assert manifest["lora"]["r"] == 4
     sizes = manifest["buffer"].pop("bytes_per_row")
-    assert manifest["buffer"] == {"size": 6, "num_seen": 16, "ranks": 1, "num_seen_per_rank": [16]}
+    assert manifest["buffer"] == {
+        "size": 6,
+        "policy": "reservoir",
+        "budget": {"capacity": 6, "unit": "rows", "used": 6},
+        "num_seen": 16,
+        "ranks": 1,
+        "num_seen_per_rank": [16],
+    }
     assert sizes["tokens"] > 0 and sizes["extras"] == 0  # I-LoRA keeps token ids and labels, nothing else
     assert len(manifest["adapter_checksum_per_rank"]) == 1
     assert {"ce_loss", "consistency_loss", "train_loss"} <= manifest["final_losses"].keys()

@@ -18,6 +18,8 @@ from test_methods_contract import CASES
 from test_resume import KILLER
 from tiny import two_task_config
 
+from ilora import methods
+
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
 FSDP = {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
 TASKS = ("1-alpha", "2-beta")
@@ -150,15 +152,21 @@ def stage_folders(runs: dict[str, Path]) -> list[str]:
     return folders[0]
 
 
+# N-LoRA's L1 term pins entries of B A at zero, where its gradient sign(B A) flips on the last bit of rounding
+# (DDP's all-reduce and the sharded engines' reduce-scatter round the mean gradient differently, both
+# sharded engines alike); Adam turns a flip into a step-sized change (lr 0.01). Measured: 9e-4 on both.
+ENGINE_ATOL = {"nlora": 2e-3}
+
+
 def assert_method_outputs_equal(runs: dict[str, Path], task: str, method: str) -> None:
-    """Every adapter the task saved (O-LoRA: the earlier task's frozen LoRA too) to 1e-4; EWC's anchors to
-    1e-4 and its Fisher, squared gradients of adapters that differ by that much, to 5% (under FSDP2 its
-    forward also runs in the training precision)."""
+    """Every adapter the task saved (O-LoRA: the earlier task's frozen LoRA too) to 1e-4 (N-LoRA: see
+    ENGINE_ATOL); EWC's anchors to 1e-4 and its Fisher, squared gradients of adapters that differ by that
+    much, to 5% (under FSDP2 its forward also runs in the training precision)."""
     first, second = runs.values()
     for name in json.loads((first / task / "ilora_task.json").read_text())["adapters"].values():
         a, b = (load_file(str(run / task / name / "adapter_model.safetensors")) for run in (first, second))
         for key in a:
-            torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=0)
+            torch.testing.assert_close(a[key], b[key], atol=ENGINE_ATOL.get(method, 1e-4), rtol=0)
     if method == "ewc":
         a, b = (load_file(str(run / task / "method_state.safetensors")) for run in (first, second))
         for key in a:
@@ -170,7 +178,7 @@ def baselines(refused=()) -> list:
     return [pytest.param(m, marks=pytest.mark.full) for m in CASES if m != "ilora" and m not in refused]
 
 
-@pytest.mark.parametrize("method", baselines())
+@pytest.mark.parametrize("method", baselines(refused=[m for m in CASES if methods.get(m).merges_into_base]))
 def test_a_baseline_under_fsdp2_matches_ddp(method, tiny_model_dir, tmp_path, ddp_method_run):
     """LwF's frozen teacher, DER++'s stored logits, O-LoRA's penalties on the gathered A matrices (its
     gradient reaches the slices: without it task 2's adapter differs by 6e-3) and EWC's Fisher (per-row

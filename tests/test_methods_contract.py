@@ -81,6 +81,9 @@ CASES = {
     "olora": Case(
         {"olora_lambda2": 0.01}, set(), {"olora_lambda1": -2}, "olora_lambda1=-2", CE | {"orthogonality_loss"}
     ),
+    "nlora": Case({"nlora_lambda1": 0.1}, set(), {"nlora_lambda1": -1}, "nlora_lambda1=-1", CE | {"sparsity_loss"}),
+    "inflora": Case({"inflora_threshold": 0.9}, set(), {"inflora_threshold": 1.5}, "inflora_threshold=1.5", CE),
+    "magmax": Case({"magmax_scaling": 0.8}, set(), {"magmax_scaling": 0}, "magmax_scaling=0", CE),
 }
 
 
@@ -93,8 +96,10 @@ def flags(settings: dict) -> list[str]:
     return [part for key, value in settings.items() for part in (f"--{key}", str(value).lower())]
 
 
-def test_every_registered_method_is_in_the_table():
-    assert set(CASES) == set(methods.names())
+def test_every_registered_method_is_in_the_table_and_the_full_benchmark():
+    from ilora.pipeline.demo import FULL
+
+    assert set(CASES) == set(methods.names()) == set(FULL["methods"])
 
 
 def test_option_names_are_disjoint_and_carry_their_method_or_are_easycl_names():
@@ -205,21 +210,7 @@ class TestMethodContract:
     def test_resume_after_a_kill_ends_bitwise_equal(self, method, first_tasks, tiny_model_dir, tmp_path):
         """A run killed after checkpoint 2 (its later checkpoints and outputs gone) and resumed ends with
         the adapters, buffer and method state of the uninterrupted run."""
-        t1 = first_tasks(method)
-        chained = ["--previous_task_model", str(t1), "--save_steps", "2", "--save_strategy", "steps"]
-        assert train(tiny_model_dir, tmp_path, "t2", method, *chained) == 0
-        clean, killed = tmp_path / "t2", tmp_path / "t2-killed"
-        shutil.copytree(clean / "checkpoint-2", killed / "checkpoint-2")
-        resumed = [*chained, "--resume_from_checkpoint", "true", "--current_task_id", "t2"]
-        assert train(tiny_model_dir, tmp_path, "t2-killed", method, *resumed, task="t2") == 0
-        for name, path in json.loads((clean / "ilora_task.json").read_text())["adapters"].items():
-            a = load_file(str(clean / path / "adapter_model.safetensors"))
-            b = load_file(str(killed / path / "adapter_model.safetensors"))
-            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{name} differs after resume"
-        for extra in ("method_state.safetensors", "buffer/buffer.safetensors"):
-            if (clean / extra).exists():
-                a, b = load_file(str(clean / extra)), load_file(str(killed / extra))
-                assert all(torch.equal(a[k], b[k]) for k in a), extra
+        assert_resumed_task_equals_uninterrupted(tiny_model_dir, tmp_path, method, first_tasks(method))
 
     def test_its_bad_argument_is_a_one_line_refusal(self, method, tiny_model_dir, tmp_path, capsys):
         case = CASES[method]
@@ -251,7 +242,16 @@ class TestMethodContract:
         assert all(0.0 <= s["t1"] <= 1.0 for s in scores.values())
         assert main(["export", str(t1), "--output", str(tmp_path / "merged"), "--merge"]) == 0
         assert (tmp_path / "merged" / "config.json").is_file()
-        assert main(["export", str(t1), "--output", str(tmp_path / "adapter")]) == 0
+        cls = methods.get(method)
+        if cls.merges_into_base:  # its default model is dense: an adapter export is refused in one line
+            capsys.readouterr()
+            assert main(["export", str(t1), "--output", str(tmp_path / "adapter")]) == 2
+            err = capsys.readouterr().err.strip()
+            assert "export it with --merge" in err and len(err.splitlines()) == 1
+            assert not (tmp_path / "adapter").exists()
+            assert main(["export", str(t1), "--output", str(tmp_path / "adapter"), "--adapter", "plastic"]) == 0
+        else:
+            assert main(["export", str(t1), "--output", str(tmp_path / "adapter")]) == 0
         assert (tmp_path / "adapter" / "adapter_config.json").is_file()
 
     def test_its_logged_terms_are_finite_and_reach_the_trainers_log(
@@ -267,11 +267,59 @@ class TestMethodContract:
 
     def test_whole_parameter_terms_are_refused_under_zero3_exactly_when_declared(self, method):
         cls = methods.get(method)
-        if cls.uses_whole_parameters:
+        if cls.uses_whole_parameters or cls.merges_into_base:
             with pytest.raises(ILoRAError, match=f"method {method} under DeepSpeed ZeRO-3"):
                 policy.check_zero3(cls, quantized=False)
         else:
             policy.check_zero3(cls, quantized=False)
+
+    def test_a_merged_evaluation_is_refused_under_fsdp2_exactly_when_declared(self, method):
+        cls = methods.get(method)
+        if cls.merges_into_base:
+            with pytest.raises(ILoRAError, match=f"method {method} under FSDP2"):
+                policy.check_fsdp(2, "SHARDED_STATE_DICT", False, cls)
+        else:
+            policy.check_fsdp(2, "SHARDED_STATE_DICT", False, cls)
+
+
+def assert_resumed_task_equals_uninterrupted(model_dir, tmp_path, method, t1, *extra) -> None:
+    """Task t2 chained on `t1`, killed after checkpoint 2 and resumed, ends as the uninterrupted t2: its
+    adapters, buffer (rows and state) and method state."""
+    chained = ["--previous_task_model", str(t1), "--save_steps", "2", "--save_strategy", "steps", *extra]
+    assert train(model_dir, tmp_path, "t2", method, *chained) == 0
+    clean, killed = tmp_path / "t2", tmp_path / "t2-killed"
+    shutil.copytree(clean / "checkpoint-2", killed / "checkpoint-2")
+    resumed = [*chained, "--resume_from_checkpoint", "true", "--current_task_id", "t2"]
+    assert train(model_dir, tmp_path, "t2-killed", method, *resumed, task="t2") == 0
+    for name, path in json.loads((clean / "ilora_task.json").read_text())["adapters"].items():
+        a = load_file(str(clean / path / "adapter_model.safetensors"))
+        b = load_file(str(killed / path / "adapter_model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{name} differs after resume"
+    for extra_file in ("method_state.safetensors", "buffer/buffer.safetensors"):
+        if (clean / extra_file).exists():
+            a, b = load_file(str(clean / extra_file)), load_file(str(killed / extra_file))
+            assert all(torch.equal(a[k], b[k]) for k in a), extra_file
+    if (clean / "buffer" / "buffer.json").exists():
+        assert (clean / "buffer" / "buffer.json").read_text() == (killed / "buffer" / "buffer.json").read_text()
+
+
+POLICIES = {
+    "surprise": ["--replay_policy", "surprise"],
+    "balanced in tokens": ["--replay_policy", "balanced", "--ilora_buffer_size", "0", "--replay_budget_tokens", "150"],
+}
+
+
+@pytest.mark.parametrize("method", ["ilora", "er", "derpp"])
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_a_replay_policy_chains_and_resumes_bitwise_equal(method, policy, tiny_model_dir, tmp_path):
+    """The buffer's policy state (priorities, arrivals, the tasks seen) travels through the task directory
+    and the checkpoint like its rows; the manifest says what the buffer holds."""
+    flags_ = POLICIES[policy]
+    assert train(tiny_model_dir, tmp_path, "t1", method, "--save_strategy", "no", *flags_) == 0
+    record = json.loads((tmp_path / "t1" / "ilora_task.json").read_text())["buffer"]
+    assert record["policy"] == flags_[1] and record["budget"]["unit"] == ("tokens" if "tokens" in policy else "rows")
+    assert 0 < record["budget"]["used"] <= record["budget"]["capacity"]
+    assert_resumed_task_equals_uninterrupted(tiny_model_dir, tmp_path, method, tmp_path / "t1", *flags_)
 
 
 def test_a_chained_task_keeps_the_method(first_tasks, tiny_model_dir, tmp_path, capsys):

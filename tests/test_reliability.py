@@ -836,6 +836,21 @@ SETTINGS = {
     "adam_beta1 1.5": (lambda w, t: train(w, t, "--adam_beta1", "1.5"), BAD_INPUT, "adam_beta1=1.5"),
     "logging_steps 0": (lambda w, t: train(w, t, "--logging_steps", "0"), BAD_INPUT, "logging_steps"),
     "replay batch negative": (lambda w, t: train(w, t, "--replay_batch_size", "-1"), BAD_INPUT, "replay_batch_size=-1"),
+    "replay budget in rows and in tokens": (
+        lambda w, t: train(w, t, "--replay_budget_tokens", "300"),
+        BAD_INPUT,
+        "replay_budget_tokens=300 and ilora_buffer_size=",
+    ),
+    "replay policy misspelt": (
+        lambda w, t: train(w, t, "--replay_policy", "suprise"),
+        BAD_INPUT,
+        "replay_policy='suprise' is not one of",
+    ),
+    "chained with another replay policy": (
+        lambda w, t: chained(w, t, "--replay_policy", "balanced"),
+        BAD_INPUT,
+        "this task's replay buffer (balanced,",
+    ),
     "cutoff_len 0": (lambda w, t: train(w, t, "--cutoff_len", "0"), BAD_INPUT, "cutoff_len=0"),
     "yaml: consistency_weight .nan": (
         lambda w, t: yaml_train(w, t, "consistency_weight: .nan\n"),
@@ -1704,6 +1719,8 @@ GUARDED_FIELDS = {
         "method",
         "use_ilora",
         "ilora_buffer_size",
+        "replay_budget_tokens",
+        "replay_policy",
         "replay_batch_size",
         "previous_task_model",
         "prev_task_id",
@@ -1731,6 +1748,9 @@ GUARDED_FIELDS = {
         "lwf_temperature",
         "olora_lambda1",
         "olora_lambda2",
+        "nlora_lambda1",
+        "inflora_threshold",
+        "magmax_scaling",
     },
 }
 

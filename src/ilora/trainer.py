@@ -36,7 +36,7 @@ from ilora.core.adapters import (
     check_adapter_fits,
     load_first_adapter,
 )
-from ilora.core.buffer import ReplayBuffer, check_token_ids
+from ilora.core.buffer import BufferSpec, ReplayBuffer, check_token_ids
 from ilora.data.encode import PadCollator, prepare_dataset
 from ilora.errors import ILoRAError, writing
 from ilora.runtime import policy, precision, sharding
@@ -175,10 +175,10 @@ class ContinualTrainerMixin:
             quantization=self.quantization,
             prev_task_id=continual.prev_task_id,
         )
-        capacity = continual.ilora_buffer_size if method_cls.uses_replay(continual) else None
+        buffer = buffer_spec(continual) if method_cls.uses_replay(continual) else None
         elsewhere = method_cls.previous_adapter_locations(self.method_options)
         directory = Path(continual.previous_task_model)
-        return taskdir.load_previous(directory, expected, elsewhere, capacity, args.world_size, args.process_index)
+        return taskdir.load_previous(directory, expected, elsewhere, buffer, args.world_size, args.process_index)
 
     def _attach_plastic(self, model, peft_config) -> tuple[PeftModel, dict]:
         """The trainable adapter: the previous task's, fresh, or as given on a PeftModel."""
@@ -202,7 +202,7 @@ class ContinualTrainerMixin:
             self._check_buffer(self.previous.buffer, self.previous.directory)
             return self.previous.buffer
         # each rank keeps its own reservoir over its own data shard, with its own random stream
-        return ReplayBuffer(self.continual_args.ilora_buffer_size, seed=args.seed + args.process_index)
+        return ReplayBuffer.create(buffer_spec(self.continual_args), seed=args.seed + args.process_index)
 
     # ------------------------------------------------------------- the task
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
@@ -428,3 +428,9 @@ def _options(method_cls, given):
     if not isinstance(given, method_cls.Arguments):
         raise ILoRAError(f"method {method_cls.name} takes {method_cls.Arguments.__name__}, got {type(given).__name__}")
     return given
+
+
+def buffer_spec(continual: ContinualArguments) -> BufferSpec:
+    """The replay buffer the settings ask for."""
+    capacity, unit = continual.replay_budget()
+    return BufferSpec(capacity, continual.replay_policy, unit)

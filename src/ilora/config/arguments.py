@@ -109,6 +109,10 @@ class DataArguments:
         check_value("cutoff_len", self.cutoff_len, at_least(2), "must be >= 2")
 
 
+# what a replay buffer keeps (core.buffer.POLICIES: a test keeps the two equal)
+REPLAY_POLICIES = ("reservoir", "balanced", "surprise")
+
+
 @dataclass
 class ContinualArguments:
     """The method and what every method shares: the replay buffer and the chain of tasks (EasyCL's names)."""
@@ -121,8 +125,22 @@ class ContinualArguments:
     ilora_buffer_size: int = field(
         default=500,
         metadata={
-            "help": "Rows kept by the reservoir replay buffer of every replaying method (ilora, er, derpp); "
-            "0 disables replay (and I-LoRA's consistency loss)."
+            "help": "Rows kept by the replay buffer of every replaying method (ilora, er, derpp); "
+            "0 disables replay (and I-LoRA's consistency loss), unless replay_budget_tokens is set."
+        },
+    )
+    replay_budget_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "The replay buffer's budget in tokens instead of rows (set ilora_buffer_size: 0 with it; "
+            "0: the budget is ilora_buffer_size rows)."
+        },
+    )
+    replay_policy: str = field(
+        default="reservoir",
+        metadata={
+            "help": "What the replay buffer keeps: reservoir (a uniform sample of every row seen), balanced (an "
+            "equal share per task) or surprise (the rows of highest loss when they arrived)."
         },
     )
     replay_batch_size: int | None = field(
@@ -141,12 +159,23 @@ class ContinualArguments:
         if not self.use_ilora and self.method == "ilora":  # EasyCL's switch off: plain sequential LoRA
             self.method = "seq_lora"
         check_value("ilora_buffer_size", self.ilora_buffer_size, at_least(0), "must be >= 0")
+        check_value("replay_budget_tokens", self.replay_budget_tokens, at_least(0), "must be >= 0")
+        if self.replay_budget_tokens and self.ilora_buffer_size:
+            raise ILoRAError(
+                f"replay_budget_tokens={self.replay_budget_tokens} and ilora_buffer_size={self.ilora_buffer_size} are "
+                "two budgets for one buffer: set ilora_buffer_size: 0 to budget it in tokens"
+            )
+        check_choice("replay_policy", self.replay_policy, REPLAY_POLICIES)
         if self.replay_batch_size is not None:
             check_value("replay_batch_size", self.replay_batch_size, at_least(1), "must be >= 1")
         if self.prev_task_id is not None and self.previous_task_model is None:
             raise ILoRAError("prev_task_id is given but previous_task_model is not")
         check_task_id("current_task_id", self.current_task_id)
         check_task_id("prev_task_id", self.prev_task_id)
+
+    def replay_budget(self) -> tuple[int, str]:
+        """The replay buffer's budget and its unit: replay_budget_tokens tokens, or ilora_buffer_size rows."""
+        return (self.replay_budget_tokens, "tokens") if self.replay_budget_tokens else (self.ilora_buffer_size, "rows")
 
 
 # choice: rank candidate answers; the rest generate greedily and compare with the reference

@@ -125,9 +125,3 @@ def _check_reporting(report_to) -> None:
             raise ILoRAError(
                 f"report_to={name!r}: that logger is not installed (installed: {sorted(available) or 'none'})"
             )
-
-
-def finite_number(value: Any) -> bool:
-    """An int or float (not a bool) that is neither NaN nor infinite: what a score or timing read back
-    from a file must be."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

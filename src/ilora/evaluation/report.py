@@ -11,9 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from ilora.config.checks import finite_number
 from ilora.errors import ILoRAError
-from ilora.files import read_json, write_json
+from ilora.files import finite_number, read_json, write_json
 from ilora.store.paths import check_directory_target
 
 METRIC_ORDER = ("AP", "AvgAcc", "BWT", "FWT", "forgetting")

@@ -21,6 +21,9 @@ REGISTRY = {
     "lwf": "ilora.methods.lwf:LwF",
     "derpp": "ilora.methods.derpp:DERpp",
     "olora": "ilora.methods.olora:OLoRA",
+    "nlora": "ilora.methods.nlora:NLoRA",
+    "inflora": "ilora.methods.inflora:InfLoRA",
+    "magmax": "ilora.methods.magmax:MagMax",
 }
 
 

@@ -86,16 +86,19 @@ COLLAPSE_MARGIN = 1.0
 class Method:
     name: ClassVar[str] = ""
     Arguments: ClassVar[type | None] = None  # the method's own options (a dataclass), if any
-    replays: ClassVar[bool] = False  # draws rows from the reservoir buffer (with ilora_buffer_size > 0)
+    replays: ClassVar[bool] = False  # draws rows from the replay buffer (with a budget > 0)
     trains_jointly: ClassVar[bool] = False  # one stage over every task's data (the upper bound)
     # computes a term on whole adapter matrices outside the forward (EWC's, O-LoRA's penalties): FSDP2 can
     # gather them differentiably (`sharding.whole`), DeepSpeed ZeRO-3 cannot (policy refuses it there)
     uses_whole_parameters: ClassVar[bool] = False
+    # evaluates base weights plus dense changes (`merged_weights`, MagMax): the base must be whole, so FSDP2
+    # and DeepSpeed ZeRO-3, which hold it in slices, refuse the method
+    merges_into_base: ClassVar[bool] = False
 
     # --------------------------------------------- what the method is, before any model exists
     @classmethod
     def uses_replay(cls, args: ContinualArguments) -> bool:
-        return cls.replays and args.ilora_buffer_size > 0
+        return cls.replays and args.replay_budget()[0] > 0
 
     @classmethod
     def evaluated(cls, model: PeftModel | None, options) -> dict[str, list[str]]:
@@ -162,7 +165,7 @@ class Method:
         self.step = step  # optimizer steps since the first task began, carried across tasks
         self.pair_adapters()
         if self.uses_replay(args) and buffer is None:
-            raise ILoRAError(f"method {self.name} with ilora_buffer_size > 0 needs a ReplayBuffer")
+            raise ILoRAError(f"method {self.name} with a replay budget needs a ReplayBuffer")
         self.buffer = buffer if self.uses_replay(args) else None
         self.device = self.adapters.plastic[0].device
         self._finite = torch.ones((), dtype=torch.bool, device=self.device)
@@ -210,11 +213,17 @@ class Method:
     def start_of_task(self, batches) -> None:
         """Before the first optimizer step of a task, with its rows (file order, the same on every rank)."""
 
+    @torch.no_grad()
     def seed_replay(self, batches) -> None:
         """Rows an adapter trained elsewhere was trained on, into the replay buffer (`start_from_data`), as
         if this method had trained on them: what it keeps beside a row is computed on the current model."""
         for batch in batches:
-            self.remember(*split_rows(batch))
+            ids, labels = split_rows(batch)
+            surprise = None
+            if self.buffer is not None and self.buffer.wants_surprise:
+                outputs, padded, _ = self.forward_rows(None, ids, labels)
+                surprise = self.surprise(outputs.logits, padded, len(ids))
+            self.remember(ids, labels, surprise=surprise)
 
     def end_of_task(self, batches) -> None:
         """After the last optimizer step, before the task is written."""
@@ -248,13 +257,29 @@ class Method:
         ids, labels, _ = self.buffer.sample(self.replay_batch_size)
         return [t.to(device, non_blocking=True) for t in ids], [t.to(device, non_blocking=True) for t in labels]
 
-    def remember(self, ids: list[torch.Tensor], labels: list[torch.Tensor], extras: list[dict] | None = None) -> None:
+    def remember(
+        self,
+        ids: list[torch.Tensor],
+        labels: list[torch.Tensor],
+        extras: list[dict] | None = None,
+        surprise: list[float] | None = None,
+    ) -> None:
+        """Offer the rows to the buffer (`surprise`: their losses, for the surprise policy)."""
         if self.buffer is None:
             return
         for i, (row_ids, row_labels) in enumerate(zip(ids, labels)):
             # clone: a view would keep the whole padded batch alive in the buffer
             extra = {k: v.detach().clone() for k, v in extras[i].items()} if extras else None
-            self.buffer.add(row_ids.detach().clone(), row_labels.detach().clone(), self.task_id, extra)
+            loss = None if surprise is None else surprise[i]
+            self.buffer.add(row_ids.detach().clone(), row_labels.detach().clone(), self.task_id, extra, loss)
+
+    def surprise(self, logits: torch.Tensor, labels: torch.Tensor, rows: int) -> list[float] | None:
+        """The first `rows` rows' mean token losses, on the host, when the buffer keeps rows by surprise
+        (one device-to-host read per micro-batch, which the other policies never make); else None."""
+        if self.buffer is None or not self.buffer.wants_surprise:
+            return None
+        with torch.no_grad():
+            return row_losses(logits[:rows], labels[:rows]).tolist()
 
     def record(self, name: str, value: torch.Tensor) -> None:
         """Add a loss term to the logged means (on the device; read at the log interval only)."""
@@ -370,6 +395,13 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over labelled tokens (the same reduction as transformers)."""
     labels = shift_labels(labels)
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def row_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each row's mean next-token cross-entropy over its labelled tokens (0 for a row without any)."""
+    targets = shift_labels(labels)
+    per_token = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+    return per_token.sum(dim=1) / (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:

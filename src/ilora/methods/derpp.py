@@ -68,7 +68,8 @@ class DERpp(Method):
             replay_ce = causal_lm_loss(logits[n + m :], padded[n + m :])
             self.record("replay_ce_loss", replay_ce)
             loss = loss + self.options.derpp_beta * replay_ce
-        self.remember(ids, labels, [top_logits(logits[i], padded[i], self.options.derpp_top_k) for i in range(n)])
+        kept = [top_logits(logits[i], padded[i], self.options.derpp_top_k) for i in range(n)]
+        self.remember(ids, labels, kept, self.surprise(logits, padded, n))
         return self.watch(loss)
 
     @torch.no_grad()
@@ -78,7 +79,8 @@ class DERpp(Method):
             ids, labels = split_rows(batch)
             outputs, padded, _ = self.forward_rows(None, ids, labels)
             k = self.options.derpp_top_k
-            self.remember(ids, labels, [top_logits(outputs.logits[i], padded[i], k) for i in range(len(ids))])
+            kept = [top_logits(outputs.logits[i], padded[i], k) for i in range(len(ids))]
+            self.remember(ids, labels, kept, self.surprise(outputs.logits, padded, len(ids)))
 
     def _draw(self, device):
         if self.buffer is None or len(self.buffer) == 0:

@@ -1,5 +1,5 @@
 """Experience replay (ER): each micro-batch is the current rows plus as many rows drawn from a
-reservoir buffer over every example seen so far, across tasks; one cross-entropy over both.
+replay buffer over every example seen so far, across tasks; one cross-entropy over both.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ class ER(Method):
     def loss(self, batch, forward=None):
         ids, labels = split_rows(batch)
         replay_ids, replay_labels = self.draw_replay(batch["input_ids"].device)
-        self.remember(ids, labels)  # after the draw: a row is never replayed in its own step
         outputs, padded, _ = self.forward_rows(forward, ids + replay_ids, labels + replay_labels)
+        # after the draw: a row is never replayed in its own step
+        self.remember(ids, labels, surprise=self.surprise(outputs.logits, padded, len(ids)))
         ce = causal_lm_loss(outputs.logits, padded)
         self.record("ce_loss", ce)
         return self.watch(ce)

@@ -193,7 +193,6 @@ class ILoRA(Method):
     def loss(self, batch: dict, forward: torch.nn.Module | None = None) -> torch.Tensor:
         current_ids, current_labels = split_rows(batch)
         replay_ids, replay_labels = self.draw_replay(device=batch["input_ids"].device)
-        self.remember(current_ids, current_labels)
 
         input_ids, labels, attention_mask = pad_rows(
             current_ids + replay_ids, current_labels + replay_labels, self.pad_token_id
@@ -215,6 +214,8 @@ class ILoRA(Method):
             attention_mask=attention_mask,
             output_hidden_states=self.layers if wants_consistency else False,
         )
+        # after the draw: a row is never replayed in its own step
+        self.remember(current_ids, current_labels, surprise=self.surprise(outputs.logits, labels, num_current))
         ce = self._cross_entropy(outputs.logits, labels, num_current, bool(replay_ids))
         loss = ce
         if wants_consistency:

@@ -9,18 +9,14 @@ task's LoRA as a PEFT adapter (`olora-1`, `olora-2`, ...) beside the new one (`p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from peft.tuners.lora import LoraLayer
 
 from ilora.config.checks import at_least, check_value
-from ilora.core.adapters import PLASTIC, load_adapter
-from ilora.methods.base import Method
+from ilora.core.adapters import PLASTIC
+from ilora.methods.task_loras import TaskLoRAs
 from ilora.runtime.sharding import whole
-
-PREFIX = "olora-"
 
 
 @dataclass
@@ -37,40 +33,15 @@ class OLoRAArguments:
         check_value("olora_lambda2", self.olora_lambda2, at_least(0), "must be a finite number >= 0")
 
 
-class OLoRA(Method):
+class OLoRA(TaskLoRAs):
     name = "olora"
+    prefix = "olora-"
     uses_whole_parameters = True
     Arguments = OLoRAArguments
 
-    @classmethod
-    def prepare_model(cls, model, previous, args, options):
-        """Earlier LoRAs frozen; the previous task's trained LoRA joins them; a fresh LoRA to train."""
-        if not previous:
-            return
-        earlier = sorted((n for n in previous if n.startswith(PREFIX)), key=task_number)
-        for name in earlier:
-            load_adapter(model, name, previous[name])
-        load_adapter(model, f"{PREFIX}{len(earlier) + 1}", previous[PLASTIC])
-        for layer in lora_layers(model):
-            layer.reset_lora_parameters(PLASTIC, True)  # fresh, as PEFT initialises a new LoRA
-
-    @classmethod
-    def evaluated(cls, model, options):
-        return {PLASTIC: frozen_names(model) + [PLASTIC]}
-
-    @classmethod
-    def saved_adapters(cls, options, previous: Sequence[str]) -> list[str]:
-        """Every earlier task's LoRA (the previous task's trained one joins them) and the new one."""
-        if not previous:
-            return [PLASTIC]
-        earlier = sorted((n for n in previous if n.startswith(PREFIX)), key=task_number)
-        return [PLASTIC, *earlier, f"{PREFIX}{len(earlier) + 1}"]
-
     def loss(self, batch, forward=None):
-        with self.adapters.active(self.evaluated(self.model, self.options)[PLASTIC]):  # every task's LoRA, summed
-            ce = self.current_rows_loss(batch, forward)[0]
-        loss = ce
-        old = frozen_names(self.model)
+        loss = self.summed_rows_loss(batch, forward)
+        old = self.frozen(self.model)
         if old and self.options.olora_lambda1 > 0:
             orthogonality = orthogonality_loss(self.adapters.layers, old)
             self.record("orthogonality_loss", orthogonality)
@@ -88,17 +59,3 @@ def orthogonality_loss(layers, old: list[str]) -> torch.Tensor:
         for name in old:
             total = total + (whole(layer.lora_A[name].weight) @ new.T).abs().sum()
     return total
-
-
-def frozen_names(model) -> list[str]:
-    if model is None:
-        return []
-    return sorted((n for n in model.peft_config if n.startswith(PREFIX)), key=task_number)
-
-
-def task_number(name: str) -> int:
-    return int(name[len(PREFIX) :])
-
-
-def lora_layers(model):
-    return [m for m in model.modules() if isinstance(m, LoraLayer) and PLASTIC in m.lora_A]

@@ -37,7 +37,7 @@ FULL = {
     "tasks": ["tweets", "debate", "reviews", "kind"],
     "n_train": 400,
     "n_test": 300,
-    "methods": ["ilora", "ewc", "lwf", "derpp", "olora", "seq_lora", "er", "joint"],
+    "methods": ["ilora", "ewc", "lwf", "derpp", "olora", "nlora", "inflora", "magmax", "seq_lora", "er", "joint"],
     "seeds": [0, 1, 2],
     "max_chars": 300,
 }

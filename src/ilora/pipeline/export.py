@@ -69,9 +69,7 @@ def export(
     names = task.method.evaluated(task.model, task.options)[report]
     changes = task.method.merged_weights(task.model, report, task.options)
     if changes is not None and not merge:
-        raise ILoRAError(
-            f"method {task.method.name}'s {report} model is not a sum of LoRA adapters: export it with --merge"
-        )
+        _refuse_unmerged(task, report, available)
     base_name = model or manifest["base_model"]["name_or_path"]
     record = {
         "source": str(source.resolve()),
@@ -91,6 +89,15 @@ def export(
     else:
         _write_into(output, record, lambda d: _write_adapter(task.model, names, d, _base_path(base_name)))
     return output
+
+
+def _refuse_unmerged(task, report: str, available: list[str]) -> None:
+    """One line: `report`'s model is dense weights, not a LoRA; say which models can be adapters."""
+    sums = [r for r in available if task.method.merged_weights(task.model, r, task.options) is None]
+    raise ILoRAError(
+        f"method {task.method.name}'s {report} model is not a sum of LoRA adapters: export it with --merge"
+        + (f" (or as an adapter: --adapter {' or '.join(sums)})" if sums else "")
+    )
 
 
 def _write_into(output: Path, record: dict, write) -> None:

@@ -61,8 +61,6 @@ class TaskModel:
     def reports(self) -> list[str]:
         """What this task's model can be evaluated as (the adapters each report sums are all here)."""
         evaluated = self.method.evaluated(self.model, self.options)
-        if self.method.merged_weights(self.model, next(iter(evaluated)), self.options) is not None:
-            return list(evaluated)
         return [r for r, names in evaluated.items() if all(n in self.model.peft_config for n in names)]
 
 

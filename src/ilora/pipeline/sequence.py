@@ -142,7 +142,7 @@ def joint_settings(settings: Settings, task_sizes: list[int]) -> Settings:
     else:
         steps_per_epoch = sum(math.ceil(n / rows_per_step) for n in task_sizes)
         steps = math.ceil(training.num_train_epochs * steps_per_epoch)
-    replay = (continual.replay_batch_size or batch) if continual.ilora_buffer_size > 0 else 0
+    replay = (continual.replay_batch_size or batch) if continual.replay_budget()[0] > 0 else 0
     joint = dataclasses.replace(training, max_steps=steps, per_device_train_batch_size=batch + replay)
     return dataclasses.replace(settings, training=joint)
 

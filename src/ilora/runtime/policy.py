@@ -13,6 +13,7 @@ ZeRO-3's partitions cannot be, so it trains in fp32. fp16 (loss scaling, skipped
 
 Refused in one line: FSDP1 (it flattens parameters), a quantized base under FSDP2 or ZeRO-3, the
 methods whose terms need whole parameters outside the forward under ZeRO-3 (`uses_whole_parameters`),
+the methods that evaluate the base weights plus dense changes under FSDP2 or ZeRO-3 (`merges_into_base`),
 parameter offload to NVMe, and DeepSpeed without a launcher.
 """
 
@@ -146,15 +147,26 @@ def check_zero3(method_cls, quantized: bool, bf16: bool = False) -> None:
         raise ILoRAError(
             "bf16 with DeepSpeed ZeRO-3: " + DEEPSPEED_HALF.format(mode="bf16", remedy=DEEPSPEED_ZERO3_BF16)
         )
+    check_whole_base(method_cls, "DeepSpeed ZeRO-3")
     if method_cls.uses_whole_parameters:
         raise ILoRAError(
-            f"method {method_cls.name} under DeepSpeed ZeRO-3: its penalty is computed on whole adapter "
-            "matrices outside the forward, and ZeRO-3 keeps only partitions of them there; use ZeRO-2, "
+            f"method {method_cls.name} under DeepSpeed ZeRO-3: it computes on whole adapter matrices outside "
+            "the forward (a penalty, a designed projection), and ZeRO-3 keeps only partitions of them there; use ZeRO-2, "
             "FSDP2 (fsdp: full_shard, fsdp_config: {version: 2}) or DDP"
         )
     if quantized:
         raise ILoRAError(
             "a quantized base (quantization_bit) does not run under DeepSpeed ZeRO-3 in ilora; use one process or DDP"
+        )
+
+
+def check_whole_base(method_cls, engine: str) -> None:
+    """One line for a method whose evaluated model adds dense changes to the base weights, under an
+    engine that holds them in slices."""
+    if method_cls.merges_into_base:
+        raise ILoRAError(
+            f"method {method_cls.name} under {engine}: its evaluated model adds dense weight changes to the "
+            "whole base weights, which are sharded there; use DDP or DeepSpeed ZeRO-2"
         )
 
 
@@ -173,7 +185,7 @@ def requested_fsdp(args) -> tuple[int, str] | None:
     return args.fsdp_plugin_args["fsdp_version"], (args.fsdp_config or {}).get("state_dict_type", "SHARDED_STATE_DICT")
 
 
-def check_fsdp(version: int, state_dict_type: str, quantized: bool) -> None:
+def check_fsdp(version: int, state_dict_type: str, quantized: bool, method_cls) -> None:
     """One line for an FSDP setting ilora cannot train with."""
     if version != 2:
         raise ILoRAError(
@@ -189,6 +201,7 @@ def check_fsdp(version: int, state_dict_type: str, quantized: bool) -> None:
             f"fsdp state_dict_type {state_dict_type}: ilora checkpoints FSDP2 runs as SHARDED_STATE_DICT, "
             "its default (every rank writes its slices; task outputs are still whole PEFT adapters)"
         )
+    check_whole_base(method_cls, "FSDP2")
 
 
 # --------------------------------------------------------------- both, at once
@@ -199,7 +212,7 @@ def check_sharding(training_args, quantized: bool, method_cls) -> None:
     requested = requested_fsdp(training_args)
     if requested is None:
         return
-    check_fsdp(*requested, quantized)
+    check_fsdp(*requested, quantized, method_cls)
     if training_args.world_size < 2:
         raise ILoRAError(
             "fsdp shards over several processes: launch with torchrun --nproc_per_node N (or accelerate launch)"
@@ -214,4 +227,4 @@ def check_engine(deepspeed_plugin, fsdp_plugin, method_cls, quantized: bool, bf1
         if deepspeed_plugin.zero_stage == 3:
             check_zero3(method_cls, quantized, bf16)
     if fsdp_plugin is not None:
-        check_fsdp(fsdp_plugin.fsdp_version, fsdp_plugin.state_dict_type.name, quantized)
+        check_fsdp(fsdp_plugin.fsdp_version, fsdp_plugin.state_dict_type.name, quantized, method_cls)

@@ -75,6 +75,18 @@ def whole(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def assign(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Write a whole `value` into `param`, sharded by FSDP2 or not. A collective when sharded: every rank
+    calls it, in the same order, with the same value (InfLoRA's designed down-projections)."""
+    if isinstance(param, DTensor):
+        from torch.distributed.tensor import distribute_tensor
+
+        param.copy_(distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements))
+    else:
+        param.copy_(value.to(param.dtype))
+
+
+@torch.no_grad()
 def full_state(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The tensors `params` names, whole, on the CPU (own storage: PEFT's save reads storage pointers).
     A collective: every rank calls it, in the same order, and every rank receives the whole tensors."""

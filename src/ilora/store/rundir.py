@@ -19,9 +19,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ilora.config.checks import finite_number
 from ilora.errors import ILoRAError
-from ilora.files import file_digest, read_json
+from ilora.files import file_digest, finite_number, read_json
 from ilora.store import taskdir
 from ilora.store.checkpoint import last_complete_checkpoint
 from ilora.store.identity import tokenizer_digest

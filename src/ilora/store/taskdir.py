@@ -32,7 +32,7 @@ from ilora.core.adapters import (
     check_adapter_dir,
     save_adapter,
 )
-from ilora.core.buffer import ReplayBuffer
+from ilora.core.buffer import BufferSpec, ReplayBuffer
 from ilora.errors import ILoRAError, writing
 from ilora.files import read_json, write_json
 from ilora.runtime import distributed, sharding
@@ -167,12 +167,12 @@ def load_previous(
     directory: Path,
     expected: Expected,
     elsewhere: dict[str, Path],
-    buffer_capacity: int | None,
+    buffer_spec: BufferSpec | None,
     world_size: int,
     rank: int,
 ) -> PreviousTask:
     """The previous task's manifest (same method, LoRA settings, base and quantization), its adapters
-    (those in `elsewhere` read from there), this rank's buffer (when `buffer_capacity` is given) and its
+    (those in `elsewhere` read from there), this rank's buffer (when `buffer_spec` is given) and its
     method state."""
     manifest = read_manifest(directory, "previous_task_model")
     if manifest.get("quantization") != expected.quantization:
@@ -192,13 +192,13 @@ def load_previous(
         )
     adapters = previous_adapters(directory, manifest, elsewhere)
     buffer = None
-    if buffer_capacity is not None:
+    if buffer_spec is not None:
         if manifest.get("buffer") is None:
             raise ILoRAError(f"{directory}: the previous task saved no replay buffer")
         ranks = manifest["buffer"].get("ranks", 1)
         if ranks != world_size:
             raise ILoRAError(f"{directory} kept {ranks} per-rank replay buffers; this run has {world_size} processes")
-        buffer = ReplayBuffer.load(buffer_path(directory / BUFFER_DIR, ranks, rank), capacity=buffer_capacity)
+        buffer = ReplayBuffer.load(buffer_path(directory / BUFFER_DIR, ranks, rank), buffer_spec)
     return PreviousTask(
         directory, manifest, adapters, buffer, read_method_state(directory, manifest.get("method_state"))
     )
@@ -303,6 +303,8 @@ def _manifest(record: TaskRecord, adapters: dict, method_record: dict, checksums
 def _buffer_record(buffer: ReplayBuffer, seen_per_rank: list[float]) -> dict:
     return {
         "size": len(buffer),
+        "policy": buffer.policy,
+        "budget": {"capacity": buffer.capacity, "unit": buffer.unit, "used": buffer.used()},
         "num_seen": buffer.num_seen,
         "ranks": distributed.world_size(),
         "num_seen_per_rank": [int(n) for n in seen_per_rank],
