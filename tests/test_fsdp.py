@@ -152,10 +152,14 @@ def stage_folders(runs: dict[str, Path]) -> list[str]:
     return folders[0]
 
 
-# N-LoRA's L1 term pins entries of B A at zero, where its gradient sign(B A) flips on the last bit of rounding
-# (DDP's all-reduce and the sharded engines' reduce-scatter round the mean gradient differently, both
-# sharded engines alike); Adam turns a flip into a step-sized change (lr 0.01). Measured: 9e-4 on both.
-ENGINE_ATOL = {"nlora": 2e-3}
+# DDP's all-reduce and the sharded engines' reduce-scatter round the mean gradient differently (both sharded
+# engines alike), and Adam, which divides by the gradient's own scale, turns a last-bit difference into a
+# visible one where the gradient is near zero. N-LoRA's L1 term pins entries of B A at zero, where its
+# gradient sign(B A) flips (measured: 9e-4 on both engines). InfLoRA's B column on the designed A's last
+# direction, the inputs' least varying, gets the smallest gradients (measured: 1.6e-4, in that column
+# only), and the next task's A, singular vectors of a covariance with close singular values, turns with
+# such differences (measured: 1.7e-3 on entries of about 0.1; a design that went wrong moves them by 0.1).
+ENGINE_ATOL = {"nlora": 2e-3, "inflora": 1e-2}
 
 
 def assert_method_outputs_equal(runs: dict[str, Path], task: str, method: str) -> None:
