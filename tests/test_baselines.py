@@ -295,24 +295,24 @@ def test_inflora_with_a_retained_free_subspace_designs_a_inside_it(tmp_path):
         torch.testing.assert_close(down, down @ free @ free.T, atol=1e-5, rtol=0)
 
 
-def test_dualgpm_counts_directions_by_their_share_of_squared_singular_values():
+def test_dualgpm_counts_directions_by_their_share_of_the_input_energy():
     covariance = torch.diag(torch.tensor([4.0, 2.0, 1.0, 0.5, 0.25, 0.0, 0.0, 0.0]))
-    # shares 0.751, 0.188, 0.047, 0.012, 0.003: cumulative 0.751, 0.938, 0.985, 0.997, 1.0
+    # shares of the singular values 0.516, 0.258, 0.129, 0.065, 0.032: cumulative 0.516, 0.774, 0.903, 0.968, 1
     basis, kind = first_basis(covariance, 0.9)
-    assert kind == REMOVE and basis.shape == (8, 1)  # the official count: below the threshold
-    grown, kind = grow(covariance, basis, REMOVE, 0.9)  # 0.751 held: one more reaches 0.938
-    assert kind == REMOVE and grown.shape == (8, 2)
-    grown, _ = grow(covariance, grown, REMOVE, 0.99)  # 0.938, 0.985, then 0.997
-    assert grown.shape == (8, 4)
-    torch.testing.assert_close(grown.T @ grown, torch.eye(4), atol=1e-5, rtol=0)
+    assert kind == REMOVE and basis.shape == (8, 2)  # the official count: below the threshold
+    grown, kind = grow(covariance, basis, REMOVE, 0.9)  # 0.774 held: one more reaches 0.903
+    assert kind == REMOVE and grown.shape == (8, 3)
+    grown, _ = grow(covariance, grown, REMOVE, 0.99)  # 0.903, 0.968, then 1
+    assert grown.shape == (8, 5)
+    torch.testing.assert_close(grown.T @ grown, torch.eye(5), atol=1e-5, rtol=0)
     assert torch.equal(grow(covariance, grown, REMOVE, 0.9)[0], grown)  # already held: unchanged
-    wide, kind = compact(torch.eye(8)[:, :5], REMOVE)  # 5 of 8 dimensions: kept as the 3 free ones
+    wide, kind = compact(grown, REMOVE)  # 5 of 8 dimensions: kept as the 3 free ones
     assert kind == RETAIN and wide.shape == (8, 3)
-    torch.testing.assert_close(torch.eye(8)[:, :5].T @ wide, torch.zeros(5, 3), atol=1e-6, rtol=0)
-    # directions 0 and 1 held (0.938), 2..7 free: free share 0.062 must fall below 0.01: 2 and 3 taken
+    torch.testing.assert_close(grown.T @ wide, torch.zeros(5, 3), atol=1e-5, rtol=0)
+    # directions 0 and 1 held (0.774), 2..7 free: the free share 0.226 must fall below 0.01: 2, 3, 4 taken
     free, kind = grow(covariance, torch.eye(8)[:, 2:], RETAIN, 0.99)
-    assert kind == RETAIN and free.shape == (8, 4)
-    torch.testing.assert_close(free[:4], torch.zeros(4, 4), atol=1e-6, rtol=0)
+    assert kind == RETAIN and free.shape == (8, 3)
+    torch.testing.assert_close(free[:5], torch.zeros(5, 3), atol=1e-6, rtol=0)
 
 
 def test_inflora_state_round_trips_and_a_mismatched_one_is_refused(tmp_path):

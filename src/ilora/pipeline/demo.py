@@ -44,13 +44,20 @@ FULL = {
 
 
 def run_demo(
-    full: bool = False, output_dir: Path | None = None, overrides: dict | None = None, seed: int | None = None
+    full: bool = False,
+    output_dir: Path | None = None,
+    overrides: dict | None = None,
+    seed: int | None = None,
+    methods: list[str] | None = None,
+    seeds: list[int] | None = None,
 ) -> str:
     """Build the offline benchmark, run every method on it, and return the comparison table.
-    `seed` replaces the demo's training seed (the full plan has its own three)."""
+    `seed` replaces the demo's training seed (the full plan has its own three); `methods` and `seeds`
+    run part of a plan (benchmarks/cl_benchmark.py)."""
     from ilora.data.corpora import build_benchmark
 
     plan = FULL if full else DEMO if seed is None else {**DEMO, "seeds": [seed]}
+    plan = {**plan, "methods": methods or plan["methods"], "seeds": seeds or plan["seeds"]}
     root = Path(output_dir or ("runs/full" if full else "runs/demo"))
     _claim_directory(root, full, plan["tasks"])
     entries = build_benchmark(root / "data", plan["tasks"], plan["n_train"], plan["n_test"], 0, plan["max_chars"])
