@@ -70,6 +70,8 @@ def picture(results: dict, budgets: list[int], path: Path) -> None:
             axis.plot(budgets, values, style, marker="o", label=f"{method} {policy}")
     for axis, name in zip(axes, ("AP", "BWT")):
         axis.set_xscale("log")
+        axis.minorticks_off()
+        axis.set_xticks(budgets, [str(b) for b in budgets])
         axis.set_xlabel("replay buffer (rows)")
         axis.set_ylabel(f"{name} (points)")
     axes[0].legend(fontsize=8)
