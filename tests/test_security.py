@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from tiny import sentiment_rows, write_jsonl
 
 from ilora import ILoRAError, ReplayBuffer
@@ -123,3 +124,14 @@ def test_the_source_never_unpickles():
 def test_remote_code_is_off_unless_the_user_sets_it():
     assert ModelArguments().trust_remote_code is False
     assert parse_train_args(["--trust_remote_code", "true"]).model.trust_remote_code is True
+
+
+def test_a_method_state_holding_nan_is_one_line(tmp_path):
+    """Every route that reads a method's state (chaining, resume) reads it through one function."""
+    from safetensors.torch import save_file
+
+    from ilora.store.state import METHOD_STATE, read_method_state
+
+    save_file({"fisher.0": torch.tensor([1.0, float("nan")]), "steps": torch.tensor([3])}, str(tmp_path / METHOD_STATE))
+    with pytest.raises(ILoRAError, match=r"method_state.safetensors: 'fisher.0' holds NaN or inf"):
+        read_method_state(tmp_path, {"tensors": 1})

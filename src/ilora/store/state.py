@@ -40,6 +40,10 @@ def read_method_state(directory: Path, record: dict | None) -> tuple[dict[str, t
             raise ILoRAError(f"{path}: missing (the method's saved state)")
         return {}, record
     try:
-        return load_file(str(path)), record
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise ILoRAError(f"{path}: damaged method state ({' '.join(str(err).split())})") from None
+    for name, tensor in tensors.items():  # a NaN Fisher or subspace would only surface as a diverged task
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ILoRAError(f"{path}: '{name}' holds NaN or inf (the method's saved state is damaged)")
+    return tensors, record
