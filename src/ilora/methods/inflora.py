@@ -76,7 +76,7 @@ class InfLoRA(TaskLoRAs):
         with torch.no_grad():
             for i, (layer, covariance) in enumerate(zip(self.adapters.layers, covariances)):
                 if self.bases is not None:
-                    covariance = covariance - protected_part(covariance, self.bases[i], self.kinds[i])
+                    covariance = unprotected_part(covariance, self.bases[i], self.kinds[i])
                 down = layer.lora_A[PLASTIC].weight
                 left = torch.linalg.svd(covariance, full_matrices=False).U[:, : shape(down)[0]]
                 assign(down, left.T * DOWN_SCALE)
@@ -151,10 +151,10 @@ class InfLoRA(TaskLoRAs):
         self.kinds = kinds
 
 
-def protected_part(matrix: torch.Tensor, basis: torch.Tensor, kind: str) -> torch.Tensor:
-    """The projection of `matrix`'s columns onto the earlier tasks' subspace."""
+def unprotected_part(matrix: torch.Tensor, basis: torch.Tensor, kind: str) -> torch.Tensor:
+    """The projection of `matrix`'s columns out of the earlier tasks' subspace (onto the free directions)."""
     inside = basis @ (basis.T @ matrix)
-    return inside if kind == REMOVE else matrix - inside
+    return matrix - inside if kind == REMOVE else inside
 
 
 def first_basis(covariance: torch.Tensor, threshold: float) -> tuple[torch.Tensor, str]:
@@ -171,16 +171,13 @@ def grow(covariance: torch.Tensor, basis: torch.Tensor, kind: str, threshold: fl
     input energy (the covariance's singular values) to `threshold` (REMOVE: appended to the basis;
     RETAIN: taken out of the free directions)."""
     total = torch.linalg.svdvals(covariance).sum()
-    if kind == REMOVE:
-        outside = covariance - basis @ (basis.T @ covariance)
-        left, values, _ = torch.linalg.svd(outside, full_matrices=False)
+    left, values, _ = torch.linalg.svd(unprotected_part(covariance, basis, kind), full_matrices=False)
+    if kind == REMOVE:  # the share held is what lies inside the subspace
         held = float((total - values.sum()) / total)
-        added = _count(values / total, held, lambda h: h < threshold, +1)
+        added = _count(values / total, held, lambda share: share < threshold, +1)
         return torch.cat([basis, left[:, :added]], dim=1)[:, : basis.shape[0]], kind
-    free = basis @ (basis.T @ covariance)
-    left, values, _ = torch.linalg.svd(free, full_matrices=False)
-    held = float(values.sum() / total)
-    taken = _count(values / total, held, lambda h: h >= 1 - threshold, -1)
+    free = float(values.sum() / total)  # the share still in the free directions
+    taken = _count(values / total, free, lambda share: share >= 1 - threshold, -1)
     if taken == 0:
         return basis, kind
     rest = basis - left[:, :taken] @ (left[:, :taken].T @ basis)

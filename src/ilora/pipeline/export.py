@@ -93,7 +93,8 @@ def export(
 
 def _refuse_unmerged(task, report: str, available: list[str]) -> None:
     """One line: `report`'s model is dense weights, not a LoRA; say which models can be adapters."""
-    sums = [r for r in available if task.method.merged_weights(task.model, r, task.options) is None]
+    # `report` is known to be dense: only the others are asked (a dense merge costs a pass over the weights)
+    sums = [r for r in available if r != report and task.method.merged_weights(task.model, r, task.options) is None]
     raise ILoRAError(
         f"method {task.method.name}'s {report} model is not a sum of LoRA adapters: export it with --merge"
         + (f" (or as an adapter: --adapter {' or '.join(sums)})" if sums else "")
