@@ -201,8 +201,9 @@ class ContinualTrainerMixin:
         if self.previous is not None:
             self._check_buffer(self.previous.buffer, self.previous.directory)
             return self.previous.buffer
-        # each rank keeps its own reservoir over its own data shard, with its own random stream
-        return ReplayBuffer.create(buffer_spec(self.continual_args), seed=args.seed + args.process_index)
+        # every rank keeps the same buffer over every rank's rows (the methods gather them), with the
+        # same random stream: the draws of one process with the global batch
+        return ReplayBuffer.create(buffer_spec(self.continual_args), seed=args.seed)
 
     # ------------------------------------------------------------- the task
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):

@@ -223,7 +223,7 @@ class Method:
             if self.buffer is not None and self.buffer.wants_surprise:
                 outputs, padded, _ = self.forward_rows(None, ids, labels)
                 surprise = self.surprise(outputs.logits, padded, len(ids))
-            self.remember(ids, labels, surprise=surprise)
+            self.remember(ids, labels, surprise=surprise, shard=False)
 
     def end_of_task(self, batches) -> None:
         """After the last optimizer step, before the task is written."""
@@ -247,15 +247,27 @@ class Method:
         Returns the loss, the model outputs, the padded labels and the attention mask."""
         ids, labels = split_rows(batch)
         outputs, labels, attention_mask = self.forward_rows(forward, ids, labels)
-        ce = causal_lm_loss(outputs.logits, labels)
+        ce = causal_lm_loss(outputs.logits, labels, across_ranks=True)
         self.record("ce_loss", ce)
         return ce, outputs, labels, attention_mask
 
     def draw_replay(self, device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        ids, labels, _ = self.draw_rows(device)
+        return ids, labels
+
+    def draw_rows(self, device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor], list[dict]]:
+        """This rank's share of one replay draw for the global micro-batch (`replay_batch_size` rows per
+        rank): every rank holds the same buffer and draws the same rows, and takes its part of them.
+        Token ids, labels and what the method keeps beside each row, on `device`."""
         if self.buffer is None or len(self.buffer) == 0:
-            return [], []
-        ids, labels, _ = self.buffer.sample(self.replay_batch_size)
-        return [t.to(device, non_blocking=True) for t in ids], [t.to(device, non_blocking=True) for t in labels]
+            return [], [], []
+        ids, labels, extras = self.buffer.sample(self.replay_batch_size * distributed.world_size())
+        ids, labels, extras = (distributed.share_of(column) for column in (ids, labels, extras))
+        return (
+            [t.to(device, non_blocking=True) for t in ids],
+            [t.to(device, non_blocking=True) for t in labels],
+            [{k: v.to(device, non_blocking=True) for k, v in row.items()} for row in extras],
+        )
 
     def remember(
         self,
@@ -263,10 +275,16 @@ class Method:
         labels: list[torch.Tensor],
         extras: list[dict] | None = None,
         surprise: list[float] | None = None,
+        shard: bool = True,
     ) -> None:
-        """Offer the rows to the buffer (`surprise`: their losses, for the surprise policy)."""
+        """Offer the rows to the buffer (`surprise`: their losses, for the surprise policy). `shard`: the
+        rows are this rank's share of a training micro-batch, gathered from every rank first so that
+        every rank's buffer takes the whole batch in one process's order (False: every rank already
+        holds every row, as when seeding the buffer)."""
         if self.buffer is None:
             return
+        if shard and distributed.active():
+            ids, labels, extras, surprise = _gathered(ids, labels, extras, surprise)
         for i, (row_ids, row_labels) in enumerate(zip(ids, labels)):
             # clone: a view would keep the whole padded batch alive in the buffer
             extra = {k: v.detach().clone() for k, v in extras[i].items()} if extras else None
@@ -391,9 +409,16 @@ def varies(logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     return ~(spread <= COLLAPSE_SPREAD * rows.abs().amax().float())
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over labelled tokens (the same reduction as transformers)."""
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, across_ranks: bool = False) -> torch.Tensor:
+    """Mean next-token cross-entropy over labelled tokens (the same reduction as transformers).
+    `across_ranks`: the mean over every rank's micro-batch, as this rank's share (a training loss: the
+    same gradient as one process with the global batch)."""
     labels = shift_labels(labels)
+    if across_ranks and distributed.active():
+        total = F.cross_entropy(
+            logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        return distributed.share_of_mean(total, (labels != IGNORE_INDEX).sum())
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
@@ -416,3 +441,23 @@ def split_rows(batch: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         lengths = batch["attention_mask"].sum(dim=1).tolist()
     ids, labels = batch["input_ids"], batch["labels"]
     return [ids[i, :n] for i, n in enumerate(lengths)], [labels[i, :n] for i, n in enumerate(lengths)]
+
+
+def _gathered(ids, labels, extras, surprise):
+    """Every rank's rows, extras and surprises, in rank order (`distributed.gather_rows`)."""
+    # one row of ids then labels (the same length) per example: one gather for both
+    rows = distributed.gather_rows([torch.cat([i, lab.to(i.dtype)]) for i, lab in zip(ids, labels)])
+    ids, labels = [r[: len(r) // 2] for r in rows], [r[len(r) // 2 :] for r in rows]
+    total = len(rows)
+    if extras:
+        columns = {}
+        for key in extras[0]:
+            values = [row[key] for row in extras]
+            flat = distributed.gather_rows([v.flatten() for v in values])
+            columns[key] = [f.view(-1, *values[0].shape[1:]) for f in flat]
+        extras = [{key: columns[key][i] for key in columns} for i in range(total)]
+    if surprise is not None:
+        device = ids[0].device
+        losses = distributed.gather_rows([torch.tensor(surprise, dtype=torch.float64, device=device)])
+        surprise = torch.cat(losses).tolist()
+    return ids, labels, extras, surprise

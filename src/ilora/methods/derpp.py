@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ilora.config.checks import at_least, check_value
 from ilora.data.encode import IGNORE_INDEX
 from ilora.methods.base import Method, causal_lm_loss, shift_labels, split_rows
+from ilora.runtime import distributed
 
 VALUES, INDICES = "logit_values", "logit_indices"
 
@@ -49,14 +50,14 @@ class DERpp(Method):
     def loss(self, batch, forward=None):
         ids, labels = split_rows(batch)
         device = batch["input_ids"].device
-        logit_rows = self._draw(device)  # rows for the logit MSE, with their stored logits
-        ce_rows = self._draw(device)  # an independent draw for the replay CE
+        logit_rows = self.draw_rows(device)  # rows for the logit MSE, with their stored logits
+        ce_rows = self.draw_rows(device)  # an independent draw for the replay CE
         n, m = len(ids), len(logit_rows[0])
         outputs, padded, _ = self.forward_rows(
             forward, ids + logit_rows[0] + ce_rows[0], labels + logit_rows[1] + ce_rows[1]
         )
         logits = outputs.logits
-        ce = causal_lm_loss(logits[:n], padded[:n])
+        ce = causal_lm_loss(logits[:n], padded[:n], across_ranks=True)
         self.record("ce_loss", ce)
         loss = ce
         if m:
@@ -65,7 +66,7 @@ class DERpp(Method):
             self.record("logit_mse", mse)
             loss = loss + self.options.derpp_alpha * mse
         if ce_rows[0]:
-            replay_ce = causal_lm_loss(logits[n + m :], padded[n + m :])
+            replay_ce = causal_lm_loss(logits[n + m :], padded[n + m :], across_ranks=True)
             self.record("replay_ce_loss", replay_ce)
             loss = loss + self.options.derpp_beta * replay_ce
         kept = [top_logits(logits[i], padded[i], self.options.derpp_top_k) for i in range(n)]
@@ -80,17 +81,7 @@ class DERpp(Method):
             outputs, padded, _ = self.forward_rows(None, ids, labels)
             k = self.options.derpp_top_k
             kept = [top_logits(outputs.logits[i], padded[i], k) for i in range(len(ids))]
-            self.remember(ids, labels, kept, self.surprise(outputs.logits, padded, len(ids)))
-
-    def _draw(self, device):
-        if self.buffer is None or len(self.buffer) == 0:
-            return [], [], []
-        ids, labels, extras = self.buffer.sample(self.replay_batch_size)
-        return (
-            [t.to(device, non_blocking=True) for t in ids],
-            [t.to(device, non_blocking=True) for t in labels],
-            [{k: v.to(device, non_blocking=True) for k, v in row.items()} for row in extras],
-        )
+            self.remember(ids, labels, kept, self.surprise(outputs.logits, padded, len(ids)), shard=False)
 
 
 def response_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -113,7 +104,13 @@ def logit_mse(logits: torch.Tensor, labels: torch.Tensor, stored: list[dict[str,
         now = row_logits[response_positions(row_labels)].float()
         current.append(now.gather(-1, row[INDICES].long()).flatten())
         target.append(row[VALUES].float().flatten())
-    return F.mse_loss(torch.cat(current), torch.cat(target))
+    current, target = torch.cat(current), torch.cat(target)
+    if not distributed.active():
+        return F.mse_loss(current, target)
+    # the mean over every rank's stored entries, as this rank's share
+    return distributed.share_of_mean(
+        F.mse_loss(current, target, reduction="sum"), torch.tensor(current.numel(), device=current.device)
+    )
 
 
 def bytes_per_row(response_tokens: int, top_k: int) -> int:

@@ -17,6 +17,6 @@ class ER(Method):
         outputs, padded, _ = self.forward_rows(forward, ids + replay_ids, labels + replay_labels)
         # after the draw: a row is never replayed in its own step
         self.remember(ids, labels, surprise=self.surprise(outputs.logits, padded, len(ids)))
-        ce = causal_lm_loss(outputs.logits, padded)
+        ce = causal_lm_loss(outputs.logits, padded, across_ranks=True)
         self.record("ce_loss", ce)
         return self.watch(ce)

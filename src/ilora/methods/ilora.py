@@ -238,9 +238,9 @@ class ILoRA(Method):
         """`joint`: one mean over every labelled token; `mean_of_parts`: the mean of the current rows'
         loss and the replay rows' loss, as the official code computes it."""
         if self.options.ilora_replay_loss == "joint" or not has_replay:
-            return causal_lm_loss(logits, labels)
-        current = causal_lm_loss(logits[:num_current], labels[:num_current])
-        replay = causal_lm_loss(logits[num_current:], labels[num_current:])
+            return causal_lm_loss(logits, labels, across_ranks=True)
+        current = causal_lm_loss(logits[:num_current], labels[:num_current], across_ranks=True)
+        replay = causal_lm_loss(logits[num_current:], labels[num_current:], across_ranks=True)
         return (current + replay) / 2
 
     @torch.no_grad()
@@ -290,7 +290,7 @@ class ILoRA(Method):
         """Selective update: the stable loss on the whole batch, and the replay rows' hidden states."""
         with self.adapters.active(STABLE):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=self.layers)
-        self._selective_stable += causal_lm_loss(out.logits, labels)
+        self._selective_stable += causal_lm_loss(out.logits, labels, across_ranks=True)
         return [out.hidden_states[i][num_current:, :replay_len] for i in self.layers]
 
 
@@ -300,11 +300,12 @@ def ema_coefficient(step: int, ema_alpha: float) -> float:
 
 
 def consistency_loss(plastic: list[torch.Tensor], stable: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error per hidden unit over non-padding tokens, averaged over the selected layers."""
+    """Mean squared error per hidden unit over non-padding tokens, averaged over the selected layers (over
+    every rank's replay rows, as this rank's share, when several train)."""
     weights = mask.unsqueeze(-1).float()
     hidden_size = plastic[0].shape[-1]
     total = sum((((p.float() - s.float()) ** 2) * weights).sum() for p, s in zip(plastic, stable))
-    return total / (weights.sum().clamp_min(1.0) * hidden_size * len(plastic))
+    return distributed.share_of_mean(total, weights.sum() * hidden_size * len(plastic))
 
 
 def check_hidden_state_layers(model: PeftModel, layers: list[int] | list[str]) -> list[int]:

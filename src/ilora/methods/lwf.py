@@ -18,6 +18,7 @@ from ilora.config.checks import above, at_least, check_value
 from ilora.core.adapters import load_adapter
 from ilora.data.encode import IGNORE_INDEX
 from ilora.methods.base import Method, shift_labels
+from ilora.runtime import distributed
 
 TEACHER = "teacher"
 
@@ -58,9 +59,10 @@ class LwF(Method):
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float):
-    """KL(teacher_T || student_T) per response token (positions whose next token is labelled), averaged."""
+    """KL(teacher_T || student_T) per response token (positions whose next token is labelled), averaged
+    (over every rank's micro-batch, as this rank's share, when several train)."""
     mask = shift_labels(labels) != IGNORE_INDEX
     log_student = F.log_softmax(student[mask].float() / temperature, dim=-1)
     log_teacher = F.log_softmax(teacher[mask].float() / temperature, dim=-1)
     kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="sum")
-    return kl / mask.sum().clamp_min(1)
+    return distributed.share_of_mean(kl, mask.sum())

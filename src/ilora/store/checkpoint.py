@@ -81,7 +81,7 @@ def claim_checkpoint(folder: Path) -> None:
 def save_checkpoint_state(folder: Path, state: CheckpointState, task_id: str | None, identity: dict) -> None:
     """Every rank's buffer, the method's state, and last the marker that says the checkpoint is complete.
     `identity`: base model and LoRA settings, compared on resume."""
-    if state.buffer is not None:  # every rank saves its own buffer
+    if state.buffer is not None:  # every rank saves its copy of the buffer
         state.buffer.save(buffer_path(folder / CHECKPOINT_BUFFER))
     distributed.barrier()
     if distributed.rank() == 0:

@@ -261,7 +261,7 @@ def write_task(
     """Write a finished task: the adapters `targets` names (as PEFT directories, where it says), buffers
     and the method's state via a staging directory, the manifest last.
 
-    Called on every rank: each writes its own buffer, rank 0 the rest."""
+    Called on every rank: each writes its copy of the buffer (the same on every rank), rank 0 the rest."""
     output_dir = Path(output_dir)
     staging = output_dir / STAGING
     if distributed.rank() == 0:
