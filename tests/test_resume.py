@@ -69,6 +69,9 @@ def assert_same_task(a: Path, b: Path):
     assert ma["sequence_steps"] == mb["sequence_steps"] and ma["global_steps"] == mb["global_steps"]
     # the whole task's mean loss, not only the steps after the resume
     assert ma["final_losses"]["train_loss"] == pytest.approx(mb["final_losses"]["train_loss"], rel=1e-6)
+    # and the whole task's replayed rows and trained parameters (cost columns of the benchmark tables)
+    assert ma["rows_replayed"] == mb["rows_replayed"] > 0
+    assert ma["trainable_parameters"] == mb["trainable_parameters"] > 0
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,7 @@ commands:
   export    a merged model or a clean PEFT adapter: ilora export TASK_OR_RUN_DIR --output DIR [--merge];
             every task's adapters for vLLM: ilora export RUN_DIR --serve DIR
   demo      the offline benchmark on SmolLM2-135M and real text: ilora demo [--full]
+  benchmark a real-text benchmark for methods x seeds x orders: ilora benchmark real4 [--tune]
 
 add --debug to any command for full tracebacks."""
 
@@ -124,6 +125,33 @@ def command_compare(argv: list[str]) -> None:
     print(compare(opts.runs, opts.out or opts.runs[0].parent))
 
 
+def command_benchmark(argv: list[str]) -> None:
+    from ilora.data.real_text import BENCHMARKS
+    from ilora.pipeline.benchmark import METHODS
+
+    parser = OneLineParser(
+        prog="ilora benchmark", description="a real-text benchmark (docs/benchmarks.md): methods x seeds x orders"
+    )
+    parser.add_argument("name", choices=sorted(BENCHMARKS), help="real4 or real_long")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="override a setting of every run")
+    parser.add_argument("--output_dir", type=Path, help="default runs/<name>")
+    parser.add_argument("--methods", nargs="+", help=f"default: {' '.join(METHODS)}")
+    parser.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2")
+    parser.add_argument("--orders", type=int, nargs="+", help="default: 1")
+    parser.add_argument("--tune", action="store_true", help="tune each method on the validation split first")
+    parser.add_argument("--data_only", action="store_true", help="build the data and stop")
+    opts = parser.parse_intermixed_args(argv)
+    from ilora.config.load import parse_overrides
+    from ilora.pipeline.benchmark import build_data, run_benchmark
+
+    output_dir = opts.output_dir or Path("runs") / opts.name
+    if opts.data_only:
+        print(f"ilora: {opts.name} data in {build_data(opts.name, output_dir)}")
+        return
+    overrides = parse_overrides(opts.overrides)
+    print(run_benchmark(opts.name, output_dir, opts.methods, opts.seeds, opts.orders, opts.tune, overrides))
+
+
 def command_demo(argv: list[str]) -> None:
     parser = OneLineParser(prog="ilora demo", description="offline continual-learning benchmark on SmolLM2-135M")
     parser.add_argument("--full", action="store_true", help="the full benchmark: 4 tasks, every method, 3 seeds")
@@ -150,6 +178,7 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "compare": command_compare,
     "export": command_export,
     "demo": command_demo,
+    "benchmark": command_benchmark,
 }
 
 

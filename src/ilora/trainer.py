@@ -361,6 +361,9 @@ class ContinualTrainerMixin:
             quantization=self.quantization,
             final_losses=self._final_losses(),
             collapse_check={k: float(v) for k, v in self.method.collapse_figures.items()},  # this rank's last batch
+            # ZeRO-3 partitions keep the whole size in ds_numel; DTensors (FSDP2) report the whole size
+            trainable_parameters=sum(getattr(t, "ds_numel", t.numel()) for t in self.method.trained_tensors()),
+            rows_replayed=self.method.rows_replayed,
         )
 
     def _final_losses(self) -> dict[str, float]:

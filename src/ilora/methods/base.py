@@ -172,6 +172,7 @@ class Method:
         # the whole task's loss, across resumes (checkpoints carry it): the manifest's train_loss
         self._task_loss_sum = torch.zeros((), device=self.device)
         self._task_micro_batches = 0
+        self._rows_replayed = 0  # the task's replayed rows, every rank's (a host count: no sync)
         # (input_ids, attention_mask, labels) of the last trained micro-batch: the end-of-task collapse check
         self._last_batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.collapse_figures: dict[str, float | torch.Tensor] = {}
@@ -186,6 +187,7 @@ class Method:
         self.buffer = buffer
         self._task_loss_sum = torch.tensor(float(task_loss["sum"]), device=self.device)
         self._task_micro_batches = int(task_loss["micro_batches"])
+        self._rows_replayed = int(task_loss.get("rows_replayed", 0))
         self.pair_adapters()
 
     def pair_adapters(self) -> None:
@@ -262,6 +264,7 @@ class Method:
         if self.buffer is None or len(self.buffer) == 0:
             return [], [], []
         ids, labels, extras = self.buffer.sample(self.replay_batch_size * distributed.world_size())
+        self._rows_replayed += len(ids)
         ids, labels, extras = (distributed.share_of(column) for column in (ids, labels, extras))
         return (
             [t.to(device, non_blocking=True) for t in ids],
@@ -311,11 +314,17 @@ class Method:
         self._task_micro_batches += 1
         return loss
 
+    @property
+    def rows_replayed(self) -> int:
+        """Replay rows drawn since the task began (every rank's share together), resumes included."""
+        return self._rows_replayed
+
     def task_loss(self) -> dict:
-        """Sum and count of the task's micro-batch losses since it began, resumes included; the sum is
-        averaged over ranks. A collective with a host sync: checkpoints and the end of a task only."""
+        """Sum and count of the task's micro-batch losses since it began, resumes included (the sum
+        averaged over ranks), and the rows it replayed. A collective with a host sync: checkpoints and
+        the end of a task only."""
         total = distributed.mean_(self._task_loss_sum.detach().clone())
-        return {"sum": float(total), "micro_batches": self._task_micro_batches}
+        return {"sum": float(total), "micro_batches": self._task_micro_batches, "rows_replayed": self._rows_replayed}
 
     # ------------------------------------------------------------ divergence
     def check_diverged(self, when: str, adapters: bool = False, outputs: bool = False) -> None:

@@ -43,7 +43,7 @@ class CheckpointState:
     steps: int  # optimizer steps since the sequence's first task began
     buffer: ReplayBuffer | None  # this rank's
     method_state: tuple[dict[str, torch.Tensor], dict]
-    task_loss: dict  # {"sum", "micro_batches"} of the task so far (Method.task_loss)
+    task_loss: dict  # {"sum", "micro_batches", "rows_replayed"} of the task so far (Method.task_loss)
 
 
 def is_complete_checkpoint(directory: Path) -> bool:
@@ -127,6 +127,7 @@ def load_checkpoint_state(folder: Path, with_buffer: bool, identity: dict) -> Ch
         isinstance(task_loss, dict)
         and isinstance(task_loss.get("micro_batches"), int)
         and isinstance(task_loss.get("sum"), (int, float))
+        and isinstance(task_loss.get("rows_replayed", 0), int)
     ):
         raise ILoRAError(f"{path}: damaged checkpoint marker (task_loss {task_loss!r})")
     for adapter in folder.iterdir():

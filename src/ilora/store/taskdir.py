@@ -75,6 +75,8 @@ class TaskRecord:
     quantization: dict | None
     final_losses: dict  # the loss and every term the method logs, the whole task's mean train_loss
     collapse_check: dict  # the end-of-task collapse check's figures (methods.base)
+    trainable_parameters: int  # elements of the tensors the optimizer trained
+    rows_replayed: int  # replay rows drawn in the task, every rank's
 
 
 # ------------------------------------------------------------------ reading

