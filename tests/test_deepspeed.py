@@ -60,7 +60,7 @@ def finished_run(tmp_path_factory, model_dir, name: str, ds: dict, **settings) -
 
 @pytest.fixture(scope="module")
 def zero2_run(tiny_model_dir, tmp_path_factory):
-    return finished_run(tmp_path_factory, tiny_model_dir, "zero2", ZERO2)
+    return finished_run(tmp_path_factory, tiny_model_dir, "zero2", ZERO2, bf16="auto")  # fp32 under DeepSpeed
 
 
 @pytest.mark.full
@@ -179,7 +179,7 @@ def test_accelerate_launched_zero3_trains_in_fp32_and_equals_ddp(ddp_run, tiny_m
     """No `deepspeed` key: the settings come through the environment, and bf16: auto still means fp32.
     Accelerate's plugin activates ZeRO-3 for every later load, rank 0's evaluation models included: they
     must load whole."""
-    result = ilora_run(config(tmp_path, tiny_model_dir, "launched"), env=ACCELERATE_ZERO3)
+    result = ilora_run(config(tmp_path, tiny_model_dir, "launched", bf16="auto"), env=ACCELERATE_ZERO3)
     assert result.returncode == 0, failure(result)
     for task in TASKS:
         checkpoint = tmp_path / "launched" / "ilora" / "tasks" / task / "checkpoint-8"

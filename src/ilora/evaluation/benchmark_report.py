@@ -53,7 +53,7 @@ def _intro(seeds: list[int], tuned: dict) -> list[str]:
         chosen = ", ".join(f"{m}: {t['option']} = {t['value']}" for m, t in tuned.items())
         lines += [f"Tuned on the validation split (order 1, seed 0): {chosen}.", ""]
     else:
-        lines += ["Every method at its default settings (no tuning run).", ""]
+        lines += ["Every method at the benchmark's settings (no tuning run).", ""]
     return lines
 
 
