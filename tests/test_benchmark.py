@@ -158,6 +158,12 @@ def test_another_benchmarks_directory_and_unknown_choices_are_refused(tmp_path, 
         benchmark.run_benchmark("real4", tmp_path / "new", ["er"], [0], [4], cache=wheels)
     with pytest.raises(ILoRAError, match="method 'err' is not one of"):
         benchmark.run_benchmark("real4", tmp_path / "new", ["err"], [0], [1], cache=wheels)
+    with pytest.raises(ILoRAError, match="--seeds 0 0: a value is given twice"):
+        benchmark.run_benchmark("real4", tmp_path / "new", ["er"], [0, 0], [1], cache=wheels)
+    with pytest.raises(ILoRAError, match="output_dir, seed: set by the benchmark for each run"):
+        benchmark.run_benchmark(
+            "real4", tmp_path / "new", ["er"], [0], [1], False, {"seed": 3, "output_dir": "x"}, wheels
+        )
     assert not (tmp_path / "new").exists()
     Path(tmp_path / "other").mkdir()
     benchmark.build_data("real_long", tmp_path / "other", wheels)

@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 from test_fsdp import ilora_run
 from tiny import two_task_config
 
+from ilora.runtime import distributed
+
 
 def test_two_processes_keep_the_same_buffer_and_equal_adapters(ddp_run, tiny_model_dir):
     """The session's DDP run (test_fsdp's settings: 8 rows per task, 2 epochs, batch 2 per rank)."""
@@ -91,3 +93,15 @@ def test_two_processes_at_half_the_batch_train_what_one_process_trains(tiny_mode
         json.loads((tmp_path / run / method / "metrics.json").read_text()) for run in ("one", "two")
     )
     assert one_metrics["matrices"] == two_metrics["matrices"]
+
+
+def test_each_rank_trains_a_contiguous_share_of_the_global_replay_draw():
+    """Concatenated in rank order, the shares are the draw one process would train on; a draw smaller than
+    the number of ranks gives every rank one row (round-robin), never none."""
+    for size, ranks in ((8, 2), (5, 2), (7, 3), (4, 4)):
+        draw = list(range(size))
+        shares = [distributed.share_of(draw, ranks, r) for r in range(ranks)]
+        assert [row for share in shares for row in share] == draw
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    assert [distributed.share_of([10, 11, 12], 4, r) for r in range(4)] == [[10], [11], [12], [10]]
+    assert distributed.share_of([], 2, 1) == [] and distributed.share_of([1, 2], 1, 0) == [1, 2]

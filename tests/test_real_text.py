@@ -92,6 +92,9 @@ def test_a_built_benchmark_is_reused_without_its_wheels(wheels, tmp_path):
     stamp = (tmp_path / "data" / "reuters.train.jsonl").stat().st_mtime_ns
     assert real_text.build("real4", tmp_path / "data", tmp_path / "no-wheels-here") == first
     assert (tmp_path / "data" / "reuters.train.jsonl").stat().st_mtime_ns == stamp
+    (tmp_path / "data" / "trec.val.jsonl").unlink()  # a file gone: built again, the same bytes
+    assert real_text.build("real4", tmp_path / "data", wheels) == first
+    assert (tmp_path / "data" / "trec.val.jsonl").is_file()
 
 
 def test_a_missing_data_file_names_the_task_and_the_path(tmp_path):

@@ -63,3 +63,10 @@ def finite_number(value: Any) -> bool:
     """An int or float (not a bool) that is neither NaN nor infinite: what a score, a timing or a stored
     priority read back from a file must be."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def cache_dir() -> Path:
+    """Where ilora keeps what it builds once (the SmolLM2 copy, the benchmarks' wheels): $ILORA_CACHE, or
+    ilora/ under $XDG_CACHE_HOME (default ~/.cache)."""
+    root = os.environ.get("ILORA_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ilora"
+    return Path(root)

