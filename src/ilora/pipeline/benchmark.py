@@ -5,7 +5,7 @@ The order of operations: build the data (once, cached), tune each method on the 
 asked (order 1, seed 0, a small grid of its main hyperparameter, the same number of runs for every
 method), then train and score every (order, seed, method) as its own `ilora run` process, and write the
 tables and the picture (`evaluation.benchmark_report`). Killed at any point, the same command continues:
-finished tasks are skipped, a finished run only re-reads its results.
+finished tasks are skipped, a finished run is only checked and read.
 
     <output_dir>/data/                           task files, WikiText-2's test split, benchmark.json
     <output_dir>/tuning/<method>/<option>=<v>/   the tuning runs (scored on the validation split)
