@@ -28,18 +28,22 @@ COSTS = ("wall_s", "s_per_step", "peak_rss_mb", "trained_params", "adapter_kb", 
 
 def write(root: Path, plan, methods: list[str], seeds: list[int], orders: list[int], tuned: dict) -> str:
     results = {order: collect(root / f"order-{order}", methods, seeds) for order in orders}
-    page = [f"# {plan.name}: {len(methods)} methods x {len(seeds)} seeds", ""]
+    page = [f"# {plan.name}: {_count(len(methods), 'method')} x {_count(len(seeds), 'seed')}", ""]
     page += _intro(seeds, tuned)
     for order, rows in results.items():
         page += [f"## Order {order}: {' → '.join(plan.orders[order])}", ""]
         page += [*main_table(rows), "", "Final accuracy per task (%):", "", *finals_table(rows, plan.orders[order])]
         page += ["", "What it cost (mean over seeds):", "", *cost_table(rows), ""]
         page += [f"![AP and BWT, order {order}](table-order-{order}.png)", ""]
-        _plot(root / f"table-order-{order}.png", rows, f"{plan.name}, order {order}, {len(seeds)} seeds")
+        _plot(root / f"table-order-{order}.png", rows, f"{plan.name}, order {order}, {_count(len(seeds), 'seed')}")
     write_json(root / "table.json", {"seeds": seeds, "tuned": tuned, "orders": {str(o): r for o, r in results.items()}})
     text = "\n".join(page)
     (root / "table.md").write_text(text + "\n")
     return text
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _intro(seeds: list[int], tuned: dict) -> list[str]:
