@@ -1,6 +1,6 @@
 """The tables of `ilora benchmark`: per task order, every method's AP, BWT, FWT and forgetting as mean
 ± sd over seeds, its paired per-seed difference to I-LoRA's stable adapter, each task's final accuracy,
-the perplexity on the general text after the last task, and what it cost (wall time, seconds per
+the perplexity on the general text after the last task, and what it cost (training and evaluation time, seconds per
 optimizer step, peak resident memory, trained parameters, bytes stored per task, rows replayed); a
 picture of AP and BWT with the spread over seeds. `table.md`, `table.json`, `table-order-<o>.png`.
 """
@@ -23,7 +23,16 @@ from ilora.store.state import BUFFER_DIR, METHOD_STATE
 
 METRICS = ("AP", "BWT", "FWT", "forgetting")
 REFERENCE = ("ilora", "stable")  # what every other row is paired with
-COSTS = ("wall_s", "s_per_step", "peak_rss_mb", "trained_params", "adapter_kb", "buffer_kb", "state_kb", "replayed")
+COSTS = (
+    "train_eval_s",
+    "s_per_step",
+    "peak_rss_mb",
+    "trained_params",
+    "adapter_kb",
+    "buffer_kb",
+    "state_kb",
+    "replayed",
+)
 
 
 def write(root: Path, plan, methods: list[str], seeds: list[int], orders: list[int], tuned: dict) -> str:
@@ -69,7 +78,7 @@ def collect(order_dir: Path, methods: list[str], seeds: list[int]) -> dict[str, 
         for seed in seeds:
             run_dir = order_dir / f"seed-{seed}" / method
             summary = load_summary(run_dir)
-            cost = run_cost(run_dir)
+            cost = run_cost(run_dir, summary)
             for adapter, values in summary["metrics"].items():
                 row = rows.setdefault(f"{method} ({adapter})", {"method": method, "adapter": adapter, "seeds": {}})
                 row["seeds"][str(seed)] = {
@@ -87,8 +96,9 @@ def _final_perplexity(summary: dict, adapter: str) -> float | None:
     return values[-1] if values else None
 
 
-def run_cost(run_dir: Path) -> dict:
-    """What one run cost, from its task manifests, its directories and the runner's cost.json."""
+def run_cost(run_dir: Path, summary: dict) -> dict:
+    """What one run cost, from its summary (each task's training and evaluation seconds, whichever
+    sitting ran it), its task manifests and directories, and the runner's cost.json (peak memory)."""
     tasks = sorted(p for p in (run_dir / "tasks").iterdir() if taskdir.is_finished(p))
     manifests = [taskdir.read_manifest(p) for p in tasks]
     steps = sum(m["global_steps"] for m in manifests)
@@ -96,7 +106,7 @@ def run_cost(run_dir: Path) -> dict:
     sizes = [_task_bytes(p) for p in tasks]
     recorded = read_json(run_dir / "cost.json", "benchmark cost record") if (run_dir / "cost.json").is_file() else {}
     return {
-        "wall_s": recorded.get("wall_seconds"),
+        "train_eval_s": sum(t["train_seconds"] + t["eval_seconds"] for t in summary["timings"]["per_task"]),
         "s_per_step": train / steps if steps else None,
         "peak_rss_mb": recorded.get("peak_rss_mb"),
         "trained_params": manifests[-1].get("trainable_parameters"),
@@ -159,7 +169,7 @@ def finals_table(rows: dict[str, dict], tasks) -> list[str]:
 
 
 def cost_table(rows: dict[str, dict]) -> list[str]:
-    head = ["method", "wall s", "s / step", "peak RSS MB", "trained params", "adapters kB / task"]
+    head = ["method", "train + eval s", "s / step", "peak RSS MB", "trained params", "adapters kB / task"]
     lines = table_head([*head, "buffer kB / task", "state kB / task", "rows replayed"])
     done = set()
     for row in rows.values():
@@ -171,7 +181,7 @@ def cost_table(rows: dict[str, dict]) -> list[str]:
             values = _per_seed(row, lambda s, k=key: s["cost"].get(k))
             means[key] = statistics.fmean(values) if values else None
         cells = [
-            _number(means["wall_s"], "{:.0f}"),
+            _number(means["train_eval_s"], "{:.0f}"),
             _number(means["s_per_step"], "{:.2f}"),
             _number(means["peak_rss_mb"], "{:.0f}"),
             _number(means["trained_params"], "{:,.0f}"),
