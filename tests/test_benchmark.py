@@ -4,6 +4,7 @@ table's figures are the runs' own, tuning picks by validation AP, and a killed b
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -171,3 +172,15 @@ def test_another_benchmarks_directory_and_unknown_choices_are_refused(tmp_path, 
     benchmark.build_data("real_long", tmp_path / "other", wheels)
     with pytest.raises(ILoRAError, match="holds the benchmark 'real_long', not 'real4'"):
         benchmark.build_data("real4", tmp_path / "other", wheels)
+
+
+def test_a_table_of_a_benchmark_still_running_names_the_seeds_of_each_row(finished, tmp_path):
+    root, _ = finished
+    shutil.copytree(root / "order-2", tmp_path / "order-2")
+    (tmp_path / "order-2" / "seed-1" / "er" / "metrics.json").unlink()  # not finished yet
+    with pytest.raises(ILoRAError, match="no metrics.json"):
+        benchmark_report.collect(tmp_path / "order-2", ["er", "ilora"], [0, 1])
+    rows = benchmark_report.collect(tmp_path / "order-2", ["er", "ilora"], [0, 1], missing_ok=True)
+    assert list(rows["er (plastic)"]["seeds"]) == ["0"] and list(rows["ilora (stable)"]["seeds"]) == ["0", "1"]
+    table = "\n".join(benchmark_report.main_table(rows))
+    assert "| er (plastic), seeds 0 only |" in table and "| ilora (stable) |" in table

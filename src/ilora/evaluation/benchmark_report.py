@@ -35,8 +35,11 @@ COSTS = (
 )
 
 
-def write(root: Path, plan, methods: list[str], seeds: list[int], orders: list[int], tuned: dict) -> str:
-    results = {order: collect(root / f"order-{order}", methods, seeds) for order in orders}
+def write(
+    root: Path, plan, methods: list[str], seeds: list[int], orders: list[int], tuned: dict, missing_ok: bool = False
+) -> str:
+    """The tables and pictures of the finished runs (`missing_ok`: of those finished so far)."""
+    results = {order: collect(root / f"order-{order}", methods, seeds, missing_ok) for order in orders}
     page = [f"# {plan.name}: {_count(len(methods), 'method')} x {_count(len(seeds), 'seed')}", ""]
     page += _intro(seeds, tuned)
     for order, rows in results.items():
@@ -71,12 +74,15 @@ def _intro(seeds: list[int], tuned: dict) -> list[str]:
 
 
 # ------------------------------------------------------------------ collecting
-def collect(order_dir: Path, methods: list[str], seeds: list[int]) -> dict[str, dict]:
-    """Per row ("method (adapter)"): each seed's metrics, final accuracies, general perplexity and costs."""
+def collect(order_dir: Path, methods: list[str], seeds: list[int], missing_ok: bool = False) -> dict[str, dict]:
+    """Per row ("method (adapter)"): each seed's metrics, final accuracies, general perplexity and costs.
+    `missing_ok`: leave out the runs not finished yet (else a missing run is an error)."""
     rows: dict[str, dict] = {}
     for method in methods:
         for seed in seeds:
             run_dir = order_dir / f"seed-{seed}" / method
+            if missing_ok and not (run_dir / "metrics.json").is_file():
+                continue  # a benchmark still running: the table names the seeds each row holds
             summary = load_summary(run_dir)
             cost = run_cost(run_dir, summary)
             for adapter, values in summary["metrics"].items():
@@ -152,7 +158,10 @@ def paired_difference(row: dict, reference: dict | None) -> list[float]:
 def main_table(rows: dict[str, dict]) -> list[str]:
     reference = rows.get(f"{REFERENCE[0]} ({REFERENCE[1]})")
     lines = table_head(["method (adapter)", *METRICS, "Δ AP vs I-LoRA", "general ppl"])
+    most = max((len(row["seeds"]) for row in rows.values()), default=0)
     for label, row in rows.items():
+        if len(row["seeds"]) < most:  # a run not finished yet: say which seeds the row holds
+            label = f"{label}, seeds {', '.join(row['seeds'])} only"
         cells = [mean_sd(_per_seed(row, lambda s, m=m: s["metrics"][m])) for m in METRICS]
         delta = "-" if row is reference else mean_sd(paired_difference(row, reference))
         ppl = mean_sd(_per_seed(row, lambda s: s["general_ppl"]), scale=1.0)
