@@ -54,14 +54,19 @@ if __name__ == "__main__":
     root = args.output_dir.resolve()
     one, two = write_config(root, "one", 4), write_config(root, "two", 2)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547"]
+    figures = {}
     for method in args.methods:
         subprocess.run([sys.executable, "-m", "ilora.cli", "run", str(one), "--method", method], check=True)
         subprocess.run([*torchrun, "-m", "ilora.cli", "run", str(two), "--method", method], check=True)
         print(f"\n{method}: 1 process x batch 4 against 2 processes x batch 2, fp32")
+        worst = 0.0
         for task in sorted(p.name for p in (root / "one" / method / "tasks").iterdir()):
             gaps = largest_gaps(root / "one" / method / "tasks" / task, root / "two" / method / "tasks" / task)
+            worst = max([worst, *gaps.values()])
             print(f"  after {task}: " + ", ".join(f"{a} {g:.1e}" for a, g in gaps.items()))
         matrices = [json.loads((root / r / method / "metrics.json").read_text())["matrices"] for r in ("one", "two")]
         print(f"  accuracy matrices equal: {matrices[0] == matrices[1]}")
+        figures[method] = {"matrices_equal": matrices[0] == matrices[1], "largest_relative_gap": worst}
         for adapter, rows in matrices[0].items():
             print(f"  {adapter}: one {rows[-1]}, two {matrices[1][adapter][-1]} (after the last task)")
+    print(json.dumps(figures))

@@ -35,6 +35,7 @@ if __name__ == "__main__":
         check=True,
     ).stdout.strip()
     print(f"torch {torch.__version__}, capability {capability}, fp32, {torch.get_num_threads()} threads")
+    figures = {}
     for method in args.methods:
         with tempfile.TemporaryDirectory() as directory:
             root = Path(directory) / "real4"
@@ -51,3 +52,5 @@ if __name__ == "__main__":
                 f"{method}: {wall / 60:.1f} min for the command (training {train:.0f} s, evaluation after the "
                 f"tasks {evaluate:.0f} s, peak RSS {cost['peak_rss_mb']:.0f} MB)"
             )
+            figures[method] = {"minutes": round(wall / 60, 2), "train_s": round(train), "eval_s": round(evaluate)}
+    print(json.dumps({"capability": capability, "precision": "fp32", "methods": figures}))
