@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 from safetensors.torch import load_file
 
-from ilora.config.load import load_config
+from ilora.config.load import BUNDLED_CONFIG, load_config
 from ilora.data.corpora import build_benchmark
 from ilora.pipeline.demo import DEMO
 
@@ -23,7 +23,7 @@ from ilora.pipeline.demo import DEMO
 def write_config(root: Path, name: str, per_device_batch: int) -> Path:
     entries = build_benchmark(root / "data", DEMO["tasks"], DEMO["n_train"], DEMO["n_test"], 0, DEMO["max_chars"])
     tasks = [{**e, "train": str(root / "data" / e["train"]), "test": str(root / "data" / e["test"])} for e in entries]
-    config = load_config(Path(__file__).parents[1] / "src" / "ilora" / "configs" / "demo.yaml")
+    config = load_config(BUNDLED_CONFIG)
     config.update(
         tasks=tasks,
         bf16=False,  # under bf16 a row's result depends on its batch's padded length: 1e-3, not float noise

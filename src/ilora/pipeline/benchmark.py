@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from ilora import methods as registry
-from ilora.config.load import load_config
+from ilora.config.load import BUNDLED_CONFIG, load_config
 from ilora.data import real_text
 from ilora.errors import ILoRAError
 from ilora.files import cache_dir, read_json, write_json
@@ -143,7 +143,7 @@ def _claim(root: Path, name: str) -> None:
 
 
 def _settings(data_dir: Path, overrides: dict) -> dict:
-    config = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml")
+    config = load_config(BUNDLED_CONFIG)
     config.update(SETTINGS)
     config.update(general=str((data_dir / real_text.GENERAL_FILE).resolve()))
     config.update(overrides)

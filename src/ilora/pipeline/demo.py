@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from ilora.config.load import load_config
+from ilora.config.load import BUNDLED_CONFIG, load_config
 from ilora.errors import ILoRAError
 from ilora.evaluation import report
 from ilora.files import read_json, write_json
@@ -93,7 +93,7 @@ def _settings(full: bool) -> dict:
     """The bundled config, with the full plan's settings, or the demo's general text."""
     from ilora.data.corpora import general_text
 
-    config = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml")
+    config = load_config(BUNDLED_CONFIG)
     if full:
         config.update(FULL_SETTINGS)
     else:  # general forgetting, on a text none of the tasks comes from (the full plan scores none)
