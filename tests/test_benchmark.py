@@ -109,7 +109,18 @@ def test_tuning_picks_the_best_validation_ap_and_the_runs_use_it(
     tiny_model_dir, wheels, tmp_path, small_real4, monkeypatch
 ):
     monkeypatch.setattr(benchmark, "GRID", {"er": ("replay_batch_size", [1, 2])})
+    # A second benchmark command tuning another method in the same directory finishes meanwhile.
+    theirs = {"option": "ewc_lambda", "value": 100.0, "validation_ap": {"1.0": 50.0, "100.0": 60.0}}
+    run_method = benchmark.run_method
+
+    def run_beside_another_command(*args):
+        run_method(*args)
+        if not (tmp_path / "tuned.json").exists():  # during the first tuning run
+            (tmp_path / "tuned.json").write_text(json.dumps({"ewc": theirs}))
+
+    monkeypatch.setattr(benchmark, "run_method", run_beside_another_command)
     benchmark.run_benchmark("real4", tmp_path, ["er"], [0], [1], True, overrides(tiny_model_dir), wheels)
+    assert json.loads((tmp_path / "tuned.json").read_text())["ewc"] == theirs
     tuned = json.loads((tmp_path / "tuned.json").read_text())["er"]
     tuning = tmp_path / "tuning" / "er"
     searched = {

@@ -193,7 +193,6 @@ def _tune(plan: real_text.Benchmark, root: Path, methods: list[str], settings: d
     (the first of equals), with every value's AP, into tuned.json (kept for the methods not tuned now)."""
     from ilora.evaluation.report import load_summary
 
-    tuned = _read_tuned(root)
     for method in methods:
         if method not in GRID:
             continue
@@ -206,9 +205,10 @@ def _tune(plan: real_text.Benchmark, root: Path, methods: list[str], settings: d
             run_method(config, method, run_dir / method, {option: value, "output_dir": str(run_dir.resolve())})
             search[str(value)] = _main_ap(load_summary(run_dir / method))
         best = max(values, key=lambda v: search[str(v)])  # max keeps the first of equal values
-        tuned[method] = {"option": option, "value": best, "validation_ap": search}
-        write_json(root / TUNED_FILE, tuned)
-    return tuned
+        entry = {"option": option, "value": best, "validation_ap": search}
+        # Read again before writing: a benchmark command tuning other methods meanwhile keeps its entries.
+        write_json(root / TUNED_FILE, {**_read_tuned(root), method: entry})
+    return _read_tuned(root)
 
 
 def _main_ap(summary: dict) -> float:
