@@ -52,8 +52,8 @@ SETTINGS = {
     "logging_steps": 8,
 }
 
-# Equal tuning: three values of each method's main hyperparameter, the middle one near its default.
-# Methods without one of their own (seq_lora, joint) run at their settings.
+# Equal tuning: the same budget for every method, three runs, each with one value of its main
+# hyperparameter. Methods without one of their own (seq_lora, joint) run at their settings.
 GRID: dict[str, tuple[str, list]] = {
     "ilora": ("ema_alpha", [0.9, 0.95, 0.98]),
     "er": ("replay_batch_size", [2, 4, 8]),
