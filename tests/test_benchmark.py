@@ -195,3 +195,11 @@ def test_a_table_of_a_benchmark_still_running_names_the_seeds_of_each_row(finish
     assert list(rows["er (plastic)"]["seeds"]) == ["0"] and list(rows["ilora (stable)"]["seeds"]) == ["0", "1"]
     table = "\n".join(benchmark_report.main_table(rows))
     assert "| er (plastic), seeds 0 only |" in table and "| ilora (stable) |" in table
+
+
+@pytest.mark.parametrize("record", ["[1, 2]", '{"er": 8}', '{"er": {"value": 8}}'])
+def test_a_damaged_tuning_record_is_one_line_and_left_alone(tmp_path, record):
+    (tmp_path / "tuned.json").write_text(record)
+    with pytest.raises(ILoRAError, match="tuned.json: damaged tuning record"):
+        benchmark._read_tuned(tmp_path)
+    assert (tmp_path / "tuned.json").read_text() == record

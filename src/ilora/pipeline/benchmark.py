@@ -218,8 +218,17 @@ def _main_ap(summary: dict) -> float:
 
 
 def _read_tuned(root: Path) -> dict:
+    """tuned.json: {method: {"option", "value", "validation_ap"}} (empty before any tuning)."""
     path = root / TUNED_FILE
-    return read_json(path, "tuning record") if path.is_file() else {}
+    tuned = read_json(path, "tuning record") if path.is_file() else {}
+    damaged = not isinstance(tuned, dict) or any(
+        not isinstance(entry, dict) or not {"option", "value"} <= set(entry) for entry in tuned.values()
+    )
+    if damaged:
+        raise ILoRAError(
+            f"{path}: damaged tuning record (each method needs an option and a value); delete it to tune again"
+        )
+    return tuned
 
 
 def _chosen(tuned: dict, method: str) -> dict:
