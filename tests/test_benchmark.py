@@ -203,3 +203,31 @@ def test_a_damaged_tuning_record_is_one_line_and_left_alone(tmp_path, record):
     with pytest.raises(ILoRAError, match="tuned.json: damaged tuning record"):
         benchmark._read_tuned(tmp_path)
     assert (tmp_path / "tuned.json").read_text() == record
+
+
+def test_values_tuned_in_another_benchmark_are_used_and_named(tiny_model_dir, wheels, tmp_path, small_real4, capsys):
+    from ilora.cli import main
+
+    source = tmp_path / "real4" / "tuned.json"
+    source.parent.mkdir()
+    source.write_text(json.dumps({"er": {"option": "replay_batch_size", "value": 1, "validation_ap": {"1": 0.5}}}))
+    target = tmp_path / "other"
+    assert main(["benchmark", "real4", "--tune", "--tuned_from", str(source), "--output_dir", str(target)]) == 2
+    assert "--tune and --tuned_from" in capsys.readouterr().err and not target.exists()
+
+    text = benchmark.run_benchmark(
+        "real4", target, ["er"], [0], [1], False, overrides(tiny_model_dir), wheels, tuned_from=source.parent
+    )
+    manifest = json.loads(
+        next((target / "order-1" / "seed-0" / "er" / "tasks").glob("4-*/ilora_task.json")).read_text()
+    )
+    assert manifest["continual_args"]["replay_batch_size"] == 1
+    record = (target / "tuned.json").read_text()
+    assert json.loads(record)["er"]["tuned_in"] == str(source.resolve())
+    assert f"another benchmark, {source.resolve()}: er: replay_batch_size = 1" in text
+
+    # The source chose again: this benchmark's runs used the old value, so the new one is refused.
+    source.write_text(json.dumps({"er": {"option": "replay_batch_size", "value": 2}}))
+    with pytest.raises(ILoRAError, match="already chose other values for er"):
+        benchmark.run_benchmark("real4", target, ["er"], [0], [1], False, overrides(tiny_model_dir), wheels, source)
+    assert (target / "tuned.json").read_text() == record

@@ -139,6 +139,9 @@ def command_benchmark(argv: list[str]) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2")
     parser.add_argument("--orders", type=int, nargs="+", help="default: 1")
     parser.add_argument("--tune", action="store_true", help="tune each method on the validation split first")
+    parser.add_argument(
+        "--tuned_from", type=Path, metavar="TUNED_JSON", help="use the values another benchmark's --tune chose"
+    )
     parser.add_argument("--data_only", action="store_true", help="build the data and stop")
     opts = parser.parse_intermixed_args(argv)
     from ilora.config.load import parse_overrides
@@ -149,7 +152,8 @@ def command_benchmark(argv: list[str]) -> None:
         print(f"ilora: {opts.name} data in {build_data(opts.name, output_dir)}")
         return
     overrides = parse_overrides(opts.overrides)
-    print(run_benchmark(opts.name, output_dir, opts.methods, opts.seeds, opts.orders, opts.tune, overrides))
+    chosen = {"tune": opts.tune, "tuned_from": opts.tuned_from}
+    print(run_benchmark(opts.name, output_dir, opts.methods, opts.seeds, opts.orders, overrides=overrides, **chosen))
 
 
 def command_demo(argv: list[str]) -> None:

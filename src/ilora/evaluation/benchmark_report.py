@@ -65,10 +65,13 @@ def _intro(seeds: list[int], tuned: dict) -> list[str]:
         "same seed, averaged over seeds (± its sd): positive means ahead of I-LoRA.",
         "",
     ]
-    if tuned:
-        chosen = ", ".join(f"{m}: {t['option']} = {t['value']}" for m, t in tuned.items())
-        lines += [f"Tuned on the validation split (order 1, seed 0): {chosen}.", ""]
-    else:
+    for source in dict.fromkeys(t.get("tuned_in", "") for t in tuned.values()):
+        chosen = ", ".join(
+            f"{m}: {t['option']} = {t['value']}" for m, t in tuned.items() if t.get("tuned_in", "") == source
+        )
+        where = f"(order 1, seed 0) of another benchmark, {source}" if source else "(order 1, seed 0)"
+        lines += [f"Tuned on the validation split {where}: {chosen}.", ""]
+    if not tuned:
         lines += ["Every method at the benchmark's settings (no tuning run).", ""]
     return lines
 

@@ -9,7 +9,8 @@ finished tasks are skipped, a finished run is only checked and read.
 
     <output_dir>/data/                           task files, WikiText-2's test split, benchmark.json
     <output_dir>/tuning/<method>/<option>=<v>/   the tuning runs (scored on the validation split)
-    <output_dir>/tuned.json                      the search and the chosen value of every method
+    <output_dir>/tuned.json                      the search and the chosen value of every method (or the
+                                                 values taken from another benchmark's, `tuned_from`)
     <output_dir>/order-<o>/seed-<s>/<method>/    the scored runs (an `ilora run` directory + cost.json)
     <output_dir>/table.md, table.json, table.png the results
 """
@@ -81,15 +82,20 @@ def run_benchmark(
     tune: bool = False,
     overrides: dict | None = None,
     cache: Path | None = None,
+    tuned_from: Path | None = None,
 ) -> str:
     """Build, (tune,) run and tabulate; returns the table. `overrides` go over the benchmark's settings
-    (a model, a precision); `cache` is where the source wheels are kept."""
+    (a model, a precision); `cache` is where the source wheels are kept; `tuned_from`, another
+    benchmark's tuned.json (or its directory), gives the chosen values instead of tuning here."""
     from ilora.evaluation import benchmark_report
 
     plan = real_text.benchmark(name)
     methods, seeds, orders = methods or METHODS, seeds or [0, 1, 2], orders or [1]
     _check_choices(plan, methods, seeds, orders, overrides or {})
+    borrowed = _borrow_tuned(Path(tuned_from), output_dir, tune) if tuned_from else {}
     build_data(name, output_dir, cache)
+    if borrowed:
+        write_json(output_dir / TUNED_FILE, {**borrowed, **_read_tuned(output_dir)})  # same values: ours kept
     settings = _settings(output_dir / "data", overrides or {})
     tuned = _tune(plan, output_dir, methods, settings) if tune else _read_tuned(output_dir)
     for order in orders:
@@ -220,7 +226,29 @@ def _main_ap(summary: dict) -> float:
 def _read_tuned(root: Path) -> dict:
     """tuned.json: {method: {"option", "value", "validation_ap"}} (empty before any tuning)."""
     path = root / TUNED_FILE
-    tuned = read_json(path, "tuning record") if path.is_file() else {}
+    return _read_tuning_record(path) if path.is_file() else {}
+
+
+def _borrow_tuned(source: Path, root: Path, tune: bool) -> dict:
+    """The chosen values of another benchmark's tuned.json (real4's for real_long, say), each entry
+    marked with the file it came from; checked before anything is written. Refused beside --tune, and
+    where `root` already chose another value for one of the methods (its runs used that one)."""
+    if tune:
+        raise ILoRAError("--tune and --tuned_from: tune here or take values tuned elsewhere, not both")
+    path = source / TUNED_FILE if source.is_dir() else source
+    if path.resolve() == (root / TUNED_FILE).resolve():
+        raise ILoRAError(f"--tuned_from {path}: this benchmark's own record, not another's")
+    # An entry already borrowed keeps the file it was tuned in.
+    borrowed = {m: {"tuned_in": str(path.resolve()), **entry} for m, entry in _read_tuning_record(path).items()}
+    here = _read_tuned(root) if root.is_dir() else {}
+    clash = sorted(m for m in borrowed if m in here and _chosen(here, m) != _chosen(borrowed, m))
+    if clash:
+        raise ILoRAError(f"--tuned_from {path}: {root / TUNED_FILE} already chose other values for {', '.join(clash)}")
+    return borrowed
+
+
+def _read_tuning_record(path: Path) -> dict:
+    tuned = read_json(path, "tuning record")
     damaged = not isinstance(tuned, dict) or any(
         not isinstance(entry, dict) or not {"option", "value"} <= set(entry) for entry in tuned.values()
     )
