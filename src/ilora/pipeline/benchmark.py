@@ -40,7 +40,8 @@ METHODS = ["ilora", "er", "derpp", "ewc", "lwf", "olora", "nlora", "inflora", "m
 
 # The benchmark's settings over the bundled demo config (SmolLM2-135M-Instruct, LoRA r 8 on q and v):
 # sized so that one method x one seed x one order of real4 trains and scores within about 8 minutes
-# on a 2-core CPU in fp32 (docs/results.md has the figure). A buffer of 10% of real4's stream.
+# on a 2-core CPU in fp32; I-LoRA, which scores two adapters after every task, takes about 9
+# (docs/results.md has the figures). A buffer of 10% of real4's stream.
 SETTINGS = {
     "cutoff_len": 64,
     "ilora_buffer_size": 40,
