@@ -200,8 +200,12 @@ def test_a_table_of_a_benchmark_still_running_names_the_seeds_of_each_row(finish
 @pytest.mark.parametrize("record", ["[1, 2]", '{"er": 8}', '{"er": {"value": 8}}'])
 def test_a_damaged_tuning_record_is_one_line_and_left_alone(tmp_path, record):
     (tmp_path / "tuned.json").write_text(record)
-    with pytest.raises(ILoRAError, match="tuned.json: damaged tuning record"):
+    with pytest.raises(ILoRAError, match="tuned.json: damaged tuning record .*; delete it to tune again"):
         benchmark._read_tuned(tmp_path)
+    with pytest.raises(
+        ILoRAError, match=r"tuned.json: damaged tuning record \(each method needs an option and a value\)$"
+    ):
+        benchmark._borrow_tuned(tmp_path / "tuned.json", tmp_path / "other", tune=False)
     assert (tmp_path / "tuned.json").read_text() == record
 
 

@@ -227,7 +227,7 @@ def _main_ap(summary: dict) -> float:
 def _read_tuned(root: Path) -> dict:
     """tuned.json: {method: {"option", "value", "validation_ap"}} (empty before any tuning)."""
     path = root / TUNED_FILE
-    return _read_tuning_record(path) if path.is_file() else {}
+    return _read_tuning_record(path, "; delete it to tune again") if path.is_file() else {}
 
 
 def _borrow_tuned(source: Path, root: Path, tune: bool) -> dict:
@@ -248,15 +248,13 @@ def _borrow_tuned(source: Path, root: Path, tune: bool) -> dict:
     return borrowed
 
 
-def _read_tuning_record(path: Path) -> dict:
+def _read_tuning_record(path: Path, remedy: str = "") -> dict:
     tuned = read_json(path, "tuning record")
     damaged = not isinstance(tuned, dict) or any(
         not isinstance(entry, dict) or not {"option", "value"} <= set(entry) for entry in tuned.values()
     )
     if damaged:
-        raise ILoRAError(
-            f"{path}: damaged tuning record (each method needs an option and a value); delete it to tune again"
-        )
+        raise ILoRAError(f"{path}: damaged tuning record (each method needs an option and a value){remedy}")
     return tuned
 
 
