@@ -108,7 +108,7 @@ def test_the_scored_runs_train_on_train_rows_and_score_the_test_split(finished):
 def test_tuning_picks_the_best_validation_ap_and_the_runs_use_it(
     tiny_model_dir, wheels, tmp_path, small_real4, monkeypatch
 ):
-    monkeypatch.setattr(benchmark, "GRID", {"er": ("replay_batch_size", [1, 2])})
+    monkeypatch.setattr(benchmark, "GRID", {"er": ("replay_batch_size", [1, 2]), "ewc": ("ewc_lambda", [1.0, 100.0])})
     # A second benchmark command tuning another method in the same directory finishes meanwhile.
     theirs = {"option": "ewc_lambda", "value": 100.0, "validation_ap": {"1.0": 50.0, "100.0": 60.0}}
     run_method = benchmark.run_method
@@ -197,13 +197,25 @@ def test_a_table_of_a_benchmark_still_running_names_the_seeds_of_each_row(finish
     assert "| er (plastic), seeds 0 only |" in table and "| ilora (stable) |" in table
 
 
-@pytest.mark.parametrize("record", ["[1, 2]", '{"er": 8}', '{"er": {"value": 8}}'])
+@pytest.mark.parametrize(
+    "record",
+    [
+        "[1, 2]",
+        '{"er": 8}',
+        '{"er": {"value": 8}}',
+        '{"er": {"option": "output_dir", "value": 8}}',  # would move every scored run
+        '{"sgd": {"option": "replay_batch_size", "value": 8}}',
+        '{"er": {"option": "replay_batch_size", "value": NaN}}',
+        '{"er": {"option": "replay_batch_size", "value": "8"}}',
+    ],
+)
 def test_a_damaged_tuning_record_is_one_line_and_left_alone(tmp_path, record):
     (tmp_path / "tuned.json").write_text(record)
     with pytest.raises(ILoRAError, match="tuned.json: damaged tuning record .*; delete it to tune again"):
         benchmark._read_tuned(tmp_path)
     with pytest.raises(
-        ILoRAError, match=r"tuned.json: damaged tuning record \(each method needs an option and a value\)$"
+        ILoRAError,
+        match=r"tuned.json: damaged tuning record \(each method of the grid needs its option and a number\)$",
     ):
         benchmark._borrow_tuned(tmp_path / "tuned.json", tmp_path / "other", tune=False)
     assert (tmp_path / "tuned.json").read_text() == record

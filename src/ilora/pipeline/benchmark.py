@@ -18,6 +18,7 @@ finished tasks are skipped, a finished run is only checked and read.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -241,7 +242,7 @@ def _borrow_tuned(source: Path, root: Path, tune: bool) -> dict:
         raise ILoRAError(f"--tuned_from {path}: this benchmark's own record, not another's")
     # An entry already borrowed keeps the file it was tuned in.
     borrowed = {m: {"tuned_in": str(path.resolve()), **entry} for m, entry in _read_tuning_record(path).items()}
-    here = _read_tuned(root) if root.is_dir() else {}
+    here = _read_tuned(root)
     clash = sorted(m for m in borrowed if m in here and _chosen(here, m) != _chosen(borrowed, m))
     if clash:
         raise ILoRAError(f"--tuned_from {path}: {root / TUNED_FILE} already chose other values for {', '.join(clash)}")
@@ -249,13 +250,23 @@ def _borrow_tuned(source: Path, root: Path, tune: bool) -> dict:
 
 
 def _read_tuning_record(path: Path, remedy: str = "") -> dict:
+    """A tuned.json, this benchmark's or one given with --tuned_from: each entry is a method of the grid
+    with the grid's option and a finite number, since it becomes a `key=value` of every scored run (an
+    `output_dir` or a NaN there would move or break the runs)."""
     tuned = read_json(path, "tuning record")
-    damaged = not isinstance(tuned, dict) or any(
-        not isinstance(entry, dict) or not {"option", "value"} <= set(entry) for entry in tuned.values()
-    )
+    damaged = not isinstance(tuned, dict) or not all(_sound_entry(m, e) for m, e in tuned.items())
     if damaged:
-        raise ILoRAError(f"{path}: damaged tuning record (each method needs an option and a value){remedy}")
+        raise ILoRAError(
+            f"{path}: damaged tuning record (each method of the grid needs its option and a number){remedy}"
+        )
     return tuned
+
+
+def _sound_entry(method: str, entry) -> bool:
+    if not isinstance(entry, dict) or method not in GRID or entry.get("option") != GRID[method][0]:
+        return False
+    value = entry.get("value")
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _chosen(tuned: dict, method: str) -> dict:
